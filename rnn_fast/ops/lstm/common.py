@@ -1,0 +1,90 @@
+"""What every backend of the recurrence contract (docs/contract.md) shares: state dtypes, the state
+entering each step, the one-GEMM ``grad_w_hh``, and the autograd / fake registration of an op pair."""
+from typing import Optional
+
+import torch
+
+
+def state_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Recurrent state is kept in at least fp32: float64 stays float64, everything else becomes float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def previous_steps(seq: torch.Tensor, init: torch.Tensor, lengths: Optional[torch.Tensor]) -> torch.Tensor:
+    """The state entering each step, ``[D, T, B, H]``, from the per-step states ``seq`` and the initial ``init``.
+
+    Direction 0 enters step t with ``seq[0, t-1]`` (``init[0]`` at t=0). Direction 1 runs backwards and enters
+    step t with ``seq[1, t+1]``, except at each row's own last step ``lengths[b]-1``, which it enters with
+    ``init[1]``. Padded steps get whatever is there; their gate gradients are zero.
+    """
+    num_directions, seq_len = seq.shape[:2]
+    init = init.to(seq.dtype)
+    forward = torch.cat([init[0:1], seq[0, :-1]], dim=0)
+    if num_directions == 1:
+        return forward.unsqueeze(0)
+    reverse = torch.cat([seq[1, 1:], init[1:2]], dim=0)
+    if lengths is not None:
+        steps = torch.arange(seq_len, device=seq.device)
+        row_end = (steps[:, None] == (lengths.to(seq.device) - 1)[None, :]).unsqueeze(-1)
+        reverse = torch.where(row_end, init[1].unsqueeze(0), reverse)
+    return torch.stack([forward, reverse])
+
+
+def recurrent_weight_grad(grad_xw: torch.Tensor, y: torch.Tensor, h0: torch.Tensor,
+                          lengths: Optional[torch.Tensor]) -> torch.Tensor:
+    """``grad_w_hh[d] = sum_t grad_xw[d, t]^T @ h_prev[d, t]``: one batched GEMM over all steps."""
+    num_directions, seq_len, batch, gate_size = grad_xw.shape
+    h_prev = previous_steps(y, h0, lengths).to(grad_xw.dtype)
+    return torch.bmm(grad_xw.reshape(num_directions, seq_len * batch, gate_size).transpose(1, 2),
+                     h_prev.reshape(num_directions, seq_len * batch, -1))
+
+
+def register_recurrence_fake(forward_op, backward_op) -> None:
+    """Shapes and dtypes of a contract op pair, for FakeTensor / torch.compile."""
+
+    @torch.library.register_fake(forward_op)
+    def _forward_fake(xw, w_hh, h0, c0, lengths, *extra):
+        num_directions, seq_len, batch, gate_size = xw.shape
+        hidden = gate_size // 4
+        saved = state_dtype(xw.dtype)
+        return (xw.new_empty(num_directions, seq_len, batch, hidden),
+                xw.new_empty(num_directions, batch, hidden),
+                xw.new_empty(num_directions, batch, hidden),
+                xw.new_empty(num_directions, seq_len, batch, gate_size, dtype=saved),
+                xw.new_empty(num_directions, seq_len, batch, hidden, dtype=saved))
+
+    @torch.library.register_fake(backward_op)
+    def _backward_fake(grad_y, grad_h_n, grad_c_n, w_hh, c0, gates, cell, lengths, *extra):
+        return (grad_y.new_empty(gates.shape), torch.empty_like(grad_h_n), torch.empty_like(grad_c_n))
+
+
+def register_recurrence_autograd(forward_op, backward_op) -> None:
+    """Autograd for ``forward_op`` through ``backward_op``, plus the one-GEMM ``grad_w_hh``.
+
+    Extra trailing inputs of ``forward_op`` (flags such as TF32) are handed to ``backward_op`` as they are.
+    ``gates`` and ``cell`` are saved state, not differentiable outputs.
+    """
+
+    def setup_context(ctx, inputs, output):
+        xw, w_hh, h0, c0, lengths, *extra = inputs
+        y, _h_n, _c_n, gates, cell = output
+        ctx.save_for_backward(w_hh, h0, c0, y, gates, cell, lengths)
+        ctx.extra = tuple(extra)
+
+    def backward(ctx, grad_y, grad_h_n, grad_c_n, _grad_gates, _grad_cell):
+        w_hh, h0, c0, y, gates, cell, lengths = ctx.saved_tensors
+        grad_y, grad_h_n, grad_c_n = (_dense_grad(g, like) for g, like in
+                                      ((grad_y, y), (grad_h_n, h0), (grad_c_n, c0)))
+        grad_xw, grad_h0, grad_c0 = backward_op(grad_y, grad_h_n, grad_c_n, w_hh, c0, gates, cell, lengths,
+                                                *ctx.extra)
+        grad_w_hh = recurrent_weight_grad(grad_xw, y, h0, lengths).to(w_hh.dtype) if ctx.needs_input_grad[1] else None
+        return (grad_xw, grad_w_hh, grad_h0, grad_c0, None) + (None,) * len(ctx.extra)
+
+    torch.library.register_autograd(forward_op, backward, setup_context=setup_context)
+
+
+def _dense_grad(grad: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    # Kernels index grads as dense row-major arrays; autograd may hand over None or an expanded view.
+    if grad is None:
+        return torch.zeros_like(like)
+    return grad.contiguous()
