@@ -1,0 +1,184 @@
+"""``rnn_fast.LSTM``: ``torch.nn.LSTM`` with the recurrence run by a fused backend.
+
+It subclasses ``nn.LSTM``, so the constructor, parameter names, initialisation and ``state_dict`` are
+nn.LSTM's own. Only ``forward`` differs: one batched GEMM per layer for the input projection, then the
+backend's recurrence op (docs/contract.md). Everything a fused backend cannot do goes to nn.LSTM's own
+implementation, with a one-time warning.
+"""
+import warnings
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+
+from ..ops.lstm import BACKENDS, auto_backend, load_backend, unavailable_reason
+
+_warned = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, stacklevel=3)
+
+
+class LSTM(nn.LSTM):
+    """Drop-in ``torch.nn.LSTM``. ``backend`` is one of ``rnn_fast.BACKENDS``:
+
+    - ``"auto"``: the fastest fused backend proven on the input's device, else nn.LSTM's implementation;
+    - ``"torch"``: nn.LSTM's own implementation (cuDNN on CUDA);
+    - ``"naive"``: the readable PyTorch reference of the recurrence;
+    - ``"cpu"``: fused C++/OpenMP; ``"triton"``: persistent Triton kernels; ``"cuda"``: CUDA C++ tensor-core kernels.
+    """
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
+                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
+                 proj_size: int = 0, device=None, dtype=None, *, backend: str = "auto") -> None:
+        super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
+                         proj_size, device, dtype)
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if backend not in ("auto", "torch"):
+            reason = unavailable_reason(backend)
+            if reason is not None:
+                raise RuntimeError(f"rnn_fast backend {backend!r} is unavailable: {reason}")
+        self.backend = backend
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", backend={self.backend!r}"
+
+    def _fused_backend(self, input):
+        """The backend module to run ``input`` with, or None for nn.LSTM's own implementation."""
+        if self.backend == "torch":
+            return None
+        if self.proj_size > 0:
+            _warn_once("rnn_fast.LSTM: proj_size > 0 is not fused; using torch.nn.LSTM's implementation")
+            return None
+        data = input.data if isinstance(input, PackedSequence) else input
+        if data.numel() == 0:
+            # Empty batches and the error for empty sequences are nn.LSTM's to handle.
+            return None
+        name = self.backend if self.backend != "auto" else auto_backend(data.device)
+        if name == "torch":
+            return None
+        module = load_backend(name)
+        dtype = (torch.get_autocast_dtype(data.device.type) if torch.is_autocast_enabled(data.device.type)
+                 else self.weight_ih_l0.dtype)
+        reason = module.unsupported_reason(data.device, dtype, self.hidden_size)
+        if reason is not None:
+            _warn_once(f"rnn_fast.LSTM: backend {name!r} cannot run this input ({reason}); "
+                       "using torch.nn.LSTM's implementation")
+            return None
+        return module
+
+    def forward(self, input, hx: Optional[Tuple[torch.Tensor, torch.Tensor]] = None):
+        backend = self._fused_backend(input)
+        if backend is None:
+            return super().forward(input, hx)
+
+        num_directions = 2 if self.bidirectional else 1
+        is_packed = isinstance(input, PackedSequence)
+        sorted_indices = unsorted_indices = packed_lengths = None
+        is_batched = True
+        if is_packed:
+            data, batch_sizes, sorted_indices, unsorted_indices = input
+            self.check_input(data, batch_sizes)
+            # Rows stay in the packed (sorted) order; hx is permuted into it like nn.LSTM does.
+            x, packed_lengths = pad_packed_sequence(PackedSequence(data, batch_sizes))
+            if hx is not None:
+                self.check_forward_args(data, hx, batch_sizes)
+                hx = self.permute_hidden(hx, sorted_indices)
+        else:
+            if input.dim() not in (2, 3):
+                raise ValueError(f"LSTM: Expected input to be 2D or 3D, got {input.dim()}D instead")
+            is_batched = input.dim() == 3
+            if not is_batched:
+                input = input.unsqueeze(0 if self.batch_first else 1)
+                if hx is not None:
+                    if hx[0].dim() != 2 or hx[1].dim() != 2:
+                        raise RuntimeError("For unbatched 2-D input, hx and cx should also be 2-D but got "
+                                           f"({hx[0].dim()}-D, {hx[1].dim()}-D) tensors")
+                    hx = (hx[0].unsqueeze(1), hx[1].unsqueeze(1))
+            elif hx is not None and (hx[0].dim() != 3 or hx[1].dim() != 3):
+                raise RuntimeError("For batched 3-D input, hx and cx should also be 3-D but got "
+                                   f"({hx[0].dim()}-D, {hx[1].dim()}-D) tensors")
+            if hx is None:
+                self.check_input(input, None)
+            else:
+                self.check_forward_args(input, hx, None)
+            x = input.transpose(0, 1) if self.batch_first else input
+        self._check_devices(x, hx)
+
+        seq_len, batch = x.shape[:2]
+        if hx is None:
+            zeros = x.new_zeros(self.num_layers * num_directions, batch, self.hidden_size)
+            hx = (zeros, zeros)
+        lengths = None
+        if packed_lengths is not None and bool((packed_lengths < seq_len).any()):
+            lengths = packed_lengths.to(x.device)
+
+        output, h_n, c_n = self._run_layers(backend, x, hx[0], hx[1], lengths)
+
+        if is_packed:
+            packed = pack_padded_sequence(output, packed_lengths)
+            return (PackedSequence(packed.data, batch_sizes, sorted_indices, unsorted_indices),
+                    self.permute_hidden((h_n, c_n), unsorted_indices))
+        if self.batch_first:
+            output = output.transpose(0, 1)
+        if not is_batched:
+            output = output.squeeze(0 if self.batch_first else 1)
+            h_n, c_n = h_n.squeeze(1), c_n.squeeze(1)
+        return output, (h_n, c_n)
+
+    def _check_devices(self, x: torch.Tensor, hx) -> None:
+        weight = self.weight_ih_l0
+        if x.device != weight.device:
+            raise RuntimeError("Input and parameter tensors are not at the same device, found input tensor at "
+                               f"{x.device} and parameter tensor at {weight.device}")
+        if hx is None:
+            return
+        for state in hx:
+            if state.device != x.device:
+                raise RuntimeError("Input and hidden tensors are not at the same device, found input tensor at "
+                                   f"{x.device} and hidden tensor at {state.device}")
+            if state.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
+                raise RuntimeError(f"Expected hidden and cell state dtype {x.dtype} (the input's), "
+                                   f"got {state.dtype}")
+
+    def _layer_weights(self, layer: int):
+        """``w_ih [D, 4H, In]``, ``w_hh [D, 4H, H]`` and the summed biases ``[D, 1, 4H]`` (or None)."""
+        suffixes = ("", "_reverse") if self.bidirectional else ("",)
+        w_ih = torch.stack([getattr(self, f"weight_ih_l{layer}{s}") for s in suffixes])
+        w_hh = torch.stack([getattr(self, f"weight_hh_l{layer}{s}") for s in suffixes])
+        if not self.bias:
+            return w_ih, w_hh, None
+        bias = torch.stack([getattr(self, f"bias_ih_l{layer}{s}") + getattr(self, f"bias_hh_l{layer}{s}")
+                            for s in suffixes])
+        return w_ih, w_hh, bias.unsqueeze(1)
+
+    def _run_layers(self, backend, x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor,
+                    lengths: Optional[torch.Tensor]):
+        """Time-major ``x [T, B, I]`` through all layers -> ``(output [T, B, D*H], h_n, c_n)``."""
+        num_directions = 2 if self.bidirectional else 1
+        seq_len, batch = x.shape[:2]
+        layer_input = x
+        h_n, c_n = [], []
+        for layer in range(self.num_layers):
+            w_ih, w_hh, bias = self._layer_weights(layer)
+            # One batched GEMM projects every step of both directions at once.
+            flat = layer_input.reshape(1, seq_len * batch, -1).expand(num_directions, -1, -1)
+            xw = (torch.bmm(flat, w_ih.transpose(1, 2)) if bias is None
+                  else torch.baddbmm(bias, flat, w_ih.transpose(1, 2)))
+            xw = xw.view(num_directions, seq_len, batch, 4 * self.hidden_size)
+            states = slice(layer * num_directions, (layer + 1) * num_directions)
+            y, layer_h_n, layer_c_n, _, _ = backend.lstm_recurrence(
+                xw, w_hh.to(xw.dtype), h0[states].to(xw.dtype).contiguous(), c0[states].to(xw.dtype).contiguous(),
+                lengths)
+            layer_input = y[0] if num_directions == 1 else y.permute(1, 2, 0, 3).reshape(seq_len, batch, -1)
+            if self.dropout > 0 and self.training and layer < self.num_layers - 1:
+                layer_input = F.dropout(layer_input, self.dropout, training=True)
+            h_n.append(layer_h_n)
+            c_n.append(layer_c_n)
+        return layer_input, torch.cat(h_n), torch.cat(c_n)

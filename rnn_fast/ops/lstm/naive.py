@@ -1,0 +1,102 @@
+"""Readable PyTorch reference of the recurrence contract (docs/contract.md).
+
+Every fused backend is tested against this file and against ``torch.nn.LSTM``. It runs on any device and
+dtype; it is slow, one small op at a time.
+"""
+from typing import Optional, Tuple
+
+import torch
+
+from .common import previous_steps, register_recurrence_autograd, register_recurrence_fake, state_dtype
+
+
+def _step_order(direction: int, seq_len: int) -> range:
+    return range(seq_len) if direction == 0 else range(seq_len - 1, -1, -1)
+
+
+def _valid_rows(lengths: Optional[torch.Tensor], t: int, like: torch.Tensor) -> torch.Tensor:
+    """``[B, 1]`` bool: the rows still running at step t."""
+    if lengths is None:
+        return torch.ones(like.shape[0], 1, dtype=torch.bool, device=like.device)
+    return (lengths.to(like.device) > t).unsqueeze(1)
+
+
+def lstm_recurrence_forward(xw: torch.Tensor, w_hh: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor,
+                            lengths: Optional[torch.Tensor] = None
+                            ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    num_directions, seq_len, batch, gate_size = xw.shape
+    hidden = gate_size // 4
+    acc = state_dtype(xw.dtype)
+    y = xw.new_zeros(num_directions, seq_len, batch, hidden)
+    gates = xw.new_zeros(num_directions, seq_len, batch, gate_size, dtype=acc)
+    cell = xw.new_zeros(num_directions, seq_len, batch, hidden, dtype=acc)
+    h_n, c_n = torch.empty_like(h0), torch.empty_like(c0)
+    for d in range(num_directions):
+        h, c = h0[d].to(acc), c0[d].to(acc)
+        w = w_hh[d].to(acc)
+        for t in _step_order(d, seq_len):
+            pre = xw[d, t].to(acc) + h @ w.t()
+            i, f, g, o = pre.chunk(4, dim=1)
+            i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
+            c_next = f * c + i * g
+            h_next = o * torch.tanh(c_next)
+            valid = _valid_rows(lengths, t, h)
+            c = torch.where(valid, c_next, c)
+            h = torch.where(valid, h_next, h)
+            gates[d, t] = torch.cat([i, f, g, o], dim=1) * valid
+            cell[d, t] = c_next * valid
+            y[d, t] = (h_next * valid).to(y.dtype)
+        h_n[d], c_n[d] = h, c
+    return y, h_n, c_n, gates, cell
+
+
+def lstm_recurrence_backward(grad_y: torch.Tensor, grad_h_n: torch.Tensor, grad_c_n: torch.Tensor,
+                             w_hh: torch.Tensor, c0: torch.Tensor, gates: torch.Tensor, cell: torch.Tensor,
+                             lengths: Optional[torch.Tensor] = None
+                             ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    num_directions, seq_len, batch, gate_size = gates.shape
+    acc = gates.dtype
+    grad_xw = grad_y.new_zeros(num_directions, seq_len, batch, gate_size)
+    grad_h0, grad_c0 = torch.empty_like(grad_h_n), torch.empty_like(grad_c_n)
+    cell_prev = previous_steps(cell, c0, lengths)
+    for d in range(num_directions):
+        dh, dc = grad_h_n[d].to(acc), grad_c_n[d].to(acc)
+        w = w_hh[d].to(acc)
+        for t in reversed(_step_order(d, seq_len)):
+            i, f, g, o = gates[d, t].chunk(4, dim=1)
+            dh_t = dh + grad_y[d, t].to(acc)
+            tanh_c = torch.tanh(cell[d, t])
+            dc_t = dc + dh_t * o * (1 - tanh_c * tanh_c)
+            grad_pre = torch.cat([dc_t * g * i * (1 - i),
+                                  dc_t * cell_prev[d, t] * f * (1 - f),
+                                  dc_t * i * (1 - g * g),
+                                  dh_t * tanh_c * o * (1 - o)], dim=1)
+            valid = _valid_rows(lengths, t, dh)
+            grad_pre = grad_pre * valid
+            dh = torch.where(valid, grad_pre @ w, dh)
+            dc = torch.where(valid, dc_t * f, dc)
+            grad_xw[d, t] = grad_pre.to(grad_xw.dtype)
+        grad_h0[d], grad_c0[d] = dh, dc
+    return grad_xw, grad_h0, grad_c0
+
+
+# The reference runs as a pair of custom ops so that it goes through exactly the autograd and fake-tensor
+# machinery the fused backends use; tests then check that machinery against nn.LSTM too.
+forward_op = torch.library.custom_op("rnn_fast::naive_lstm_recurrence_forward", mutates_args=())(
+    lstm_recurrence_forward)
+backward_op = torch.library.custom_op("rnn_fast::naive_lstm_recurrence_backward", mutates_args=())(
+    lstm_recurrence_backward)
+register_recurrence_fake(forward_op, backward_op)
+register_recurrence_autograd(forward_op, backward_op)
+
+
+def unavailable_reason() -> Optional[str]:
+    return None
+
+
+def unsupported_reason(device: torch.device, dtype: torch.dtype, hidden_size: int) -> Optional[str]:
+    return None
+
+
+def lstm_recurrence(xw, w_hh, h0, c0, lengths):
+    return forward_op(xw, w_hh, h0, c0, lengths)
