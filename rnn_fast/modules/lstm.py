@@ -1,7 +1,8 @@
 """``rnn_fast.LSTM``: ``torch.nn.LSTM`` with the recurrence run by a fused backend.
 
-It subclasses ``nn.LSTM``, so the constructor, parameter names, initialisation and ``state_dict`` are
-nn.LSTM's own. Only ``forward`` differs: one batched GEMM per layer for the input projection, then the
+It is built on nn.LSTM's own base class and methods, so the constructor, parameter names, initialisation,
+``state_dict``, input checks and error messages are nn.LSTM's. It derives from ``nn.RNNBase`` rather than
+``nn.LSTM`` because torch.compile refuses to trace instances of ``nn.LSTM``. Only ``forward`` differs: one batched GEMM per layer for the input projection, then the
 backend's recurrence op (docs/contract.md). Everything a fused backend cannot do goes to nn.LSTM's own
 implementation, with a one-time warning.
 """
@@ -24,7 +25,14 @@ def _warn_once(message: str) -> None:
         warnings.warn(message, stacklevel=3)
 
 
-class LSTM(nn.LSTM):
+def _autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
+    """The dtype autocast computes in on ``device``, or None when autocast is off there."""
+    if torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return None
+
+
+class LSTM(nn.RNNBase):
     """Drop-in ``torch.nn.LSTM``. ``backend`` is one of ``rnn_fast.BACKENDS``:
 
     - ``"auto"``: the fastest fused backend proven on the input's device, else nn.LSTM's implementation;
@@ -36,7 +44,7 @@ class LSTM(nn.LSTM):
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
                  proj_size: int = 0, device=None, dtype=None, *, backend: str = "auto") -> None:
-        super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
+        super().__init__("LSTM", input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
                          proj_size, device, dtype)
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -45,6 +53,10 @@ class LSTM(nn.LSTM):
             if reason is not None:
                 raise RuntimeError(f"rnn_fast backend {backend!r} is unavailable: {reason}")
         self.backend = backend
+
+    get_expected_cell_size = nn.LSTM.get_expected_cell_size
+    check_forward_args = nn.LSTM.check_forward_args
+    permute_hidden = nn.LSTM.permute_hidden
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", backend={self.backend!r}"
@@ -64,8 +76,7 @@ class LSTM(nn.LSTM):
         if name == "torch":
             return None
         module = load_backend(name)
-        dtype = (torch.get_autocast_dtype(data.device.type) if torch.is_autocast_enabled(data.device.type)
-                 else self.weight_ih_l0.dtype)
+        dtype = _autocast_dtype(data.device) or self.weight_ih_l0.dtype
         reason = module.unsupported_reason(data.device, dtype, self.hidden_size)
         if reason is not None:
             _warn_once(f"rnn_fast.LSTM: backend {name!r} cannot run this input ({reason}); "
@@ -76,7 +87,7 @@ class LSTM(nn.LSTM):
     def forward(self, input, hx: Optional[Tuple[torch.Tensor, torch.Tensor]] = None):
         backend = self._fused_backend(input)
         if backend is None:
-            return super().forward(input, hx)
+            return nn.LSTM.forward(self, input, hx)
 
         num_directions = 2 if self.bidirectional else 1
         is_packed = isinstance(input, PackedSequence)
@@ -143,7 +154,7 @@ class LSTM(nn.LSTM):
             if state.device != x.device:
                 raise RuntimeError("Input and hidden tensors are not at the same device, found input tensor at "
                                    f"{x.device} and hidden tensor at {state.device}")
-            if state.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
+            if state.dtype != x.dtype and _autocast_dtype(x.device) is None:
                 raise RuntimeError(f"Expected hidden and cell state dtype {x.dtype} (the input's), "
                                    f"got {state.dtype}")
 

@@ -22,7 +22,7 @@ def _valid_rows(lengths: Optional[torch.Tensor], t: int, like: torch.Tensor) -> 
 
 
 def lstm_recurrence_forward(xw: torch.Tensor, w_hh: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor,
-                            lengths: Optional[torch.Tensor] = None
+                            lengths: Optional[torch.Tensor]
                             ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     num_directions, seq_len, batch, gate_size = xw.shape
     hidden = gate_size // 4
@@ -52,7 +52,7 @@ def lstm_recurrence_forward(xw: torch.Tensor, w_hh: torch.Tensor, h0: torch.Tens
 
 def lstm_recurrence_backward(grad_y: torch.Tensor, grad_h_n: torch.Tensor, grad_c_n: torch.Tensor,
                              w_hh: torch.Tensor, c0: torch.Tensor, gates: torch.Tensor, cell: torch.Tensor,
-                             lengths: Optional[torch.Tensor] = None
+                             lengths: Optional[torch.Tensor]
                              ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     num_directions, seq_len, batch, gate_size = gates.shape
     acc = gates.dtype
