@@ -2,6 +2,7 @@
 import itertools
 import os
 import warnings
+import zlib
 
 import pytest
 import torch
@@ -90,11 +91,12 @@ def _make_input(case, dtype, generator):
 @pytest.mark.parametrize("dtype, atol, rtol", DTYPES)
 @pytest.mark.parametrize("backend, case", list(_backend_cases()))
 def test_matches_nn_lstm(backend, case, dtype, atol, rtol):
-    torch.backends.cudnn.allow_tf32 = False
-    generator = torch.Generator().manual_seed(hash(str(case)) % 2**31)
+    generator = torch.Generator().manual_seed(zlib.crc32(str(case).encode()))
     reference, candidate = _make_pair(case, dtype, backend)
     input, hx = _make_input(case, dtype, generator)
-    assert_lstm_matches(reference, candidate, input, hx, atol=atol, rtol=rtol)
+    # IEEE float32 on both sides: these tolerances are not TF32's.
+    with torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, allow_tf32=False):
+        assert_lstm_matches(reference, candidate, input, hx, atol=atol, rtol=rtol)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
