@@ -1,0 +1,73 @@
+"""Timing and recording helpers for the benchmarks: synchronised calls, median/p20/p80, the environment a figure
+was measured in, and the results JSON (``benchmarks/results/<device>-<kind>-<date>.json``)."""
+import datetime
+import json
+import platform
+import re
+import shlex
+import statistics
+import sys
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def synchronized(fn: Callable, device: torch.device) -> Callable:
+    """``fn`` followed by a device synchronisation, so that a clock read after it sees the work finished."""
+
+    def call(*args, **kwargs):
+        result = fn(*args, **kwargs)
+        synchronize(device)
+        return result
+
+    return call
+
+
+def summary(seconds: Iterable[float]) -> dict:
+    """Median, p20 and p80 in milliseconds, and the number of rounds."""
+    milliseconds = [1000 * value for value in seconds]
+    p20, _, _, p80 = statistics.quantiles(milliseconds, n=5, method="inclusive")
+    return {"median_ms": statistics.median(milliseconds), "p20_ms": p20, "p80_ms": p80,
+            "rounds": len(milliseconds)}
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return platform.processor() or platform.machine()
+
+
+def environment(device: torch.device) -> dict:
+    """Device, library versions, date and the exact command, recorded with every result."""
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "cuda": torch.version.cuda,
+        "date": datetime.date.today().isoformat(),
+        "command": shlex.join(["python", "-m", "pytest"] + sys.argv[1:]) if "pytest" in sys.argv[0]
+        else shlex.join(["python"] + sys.argv),
+    }
+
+
+def write_results(kind: str, device: torch.device, payload: dict) -> Path:
+    """Writes ``environment(device)`` plus ``payload`` to ``results/<device>-<kind>-<date>.json``."""
+    record = {**environment(device), **payload}
+    slug = re.sub(r"[^a-z0-9]+", "-", record["device"].lower()).strip("-")
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    path = RESULTS_DIR / f"{slug}-{kind}-{record['date']}.json"
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    return path

@@ -1,0 +1,257 @@
+"""The Triton recurrence (``rnn_fast.ops.lstm.fused``) against the naive reference and ``torch.nn.LSTM``.
+
+Without CUDA the kernels run in the Triton interpreter (tests/conftest.py sets TRITON_INTERPRET=1), one program at
+a time in Python, so the shapes here are small and few. On CUDA the same checks also run at larger shapes, plus
+TF32 and bf16 against PyTorch's own error.
+"""
+from typing import NamedTuple
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
+
+import rnn_fast
+from rnn_fast.ops.lstm import fused, naive
+from rnn_fast.testing import TOLERANCES, assert_lstm_matches, run_lstm
+
+pytestmark = pytest.mark.skipif(fused.unavailable_reason() is not None, reason=str(fused.unavailable_reason()))
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+ON_CUDA = DEVICE.type == "cuda"
+TF32_TOLERANCE = 1e-3
+
+
+class Shape(NamedTuple):
+    directions: int
+    seq_len: int
+    batch: int
+    hidden: int
+    with_lengths: bool
+
+    def __str__(self):
+        return (f"B{self.batch}-T{self.seq_len}-H{self.hidden}-{'bi' if self.directions == 2 else 'uni'}"
+                f"{'-lengths' if self.with_lengths else ''}")
+
+
+SMALL_SHAPES = [Shape(1, 1, 1, 1, False), Shape(2, 5, 7, 5, True), Shape(1, 5, 7, 33, True), Shape(2, 5, 1, 33, False)]
+# H=128 is the classifier's size; H=256 streams its weights from L2 in every precision.
+CUDA_SHAPES = [Shape(2, 37, 100, 128, True), Shape(1, 23, 300, 256, True), Shape(2, 64, 64, 64, False)]
+SHAPES = [pytest.param(shape, id=str(shape)) for shape in SMALL_SHAPES + (CUDA_SHAPES if ON_CUDA else [])]
+DTYPES = [pytest.param(dtype, tol, tol, id=str(dtype).split(".")[1]) for dtype, tol in TOLERANCES.items()]
+
+# Both places the weights can live: where kernel_plan puts them, and streamed in 16-wide chunks (several per step
+# whenever H > 16), which small shapes would otherwise never reach.
+WEIGHTS = {"planned": lambda plan: plan, "streamed": lambda plan: fused.KernelPlan(plan.block_h, 16, resident=False)}
+
+
+@pytest.fixture(autouse=True)
+def ieee_float32():
+    """fp32 in full precision unless a test asks for TF32; restored afterwards."""
+    with torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, allow_tf32=False):
+        yield
+
+
+def _random(generator: torch.Generator, dtype: torch.dtype, *size, scale: float = 1.0) -> torch.Tensor:
+    return (scale * torch.randn(*size, generator=generator, dtype=torch.float64)).to(DEVICE, dtype)
+
+
+def _lengths(shape: Shape, generator: torch.Generator):
+    """Unsorted row lengths in [1, T], the longest equal to T; None for a shape without lengths."""
+    if not shape.with_lengths:
+        return None
+    lengths = torch.randint(1, shape.seq_len + 1, (shape.batch,), generator=generator)
+    lengths[shape.batch // 2] = shape.seq_len
+    return lengths.to(DEVICE)
+
+
+def _contract_inputs(shape: Shape, dtype: torch.dtype, seed: int):
+    """Random ``(xw, w_hh, h0, c0, lengths)`` of the contract."""
+    generator = torch.Generator().manual_seed(seed)
+    d, t, b, h = shape.directions, shape.seq_len, shape.batch, shape.hidden
+    return (_random(generator, dtype, d, t, b, 4 * h), _random(generator, dtype, d, 4 * h, h, scale=h ** -0.5),
+            _random(generator, dtype, d, b, h), _random(generator, dtype, d, b, h), _lengths(shape, generator))
+
+
+def _layer_inputs(shape: Shape, dtype: torch.dtype, seed: int, input_size: int = 3):
+    """Random ``(input, (h0, c0))`` for one nn.LSTM layer; the input is packed when the shape has lengths."""
+    generator = torch.Generator().manual_seed(seed)
+    d, t, b, h = shape.directions, shape.seq_len, shape.batch, shape.hidden
+    input = _random(generator, dtype, t, b, input_size)
+    state = (_random(generator, dtype, d, b, h), _random(generator, dtype, d, b, h))
+    lengths = _lengths(shape, generator)
+    if lengths is not None:
+        input = pack_padded_sequence(input, lengths.cpu(), enforce_sorted=False)
+    return input, state
+
+
+def _to(input, dtype):
+    """A layer input, packed or not, in another dtype."""
+    if isinstance(input, PackedSequence):
+        return PackedSequence(input.data.to(dtype), input.batch_sizes, input.sorted_indices, input.unsorted_indices)
+    return input.to(dtype)
+
+
+def _output_grads(shape: Shape, dtype: torch.dtype, seed: int):
+    """Random ``(grad_y, grad_h_n, grad_c_n)`` for the backward kernel."""
+    generator = torch.Generator().manual_seed(seed)
+    d, t, b, h = shape.directions, shape.seq_len, shape.batch, shape.hidden
+    return _random(generator, dtype, d, t, b, h), _random(generator, dtype, d, b, h), _random(generator, dtype, d, b, h)
+
+
+def _assert_all_close(actual, expected, names, atol, rtol):
+    for name, got, want in zip(names, actual, expected):
+        torch.testing.assert_close(got, want, atol=atol, rtol=rtol, msg=lambda m: f"{name}: {m}")
+
+
+FORWARD_NAMES = ("y", "h_n", "c_n", "gates", "cell")
+BACKWARD_NAMES = ("grad_xw", "grad_h0", "grad_c0")
+
+
+@pytest.mark.parametrize("weights", list(WEIGHTS))
+@pytest.mark.parametrize("dtype, atol, rtol", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_kernels_match_naive(shape, dtype, atol, rtol, weights):
+    """Every output of the forward and backward kernels, including the saved gates and cells."""
+    xw, w_hh, h0, c0, lengths = _contract_inputs(shape, dtype, seed=shape.hidden)
+    plan = WEIGHTS[weights](fused.kernel_plan(shape.hidden, dtype, DEVICE))
+    forward = fused.launch_forward(xw, w_hh, h0, c0, lengths, False, plan)
+    _assert_all_close(forward, naive.lstm_recurrence_forward(xw, w_hh, h0, c0, lengths), FORWARD_NAMES, atol, rtol)
+
+    grads = _output_grads(shape, dtype, seed=shape.batch)
+    gates, cell = forward[3:]
+    _assert_all_close(fused.launch_backward(*grads, w_hh, c0, gates, cell, lengths, False, plan),
+                      naive.lstm_recurrence_backward(*grads, w_hh, c0, gates, cell, lengths),
+                      BACKWARD_NAMES, atol, rtol)
+
+
+@pytest.mark.parametrize("dtype, atol, rtol", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_layer_matches_nn_lstm(shape, dtype, atol, rtol):
+    """The registered op and its autograd inside one ``rnn_fast.LSTM`` layer: outputs and every gradient."""
+    kwargs = dict(bidirectional=shape.directions == 2, device=DEVICE, dtype=dtype)
+    reference = nn.LSTM(3, shape.hidden, **kwargs)
+    candidate = rnn_fast.LSTM(3, shape.hidden, backend="triton", **kwargs)
+    input, state = _layer_inputs(shape, dtype, seed=7)
+    assert_lstm_matches(reference, candidate, input, state, atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("op", [fused.FORWARD_OP, fused.BACKWARD_OP], ids=["forward", "backward"])
+def test_opcheck(op):
+    """Schema, fake tensors and autograd registration. The interpreter cannot run the kernels on the tensor
+    subclasses of AOT dispatch, so that check needs CUDA."""
+    shape = Shape(2, 3, 2, 3, True)
+    xw, w_hh, h0, c0, lengths = _contract_inputs(shape, torch.float64, seed=3)
+    if op == fused.FORWARD_OP:
+        args = (xw.requires_grad_(), w_hh.requires_grad_(), h0.requires_grad_(), c0.requires_grad_(), lengths, False)
+    else:
+        _y, _h_n, _c_n, gates, cell = fused.launch_forward(xw, w_hh, h0, c0, lengths, False)
+        args = (*_output_grads(shape, torch.float64, seed=4), w_hh, c0, gates, cell, lengths, False)
+    checks = ("test_schema", "test_autograd_registration", "test_faketensor")
+    if ON_CUDA:
+        checks += ("test_aot_dispatch_dynamic",)
+    torch.library.opcheck(getattr(torch.ops.rnn_fast, op.split("::")[1]), args, test_utils=checks)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_tf32_close_to_float64(shape):
+    """fp32 with ``allow_tf32``: the forward's scaled fp16 operands (which the interpreter runs too) and the
+    backward's TF32 (IEEE in the interpreter)."""
+    xw, w_hh, h0, c0, lengths = _contract_inputs(shape, torch.float64, seed=11)
+    expected = naive.lstm_recurrence_forward(xw, w_hh, h0, c0, lengths)
+    forward = fused.launch_forward(*(t.float() for t in (xw, w_hh, h0, c0)), lengths, True)
+    _assert_all_close([t.double() for t in forward], expected, FORWARD_NAMES, TF32_TOLERANCE, TF32_TOLERANCE)
+
+    grads = _output_grads(shape, torch.float64, seed=12)
+    gates, cell = expected[3:]
+    backward = fused.launch_backward(*(t.float() for t in (*grads, w_hh, c0, gates, cell)), lengths, True)
+    _assert_all_close([t.double() for t in backward],
+                      naive.lstm_recurrence_backward(*grads, w_hh, c0, gates, cell, lengths),
+                      BACKWARD_NAMES, TF32_TOLERANCE, TF32_TOLERANCE)
+
+
+def test_tf32_weight_scaling_keeps_tf32_bits():
+    """Rows from 1e-7 to 1e7, far outside fp16's range, keep TF32's 11 significant bits relative to their row."""
+    rows = torch.randn(2, 64, 16, dtype=torch.float64) * torch.logspace(-7, 7, 64, dtype=torch.float64)[:, None]
+    rows[0, 0] = 0
+    operand, scale = fused._forward_weights(rows.float(), allow_tf32=True)
+    assert operand.dtype == torch.float16 and torch.isfinite(operand).all()
+    error = (operand.double() * scale.double()[..., None] - rows.float().double()).abs()
+    assert (error <= 2 ** -11 * rows.abs().amax(dim=-1, keepdim=True)).all()
+
+
+@pytest.mark.skipif(not ON_CUDA, reason="the Triton interpreter multiplies bfloat16 matrices as raw integers")
+@pytest.mark.parametrize("shape", SHAPES)
+def test_bfloat16_error_within_twice_torch(shape):
+    """bf16 inputs: every output and gradient of a layer is at most twice as far from float64 as nn.LSTM's."""
+    kwargs = dict(bidirectional=shape.directions == 2, device=DEVICE)
+    exact = nn.LSTM(3, shape.hidden, dtype=torch.float64, **kwargs)
+    torch_bf16 = nn.LSTM(3, shape.hidden, dtype=torch.bfloat16, **kwargs)
+    ours_bf16 = rnn_fast.LSTM(3, shape.hidden, backend="triton", dtype=torch.bfloat16, **kwargs)
+    for module in (torch_bf16, ours_bf16):
+        module.load_state_dict(exact.state_dict())
+    # Inputs drawn in bf16, so that all three see the same numbers.
+    input, state = _layer_inputs(shape, torch.bfloat16, seed=5)
+
+    def run(module):
+        dtype = next(module.parameters()).dtype
+        return run_lstm(module, _to(input, dtype), tuple(tensor.to(dtype) for tensor in state), seed=0)
+
+    reference, theirs, ours = run(exact), run(torch_bf16), run(ours_bf16)
+    for name, value in reference.items():
+        torch_error = (theirs[name].double() - value).abs().max().item()
+        our_error = (ours[name].double() - value).abs().max().item()
+        assert our_error <= 2 * torch_error + 1e-6 * value.abs().max().item(), \
+            f"{name}: error {our_error:.3g} vs torch's {torch_error:.3g}"
+
+
+def test_torch_compile_fullgraph():
+    """A model around ``rnn_fast.LSTM(backend="triton")`` compiles as one graph holding the Triton op. On CUDA it
+    runs through Inductor; the interpreter cannot run the kernels on the tensor subclasses of AOT dispatch, so on
+    the CPU the captured graph runs as it is."""
+    lstm = rnn_fast.LSTM(5, 4, num_layers=2, bidirectional=True, batch_first=True, backend="triton", device=DEVICE)
+    head = nn.Linear(8, 3, device=DEVICE)
+
+    def model(x):
+        output, (h_n, _c_n) = lstm(x)
+        return head(output[:, -1]) + h_n.sum(0).sum(-1, keepdim=True)
+
+    graphs = []
+
+    def capture_only(graph_module, _example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    compiled = torch.compile(model, fullgraph=True, backend="inductor" if ON_CUDA else capture_only)
+    input = torch.randn(3, 6, 5, device=DEVICE, requires_grad=True)
+    expected = model(input)
+    (expected_grad,) = torch.autograd.grad(expected.sum(), input)
+    actual = compiled(input)
+    (actual_grad,) = torch.autograd.grad(actual.sum(), input)
+    torch.testing.assert_close(actual, expected, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(actual_grad, expected_grad, atol=2e-5, rtol=2e-5)
+    if not ON_CUDA:
+        targets = [node.target for graph in graphs for node in graph.graph.nodes if node.op == "call_function"]
+        assert targets.count(torch.ops.rnn_fast.triton_lstm_recurrence_forward) == 2
+
+
+def test_tf32_follows_cudnn_rnn_setting():
+    """The setting nn.LSTM follows: legacy ``cudnn.allow_tf32``, or the newer ``cudnn.rnn.fp32_precision``. The two
+    APIs are not mixed: torch refuses to read the legacy flag back once the RNN and convolution settings differ."""
+    for legacy in (True, False):
+        with torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, allow_tf32=legacy):
+            assert fused._cudnn_rnn_allows_tf32() is legacy
+    previous = torch.backends.cudnn.rnn.fp32_precision
+    try:
+        for precision in ("tf32", "ieee"):
+            torch.backends.cudnn.rnn.fp32_precision = precision
+            assert fused._cudnn_rnn_allows_tf32() is (precision == "tf32")
+    finally:
+        torch.backends.cudnn.rnn.fp32_precision = previous
+
+
+def test_unsupported_reasons():
+    assert fused.unsupported_reason(DEVICE, torch.float32, fused.MAX_HIDDEN) is None
+    assert "hidden_size" in fused.unsupported_reason(DEVICE, torch.float32, fused.MAX_HIDDEN + 1)
+    assert "support" in fused.unsupported_reason(DEVICE, torch.int32, 8)
+    assert (fused.unsupported_reason(DEVICE, torch.bfloat16, 8) is None) == ON_CUDA
