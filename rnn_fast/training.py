@@ -1,0 +1,362 @@
+"""Training, evaluation, metrics, checkpoints and DistributedDataParallel for the NSynth classifiers.
+
+Single process and ``torchrun`` share one code path: :func:`init_distributed` returns a :class:`Distributed`
+context (rank 0 of 1 when not launched by torchrun), training metrics are summed over ranks, evaluation splits
+the examples into one contiguous shard per rank and gathers every logit, and only rank 0 writes files.
+
+Checkpoints hold everything a run's future depends on (weights, optimizer, history, every rank's torch / numpy /
+python RNG states, and the finished epochs, which also fix the loader's next shuffle since ``BatchLoader``
+orders each epoch from ``(seed, epoch)`` alone), so a run killed at any point and resumed from its last
+checkpoint ends, on CPU with a fixed seed, with exactly the metrics of an uninterrupted run.
+"""
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .models import build_model
+from .nsynth import waveform_to_frames
+
+
+# --------------------------------------------------------------------------------------------------- distributed
+@dataclass(frozen=True)
+class Distributed:
+    """Where this process sits in a (possibly one-process) job."""
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device_type: str) -> Distributed:
+    """Joins the process group torchrun describes in ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`` (``env://``):
+    NCCL for CUDA, gloo for CPU. Without those variables this is a one-process job and nothing is initialised."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return Distributed()
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if device_type == "cuda":
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+    return Distributed(rank, world_size, local_rank)
+
+
+def shutdown_distributed(ctx: Distributed) -> None:
+    if ctx.enabled:
+        dist.destroy_process_group()
+
+
+def wrap_model(model: nn.Module, ctx: Distributed, device: torch.device) -> nn.Module:
+    """DistributedDataParallel around ``model`` in a multi-process job, ``model`` itself otherwise."""
+    if not ctx.enabled:
+        return model
+    device_ids = [device.index] if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def all_gather_objects(obj, ctx: Distributed) -> list:
+    """``[obj of rank 0, obj of rank 1, ...]`` on every rank."""
+    if not ctx.enabled:
+        return [obj]
+    gathered = [None] * ctx.world_size
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def shard_bounds(count: int, ctx: Distributed) -> slice:
+    """This rank's contiguous share of ``count`` examples; the shards cover every example exactly once."""
+    return slice(count * ctx.rank // ctx.world_size, count * (ctx.rank + 1) // ctx.world_size)
+
+
+# --------------------------------------------------------------------------------------------------- RNG state
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def capture_rng_state() -> dict:
+    """This process's torch (CPU and CUDA), numpy and python RNG states, as tensors and plain Python values so
+    that checkpoints load with ``torch.load(weights_only=True)``."""
+    version, python_state, gauss = random.getstate()
+    kind, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
+        "python": {"version": version, "state": list(python_state), "gauss": gauss},
+    }
+
+
+def restore_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    numpy_state = state["numpy"]
+    np.random.set_state((numpy_state["kind"], numpy_state["keys"].numpy().astype(np.uint32),
+                         numpy_state["position"], numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
+    python_state = state["python"]
+    random.setstate((python_state["version"], tuple(python_state["state"]), python_state["gauss"]))
+
+
+# --------------------------------------------------------------------------------------------------- metrics
+def accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    return float(np.mean(np.asarray(y_true) == np.asarray(y_pred))) if len(y_true) else math.nan
+
+
+def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
+    """``[C, C]`` int64 counts, rows = true class, columns = predicted class."""
+    y_true, y_pred = np.asarray(y_true, dtype=np.int64), np.asarray(y_pred, dtype=np.int64)
+    return np.bincount(y_true * num_classes + y_pred, minlength=num_classes * num_classes).reshape(
+        num_classes, num_classes)
+
+
+def per_class_accuracy(confusion: np.ndarray) -> np.ndarray:
+    """Recall of each true class (diagonal / row sum); NaN for a class with no examples."""
+    totals = confusion.sum(axis=1)
+    return np.where(totals > 0, np.diag(confusion) / np.maximum(totals, 1), np.nan)
+
+
+@dataclass
+class Evaluation:
+    """Every example's logits (in split order) and the summary metrics derived from them."""
+    logits: np.ndarray
+    labels: np.ndarray
+    loss: float
+    accuracy: float
+
+    @property
+    def predictions(self) -> np.ndarray:
+        return self.logits.argmax(axis=1)
+
+    @property
+    def probabilities(self) -> np.ndarray:
+        return torch.softmax(torch.from_numpy(self.logits), dim=1).numpy()
+
+    def confusion(self, num_classes: int) -> np.ndarray:
+        return confusion_matrix(self.labels, self.predictions, num_classes)
+
+
+# --------------------------------------------------------------------------------------------------- train / eval
+@torch.no_grad()
+def predict_logits(model: nn.Module, audio: np.ndarray, batch_size: int, device: torch.device) -> np.ndarray:
+    """float32 ``[N, C]`` logits of int16 / float waveforms ``[N, >=16000]`` (only the first second is used)."""
+    model.eval()
+    # Rows are copied out of the (read-only) memory map and cross to the device as int16, half the bytes of
+    # float32; they become frames there.
+    chunks = [model(waveform_to_frames(torch.from_numpy(np.array(audio[start:start + batch_size])).to(device)))
+              .float().cpu().numpy() for start in range(0, len(audio), batch_size)]
+    return np.concatenate(chunks) if chunks else np.zeros((0, 0), np.float32)
+
+
+def _synchronize_buffers(model: nn.Module, ctx: Distributed) -> None:
+    """Rank 0's buffers (BatchNorm running statistics) everywhere: each rank's last training step updated its
+    own copy, and every rank must evaluate the model that rank 0 checkpoints."""
+    if ctx.enabled:
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
+
+
+def evaluate(model: nn.Module, audio: np.ndarray, labels: np.ndarray, batch_size: int, device: torch.device,
+             ctx: Distributed = Distributed()) -> Evaluation:
+    """Logits of every example and mean cross-entropy / accuracy, identical on every rank.
+
+    Each rank runs its contiguous shard through the plain module (DDP's forward would broadcast buffers, a
+    collective the ranks cannot all reach when their shards hold different numbers of batches), and the
+    logits are gathered in rank order, i.e. in split order.
+    """
+    module = unwrap_model(model)
+    _synchronize_buffers(module, ctx)
+    shard = shard_bounds(len(labels), ctx)
+    parts = all_gather_objects(predict_logits(module, audio[shard], batch_size, device), ctx)
+    logits = np.concatenate([part for part in parts if len(part)])
+    labels = np.asarray(labels, dtype=np.int64)
+    loss = F.cross_entropy(torch.from_numpy(logits), torch.from_numpy(labels)).item()
+    return Evaluation(logits, labels, loss, accuracy(labels, logits.argmax(axis=1)))
+
+
+def _reduce_sum(totals: torch.Tensor, count: int, ctx: Distributed) -> List[float]:
+    """``[loss_sum, correct, count]`` summed over ranks."""
+    values = torch.cat([totals, totals.new_tensor([count])])
+    if ctx.enabled:
+        dist.all_reduce(values)
+    return values.tolist()
+
+
+def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, epoch: int, epochs: int,
+                    ctx: Distributed = Distributed(), log_every: int = 100, progress: bool = True) -> Dict[str, float]:
+    """One pass over ``loader``; returns the epoch's mean training loss and accuracy over all ranks.
+
+    Every ``log_every`` steps rank 0 prints ``Epoch [e/E], Step [s/S], Loss: x, Accuracy: y%`` with the
+    epoch's running mean loss and accuracy so far (all ranks). Totals stay on the device so that steps do not
+    wait for the host.
+    """
+    model.train()
+    steps = len(loader)
+    totals, count = None, 0
+    bar = tqdm(total=steps, desc=f"epoch {epoch}/{epochs}", leave=False, disable=not (progress and ctx.is_main),
+               dynamic_ncols=True)
+    for step, (frames, labels) in enumerate(loader, start=1):
+        logits = model(frames)
+        loss = F.cross_entropy(logits, labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        batch_totals = torch.stack([loss.detach().double() * len(labels),
+                                    (logits.detach().argmax(dim=1) == labels).sum().double()])
+        totals = batch_totals if totals is None else totals + batch_totals
+        count += len(labels)
+        bar.update(1)
+        if step % log_every == 0:
+            loss_sum, correct, total_count = _reduce_sum(totals, count, ctx)
+            if ctx.is_main:
+                bar.write(f"Epoch [{epoch}/{epochs}], Step [{step}/{steps}], Loss: {loss_sum / total_count:.4f}, "
+                          f"Accuracy: {100 * correct / total_count:.2f}%")
+    bar.close()
+    if totals is None:
+        raise ValueError("the training loader yielded no batch: the split holds fewer examples than one batch")
+    loss_sum, correct, count = _reduce_sum(totals, count, ctx)
+    return {"train_loss": loss_sum / count, "train_accuracy": correct / count}
+
+
+# --------------------------------------------------------------------------------------------------- checkpoints
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Writes ``state`` next to ``path`` and renames it over ``path``: a kill at any moment leaves either the
+    previous checkpoint or the new one, never a torn file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(temporary, "wb") as handle:
+            torch.save(state, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def load_checkpoint(path: Path, map_location="cpu") -> dict:
+    return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def load_classifier(path: Path, device: torch.device, backend: str = "auto"):
+    """``(model in eval mode, class names)`` from a checkpoint written by ``examples/train_nsynth.py``."""
+    checkpoint = load_checkpoint(path, map_location=device)
+    config = checkpoint["config"]
+    model = build_model(**config["model_config"], backend=backend).to(device)
+    model.load_state_dict(checkpoint["model"])
+    return model.eval(), list(config["classes"])
+
+
+def write_json(path: Path, obj) -> None:
+    """Atomic like :func:`save_checkpoint`, so a reader never sees half a file."""
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(temporary, path)
+
+
+# --------------------------------------------------------------------------------------------------- the loop
+@dataclass
+class TrainingState:
+    """What a run has done so far; ``epoch`` counts finished epochs."""
+    epoch: int = 0
+    history: Optional[List[dict]] = None
+
+    def __post_init__(self):
+        self.history = [] if self.history is None else self.history
+
+
+def checkpoint_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: TrainingState, config: dict,
+                     ctx: Distributed) -> dict:
+    """The checkpoint dictionary; a collective (every rank's RNG state is gathered), so all ranks call it."""
+    return {
+        "model": unwrap_model(model).state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "epoch": state.epoch,
+        "history": state.history,
+        "config": config,
+        "rng": all_gather_objects(capture_rng_state(), ctx),
+        "world_size": ctx.world_size,
+    }
+
+
+def restore_checkpoint(checkpoint: dict, model: nn.Module, optimizer: torch.optim.Optimizer,
+                       ctx: Distributed) -> TrainingState:
+    """Loads weights, optimizer and this rank's RNG state; returns the finished epochs and history."""
+    unwrap_model(model).load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    if checkpoint["world_size"] != ctx.world_size:
+        raise ValueError(f"the checkpoint was written by {checkpoint['world_size']} process(es) and this job has "
+                         f"{ctx.world_size}: resume with the same number of processes")
+    restore_rng_state(checkpoint["rng"][ctx.rank])
+    return TrainingState(checkpoint["epoch"], list(checkpoint["history"]))
+
+
+def fit(model: nn.Module, optimizer: torch.optim.Optimizer, train_loader, valid_audio: np.ndarray,
+        valid_labels: np.ndarray, epochs: int, state: TrainingState, checkpoint_path: Path, config: dict,
+        device: torch.device, ctx: Distributed = Distributed(), eval_batch_size: int = 256, log_every: int = 100,
+        progress: bool = True) -> TrainingState:
+    """Trains from ``state.epoch`` to ``epochs``: each epoch trains, validates, appends to the history, prints
+    a summary line and checkpoints (rank 0 writes)."""
+    for epoch in range(state.epoch + 1, epochs + 1):
+        train_loader.set_epoch(epoch - 1)
+        started = time.perf_counter()
+        train_metrics = train_one_epoch(model, train_loader, optimizer, epoch, epochs, ctx, log_every, progress)
+        epoch_seconds = time.perf_counter() - started
+        validation = evaluate(model, valid_audio, valid_labels, eval_batch_size, device, ctx)
+        state.history.append({"epoch": epoch, **train_metrics, "val_loss": validation.loss,
+                              "val_accuracy": validation.accuracy, "epoch_seconds": epoch_seconds})
+        state.epoch = epoch
+        if ctx.is_main:
+            tqdm.write(f"Epoch [{epoch}/{epochs}] train loss {train_metrics['train_loss']:.4f} "
+                       f"acc {100 * train_metrics['train_accuracy']:.2f}% | val loss {validation.loss:.4f} "
+                       f"acc {100 * validation.accuracy:.2f}% | {epoch_seconds:.1f} s")
+        checkpoint = checkpoint_state(model, optimizer, state, config, ctx)
+        if ctx.is_main:
+            save_checkpoint(checkpoint_path, checkpoint)
+    return state
+
+
+def metrics_summary(model_name: str, backend: str, evaluation: Evaluation, classes: Sequence[str],
+                    counts: Dict[str, int], history: List[dict]) -> dict:
+    """The content of ``metrics.json``; per-class accuracy is None for a class absent from the test split."""
+    confusion = evaluation.confusion(len(classes))
+    per_class = per_class_accuracy(confusion)
+    return {
+        "model": model_name,
+        "backend": backend,
+        "test_accuracy": evaluation.accuracy,
+        "per_class_accuracy": {name: (None if math.isnan(value) else float(value))
+                               for name, value in zip(classes, per_class)},
+        "confusion_matrix": confusion.tolist(),
+        "classes": list(classes),
+        "n_train": counts["train"],
+        "n_valid": counts["valid"],
+        "n_test": counts["test"],
+        "history": history,
+    }

@@ -1,0 +1,316 @@
+"""Training, evaluation, checkpoints and the example scripts, end to end on a tiny synthetic NSynth.
+
+One short run of ``examples/train_nsynth.py`` (module fixture) is the reference that the other end-to-end tests
+compare against: a run killed with SIGKILL and resumed must reproduce its metrics.json exactly, and a
+two-process torchrun (gloo) run with the same global batch must reproduce its training curve.
+"""
+import contextlib
+import importlib.util
+import io
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import matplotlib.image
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import accuracy_score
+from sklearn.metrics import confusion_matrix as sklearn_confusion_matrix
+from sklearn.metrics import recall_score
+
+from rnn_fast import nsynth
+from rnn_fast.models import build_model
+from rnn_fast.ops.lstm import auto_backend
+from rnn_fast.plots import FIGURES
+from rnn_fast.training import (Distributed, accuracy, capture_rng_state, confusion_matrix, evaluate,
+                               load_checkpoint, per_class_accuracy, restore_rng_state, save_checkpoint, shard_bounds)
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLES = REPO / "examples"
+EPOCHS = 4
+METRICS_KEYS = {"model", "backend", "test_accuracy", "per_class_accuracy", "confusion_matrix", "classes", "n_train",
+                "n_valid", "n_test", "history"}
+HISTORY_KEYS = {"epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "epoch_seconds"}
+
+
+def load_example(name: str):
+    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+train_nsynth = load_example("train_nsynth")
+predict = load_example("predict")
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """600 training notes (two instruments per family and source, synth_lead dropped), 60 validation and 60 test
+    notes from unseen instruments."""
+    base = tmp_path_factory.mktemp("nsynth")
+    root = nsynth.generate_synthetic(base / "root", n_train=660, n_valid=60, n_test=60, seed=0, progress=False)
+    cache = nsynth.prepare(root, base / "cache", workers=1, progress=False)
+    return root, cache
+
+
+def run_args(dataset, out: Path, epochs: int = EPOCHS):
+    """A small configuration that still learns within a few seconds: hidden 32, global batch 32, lr 0.03."""
+    root, cache = dataset
+    return ["--data-dir", str(root), "--cache-dir", str(cache), "--out", str(out), "--epochs", str(epochs),
+            "--hidden", "32", "--batch-size", "32", "--lr", "0.03", "--eval-batch-size", "64", "--log-every", "1",
+            "--no-progress", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def reference_run(dataset, tmp_path_factory):
+    """``(run directory, metrics, console output)`` of one uninterrupted run."""
+    out = tmp_path_factory.mktemp("reference")
+    console = io.StringIO()
+    with contextlib.redirect_stdout(console):
+        metrics = train_nsynth.main(run_args(dataset, out))
+    return out, metrics, console.getvalue()
+
+
+def first_epoch_step_losses(console: str) -> dict:
+    """Step -> running mean training loss, from the ``Epoch [1/E], Step [s/S], Loss: x`` lines."""
+    return {int(step): float(loss) for step, loss in
+            re.findall(r"^Epoch \[1/\d+\], Step \[(\d+)/\d+\], Loss: ([\d.]+)", console, re.MULTILINE)}
+
+
+def subprocess_env() -> dict:
+    paths = [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
+
+
+def without_timings(metrics: dict) -> dict:
+    return {**metrics, "history": [{k: v for k, v in entry.items() if k != "epoch_seconds"}
+                                   for entry in metrics["history"]]}
+
+
+# ----------------------------------------------------------------------------------------------- metrics
+@pytest.mark.parametrize("num_classes,count,seed", [(10, 257, 0), (4, 31, 1), (7, 5, 2)],
+                         ids=["C10-N257", "C4-N31", "C7-N5"])
+def test_metrics_match_scikit_learn(num_classes, count, seed):
+    rng = np.random.default_rng(seed)
+    # The last class never occurs as a true label: its per-class accuracy is undefined.
+    y_true = rng.integers(0, num_classes - 1, count)
+    y_pred = np.where(rng.random(count) < 0.6, y_true, rng.integers(0, num_classes, count))
+    labels = list(range(num_classes))
+    confusion = confusion_matrix(y_true, y_pred, num_classes)
+    np.testing.assert_array_equal(confusion, sklearn_confusion_matrix(y_true, y_pred, labels=labels))
+    assert accuracy(y_true, y_pred) == pytest.approx(accuracy_score(y_true, y_pred), abs=1e-15)
+    np.testing.assert_allclose(per_class_accuracy(confusion),
+                               recall_score(y_true, y_pred, labels=labels, average=None, zero_division=np.nan),
+                               rtol=1e-15)
+
+
+@pytest.mark.parametrize("count,world_size", [(10, 3), (2, 3), (61, 2), (7, 1)])
+def test_evaluation_shards_cover_every_example_once(count, world_size):
+    covered = np.concatenate([np.arange(count)[shard_bounds(count, Distributed(rank, world_size))]
+                              for rank in range(world_size)])
+    np.testing.assert_array_equal(covered, np.arange(count))
+
+
+def test_evaluate_returns_every_logit_in_split_order():
+    torch.manual_seed(0)
+    model = build_model("blstm", hidden_size=5, num_layers=1, num_classes=10)
+    audio = np.random.default_rng(0).integers(-2**15, 2**15, (11, nsynth.CLIP_SAMPLES), dtype=np.int16)
+    labels = np.arange(11) % 10
+    evaluation = evaluate(model, audio, labels, batch_size=4, device=torch.device("cpu"))
+    with torch.no_grad():
+        logits = model(nsynth.waveform_to_frames(audio))
+    np.testing.assert_allclose(evaluation.logits, logits.numpy(), rtol=2e-5, atol=2e-5)
+    assert evaluation.loss == pytest.approx(torch.nn.functional.cross_entropy(logits, torch.from_numpy(labels)).item(),
+                                            rel=1e-5)
+    assert evaluation.accuracy == accuracy_score(labels, logits.argmax(1).numpy())
+
+
+# ----------------------------------------------------------------------------------------------- checkpoints
+def test_rng_state_round_trips_through_a_checkpoint(tmp_path):
+    torch.manual_seed(3), np.random.seed(4), random.seed(5)
+    save_checkpoint(tmp_path / "rng.pt", {"rng": capture_rng_state()})
+    expected = (torch.rand(3), np.random.rand(3), [random.random() for _ in range(3)])
+    restore_rng_state(load_checkpoint(tmp_path / "rng.pt")["rng"])  # weights_only=True load
+    torch.testing.assert_close(torch.rand(3), expected[0], rtol=0, atol=0)
+    np.testing.assert_array_equal(np.random.rand(3), expected[1])
+    assert [random.random() for _ in range(3)] == expected[2]
+
+
+def test_failed_checkpoint_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint(path, {"epoch": 1})
+
+    def torn_save(obj, handle):
+        handle.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", torn_save)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(path, {"epoch": 2})
+    monkeypatch.undo()
+    assert load_checkpoint(path) == {"epoch": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]
+
+
+# ----------------------------------------------------------------------------------------------- end to end
+def test_training_learns_well_above_chance(reference_run):
+    _, metrics, _ = reference_run
+    history = metrics["history"]
+    assert metrics["test_accuracy"] >= 0.25, metrics  # chance is 0.10
+    assert history[-1]["train_loss"] < 0.8 * history[0]["train_loss"]
+    assert history[-1]["train_accuracy"] >= 0.35
+
+
+def test_metrics_json_has_exactly_the_documented_content(reference_run, dataset):
+    out, metrics, _ = reference_run
+    assert json.loads((out / "metrics.json").read_text()) == metrics
+    assert set(metrics) == METRICS_KEYS
+    assert metrics["model"] == "lstm" and metrics["classes"] == list(nsynth.CLASSES)
+    assert (metrics["n_train"], metrics["n_valid"], metrics["n_test"]) == (600, 60, 60)
+    assert [entry["epoch"] for entry in metrics["history"]] == list(range(1, EPOCHS + 1))
+    assert all(set(entry) == HISTORY_KEYS for entry in metrics["history"])
+    assert list(metrics["per_class_accuracy"]) == list(nsynth.CLASSES)
+
+
+def test_metrics_json_matches_scikit_learn_on_the_checkpoint(reference_run, dataset):
+    out, metrics, _ = reference_run
+    checkpoint = load_checkpoint(out / "checkpoint.pt")
+    model = build_model(**checkpoint["config"]["model_config"])
+    model.load_state_dict(checkpoint["model"])
+    test = nsynth.load_split(dataset[1], "test")
+    with torch.no_grad():
+        predictions = model.eval()(nsynth.waveform_to_frames(np.asarray(test.audio))).argmax(1).numpy()
+    labels = list(range(len(nsynth.CLASSES)))
+    confusion = sklearn_confusion_matrix(test.labels, predictions, labels=labels)
+    assert metrics["confusion_matrix"] == confusion.tolist()
+    assert metrics["test_accuracy"] == pytest.approx(accuracy_score(test.labels, predictions), abs=1e-12)
+    recalls = recall_score(test.labels, predictions, labels=labels, average=None, zero_division=np.nan)
+    assert list(metrics["per_class_accuracy"].values()) == pytest.approx(recalls.tolist(), abs=1e-12)
+
+
+def test_figures_and_report_are_written(reference_run):
+    out, metrics, _ = reference_run
+    report = (out / "report.md").read_text()
+    for name, _ in FIGURES.values():
+        image = matplotlib.image.imread(out / name)
+        assert image.ndim == 3 and min(image.shape[:2]) > 200, name
+        assert image[..., :3].std() > 0.01, f"{name} is blank"
+        assert f"]({name})" in report
+    assert f"{100 * metrics['test_accuracy']:.2f}%" in report
+
+
+def test_resume_after_kill_reproduces_the_uninterrupted_run(reference_run, dataset, tmp_path):
+    out = tmp_path / "killed"
+    checkpoint = out / train_nsynth.CHECKPOINT
+    process = subprocess.Popen([sys.executable, str(EXAMPLES / "train_nsynth.py"), *run_args(dataset, out)],
+                               env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    try:
+        while not checkpoint.exists() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+    finally:
+        process.kill()
+        _, stderr = process.communicate()
+    assert process.returncode == -signal.SIGKILL, f"training was not killed mid-run:\n{stderr[-4000:]}"
+    assert checkpoint.exists(), "no checkpoint within 240 s"
+    killed_after = load_checkpoint(checkpoint)["epoch"]
+    assert 1 <= killed_after < EPOCHS
+
+    with pytest.raises(SystemExit, match="--resume"):
+        train_nsynth.main(run_args(dataset, out))
+    resumed = train_nsynth.main(run_args(dataset, out) + ["--resume"])
+    assert without_timings(resumed) == without_timings(reference_run[1])
+
+
+@pytest.mark.parametrize("model,size_flags", [("blstm", ["--hidden", "8"]), ("cnn", ["--cnn-width", "4"])])
+def test_other_models_train_end_to_end(model, size_flags, dataset, tmp_path):
+    out = tmp_path / model
+    metrics = train_nsynth.main(run_args(dataset, out, epochs=1) + ["--model", model, *size_flags])
+    assert metrics["model"] == model and len(metrics["history"]) == 1
+    assert metrics["backend"] == ("none" if model == "cnn" else auto_backend(torch.device("cpu")))
+    assert load_checkpoint(out / train_nsynth.CHECKPOINT)["config"]["model_config"]["name"] == model
+
+
+def test_resume_refuses_a_checkpoint_trained_with_other_settings(reference_run, dataset):
+    out, _, _ = reference_run
+    with pytest.raises(SystemExit, match="hidden_size"):
+        train_nsynth.main(run_args(dataset, out) + ["--hidden", "16", "--resume"])
+
+
+def test_torchrun_two_cpu_processes_follow_the_single_process_run(reference_run, dataset, tmp_path):
+    """Two gloo ranks with half the batch each must see exactly the single-process global batches and average
+    their gradients: the first step's loss (same weights, same 32 examples) and the next steps' (after averaged
+    Adam updates) match the one-process run. Later, Adam amplifies the different order of floating-point sums
+    chaotically, so epochs are not compared."""
+    out = tmp_path / "ddp"
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(EXAMPLES / "train_nsynth.py"), *run_args(dataset, out, epochs=1)],
+                            env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.stdout.count("test accuracy") == 1  # only rank 0 reports
+    assert "2 process(es)" in result.stdout
+    reference_out, single, console = reference_run
+    expected_losses, losses = first_epoch_step_losses(console), first_epoch_step_losses(result.stdout)
+    assert list(losses) == list(expected_losses) == list(range(1, len(losses) + 1))
+    for step in (1, 2, 3):
+        assert losses[step] == pytest.approx(expected_losses[step], abs=2e-4), step  # printed with 4 decimals
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics) == METRICS_KEYS and len(metrics["history"]) == 1
+    assert {k: metrics[k] for k in ("n_train", "n_valid", "n_test", "classes")} == \
+        {k: single[k] for k in ("n_train", "n_valid", "n_test", "classes")}
+    assert np.sum(metrics["confusion_matrix"]) == single["n_test"]
+    checkpoint = load_checkpoint(out / train_nsynth.CHECKPOINT)
+    assert checkpoint["world_size"] == 2 and len(checkpoint["rng"]) == 2
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in reference_out.iterdir())
+
+
+def test_predict_script_gives_the_models_probabilities(reference_run, dataset, tmp_path, capsys):
+    out, _, _ = reference_run
+    root, cache = dataset
+    test = nsynth.load_split(cache, "test")
+    rows = [0, 13, 42]
+    wavs = [root / "nsynth-test" / "audio" / f"{test.note_strs[row]}.wav" for row in rows]
+    short = tmp_path / "short.wav"
+    nsynth.write_wav(short, np.asarray(test.audio[5, :9000]), nsynth.SAMPLE_RATE)
+
+    results = predict.main(["--checkpoint", str(out / "checkpoint.pt"), "--json", *map(str, wavs), str(short)])
+    printed = json.loads(capsys.readouterr().out)
+
+    checkpoint = load_checkpoint(out / "checkpoint.pt")
+    model = build_model(**checkpoint["config"]["model_config"])
+    model.load_state_dict(checkpoint["model"])
+    padded = np.zeros(nsynth.CLIP_SAMPLES, np.int16)
+    padded[:9000] = test.audio[5, :9000]
+    clips = np.concatenate([np.asarray(test.audio[rows]), padded[None]])
+    with torch.no_grad():
+        expected = torch.softmax(model.eval()(nsynth.waveform_to_frames(clips)), dim=1).numpy()
+    for path, probabilities in zip([*wavs, short], expected):
+        entry = printed[str(path)]
+        assert list(entry["probabilities"]) == list(nsynth.CLASSES)
+        np.testing.assert_allclose(list(entry["probabilities"].values()), probabilities, rtol=1e-5, atol=1e-6)
+        assert entry["prediction"] == nsynth.CLASSES[int(probabilities.argmax())]
+        assert results[str(path)] == entry["probabilities"]
+
+
+def test_predict_script_table_and_rejected_sample_rate(reference_run, dataset, tmp_path, capsys):
+    out, _, _ = reference_run
+    wav = tmp_path / "note.wav"
+    nsynth.write_wav(wav, np.zeros(nsynth.CLIP_SAMPLES, np.int16), nsynth.SAMPLE_RATE)
+    predict.main(["--checkpoint", str(out / "checkpoint.pt"), str(wav)])
+    header, row = capsys.readouterr().out.splitlines()
+    assert header.split() == ["file", "prediction", *nsynth.CLASSES]
+    assert row.split()[0] == str(wav) and len(row.split()) == 2 + len(nsynth.CLASSES)
+
+    wrong_rate = tmp_path / "44k.wav"
+    nsynth.write_wav(wrong_rate, np.zeros(44100, np.int16), 44100)
+    with pytest.raises(nsynth.WavError, match="44100 Hz"):
+        predict.main(["--checkpoint", str(out / "checkpoint.pt"), str(wrong_rate)])
