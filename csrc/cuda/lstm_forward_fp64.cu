@@ -1,0 +1,4 @@
+// The forward recurrence for fp64 (see lstm_recurrence.cuh).
+#include "lstm_recurrence.cuh"
+
+RNN_FAST_RECURRENCE_ENTRY(lstm_forward_fp64, rnn_fast::cuda::Precision::kFloat64, true)
