@@ -2,13 +2,14 @@
 was measured in, and the results JSON (``benchmarks/results/<device>-<kind>-<date>.json``)."""
 import datetime
 import json
+import os
 import platform
 import re
 import shlex
 import statistics
 import sys
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Optional
 
 import torch
 
@@ -34,7 +35,10 @@ def synchronized(fn: Callable, device: torch.device) -> Callable:
 def summary(seconds: Iterable[float]) -> dict:
     """Median, p20 and p80 in milliseconds, and the number of rounds."""
     milliseconds = [1000 * value for value in seconds]
-    p20, _, _, p80 = statistics.quantiles(milliseconds, n=5, method="inclusive")
+    if len(milliseconds) == 1:
+        p20 = p80 = milliseconds[0]
+    else:
+        p20, _, _, p80 = statistics.quantiles(milliseconds, n=5, method="inclusive")
     return {"median_ms": statistics.median(milliseconds), "p20_ms": p20, "p80_ms": p80,
             "rounds": len(milliseconds)}
 
@@ -42,6 +46,17 @@ def summary(seconds: Iterable[float]) -> dict:
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
+    return f"{_cpu_model()} x{os.cpu_count()}"
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
     return platform.processor() or platform.machine()
 
 
@@ -63,11 +78,13 @@ def environment(device: torch.device) -> dict:
     }
 
 
-def write_results(kind: str, device: torch.device, payload: dict) -> Path:
-    """Writes ``environment(device)`` plus ``payload`` to ``results/<device>-<kind>-<date>.json``."""
+def write_results(kind: str, device: torch.device, payload: dict, path: Optional[Path] = None) -> Path:
+    """Writes ``environment(device)`` plus ``payload`` to ``path``, by default
+    ``results/<device>-<kind>-<date>.json``."""
     record = {**environment(device), **payload}
-    slug = re.sub(r"[^a-z0-9]+", "-", record["device"].lower()).strip("-")
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    path = RESULTS_DIR / f"{slug}-{kind}-{record['date']}.json"
+    if path is None:
+        slug = re.sub(r"[^a-z0-9]+", "-", record["device"].lower()).strip("-")
+        path = RESULTS_DIR / f"{slug}-{kind}-{record['date']}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=2) + "\n")
     return path

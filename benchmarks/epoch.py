@@ -19,7 +19,6 @@ what one backend's epoch needs above what was resident before it (the dataset, e
     python benchmarks/epoch.py --device cuda --models lstm blstm cnn --backends torch triton cuda
 """
 import argparse
-import json
 import math
 import os
 import re
@@ -33,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import environment, summary, synchronize, write_results  # noqa: E402
+from _timing import summary, synchronize, write_results  # noqa: E402
 
 from rnn_fast.models import MODEL_NAMES, build_model  # noqa: E402
 from rnn_fast.ops.lstm import BACKENDS, load_backend, unavailable_reason  # noqa: E402
@@ -296,12 +295,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     payload = {"baseline": BASELINE[args.device.type], "config": config,
                "load_average": {"before": load_before, "after": os.getloadavg()},
                "epoch": records, "skipped": skipped}
-    if args.out is None:
-        out = write_results("epoch", args.device, payload)
-    else:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({**environment(args.device), **payload}, indent=2) + "\n")
-        out = args.out
+    out = write_results("epoch", args.device, payload, args.out)
     print(f"wrote {out}")
     return 1 if failures or not records else 0
 
