@@ -32,6 +32,16 @@ def _autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
     return None
 
 
+def _project_parts(parts: torch.Tensor, w_ih: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """``xw [D, T, B, 4H]`` for ``parts [P, T, B, K]``: the parts side by side ``[T*B, P*K]``, times each
+    direction's ``w_ih [4H, P*K]``, in one batched GEMM."""
+    num_parts, seq_len, batch, width = parts.shape
+    flat = parts.permute(1, 2, 0, 3).reshape(1, seq_len * batch, num_parts * width).expand(w_ih.shape[0], -1, -1)
+    xw = (torch.bmm(flat, w_ih.transpose(1, 2)) if bias is None
+          else torch.baddbmm(bias.unsqueeze(1), flat, w_ih.transpose(1, 2)))
+    return xw.view(w_ih.shape[0], seq_len, batch, -1)
+
+
 class LSTM(nn.RNNBase):
     """Drop-in ``torch.nn.LSTM``. ``backend`` is one of ``rnn_fast.BACKENDS``:
 
@@ -159,7 +169,7 @@ class LSTM(nn.RNNBase):
                                    f"got {state.dtype}")
 
     def _layer_weights(self, layer: int):
-        """``w_ih [D, 4H, In]``, ``w_hh [D, 4H, H]`` and the summed biases ``[D, 1, 4H]`` (or None)."""
+        """``w_ih [D, 4H, In]``, ``w_hh [D, 4H, H]`` and the summed biases ``[D, 4H]`` (or None)."""
         suffixes = ("", "_reverse") if self.bidirectional else ("",)
         w_ih = torch.stack([getattr(self, f"weight_ih_l{layer}{s}") for s in suffixes])
         w_hh = torch.stack([getattr(self, f"weight_hh_l{layer}{s}") for s in suffixes])
@@ -167,29 +177,31 @@ class LSTM(nn.RNNBase):
             return w_ih, w_hh, None
         bias = torch.stack([getattr(self, f"bias_ih_l{layer}{s}") + getattr(self, f"bias_hh_l{layer}{s}")
                             for s in suffixes])
-        return w_ih, w_hh, bias.unsqueeze(1)
+        return w_ih, w_hh, bias
 
     def _run_layers(self, backend, x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor,
                     lengths: Optional[torch.Tensor]):
         """Time-major ``x [T, B, I]`` through all layers -> ``(output [T, B, D*H], h_n, c_n)``."""
         num_directions = 2 if self.bidirectional else 1
         seq_len, batch = x.shape[:2]
-        layer_input = x
+        # A layer's input travels as parts [P, T, B, K]: x itself, then the previous layer's y [D, T, B, H] as is.
+        # A backend may project the parts itself (the cpu backend does, in place and into cached memory).
+        project = getattr(backend, "input_projection", _project_parts)
+        parts = x.unsqueeze(0)
         h_n, c_n = [], []
         for layer in range(self.num_layers):
             w_ih, w_hh, bias = self._layer_weights(layer)
-            # One batched GEMM projects every step of both directions at once.
-            flat = layer_input.reshape(1, seq_len * batch, -1).expand(num_directions, -1, -1)
-            xw = (torch.bmm(flat, w_ih.transpose(1, 2)) if bias is None
-                  else torch.baddbmm(bias, flat, w_ih.transpose(1, 2)))
-            xw = xw.view(num_directions, seq_len, batch, 4 * self.hidden_size)
+            xw = project(parts, w_ih, bias)
             states = slice(layer * num_directions, (layer + 1) * num_directions)
             y, layer_h_n, layer_c_n, _, _ = backend.lstm_recurrence(
                 xw, w_hh.to(xw.dtype), h0[states].to(xw.dtype).contiguous(), c0[states].to(xw.dtype).contiguous(),
                 lengths)
-            layer_input = y[0] if num_directions == 1 else y.permute(1, 2, 0, 3).reshape(seq_len, batch, -1)
             if self.dropout > 0 and self.training and layer < self.num_layers - 1:
-                layer_input = F.dropout(layer_input, self.dropout, training=True)
+                y = F.dropout(y, self.dropout, training=True)
+            parts = y
             h_n.append(layer_h_n)
             c_n.append(layer_c_n)
-        return layer_input, torch.cat(h_n), torch.cat(c_n)
+        # One direction is a reshape of y (no copy, nor a zero-filled gradient as y[0] would have).
+        output = (y.reshape(seq_len, batch, -1) if num_directions == 1
+                  else y.permute(1, 2, 0, 3).reshape(seq_len, batch, -1))
+        return output, torch.cat(h_n), torch.cat(c_n)

@@ -1,0 +1,116 @@
+"""Forward + backward of the classifier's LSTM stack on CPU: ``rnn_fast.LSTM(backend="cpu")`` vs ``torch.nn.LSTM``.
+
+    python -m pytest benchmarks/test_lstm_cpu.py --benchmark-only
+
+The stack is 2 layers of hidden size 128 over ``[B, 100, 160]`` batch-first input that does not require grad,
+unidirectional and bidirectional, B in {256, 768}, on 2 threads. A round is one forward and one backward of a
+random weighting of the output. pytest-benchmark times the fused backend; nn.LSTM, with the same weights, runs
+in each round's setup and is timed by hand there, so the two alternate round by round and share whatever load
+the machine has. The medians, p20/p80 and the speedup (nn.LSTM median / fused median) go to
+``benchmarks/results/cpu-<date>.json``.
+"""
+import datetime
+import json
+import os
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import rnn_fast
+from rnn_fast.ops.lstm import unavailable_reason
+
+INPUT_SIZE, HIDDEN, LAYERS, SEQ_LEN = 160, 128, 2, 100
+BATCHES = (256, 768)
+NUM_THREADS = 2
+ROUNDS = int(os.environ.get("RNN_FAST_BENCH_ROUNDS", "10"))
+WARMUP_ROUNDS = 1
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+_records = []
+
+
+def _cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown CPU"
+
+
+def _summary(seconds) -> dict:
+    p20, _, _, p80 = statistics.quantiles(seconds, n=5, method="inclusive")
+    return {"median_s": statistics.median(seconds), "p20_s": p20, "p80_s": p80, "rounds": len(seconds)}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def results_file():
+    """Runs the module on NUM_THREADS threads, then writes every case's figures to one JSON file."""
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(NUM_THREADS)
+    yield
+    torch.set_num_threads(previous_threads)
+    if not _records:
+        return
+    date = datetime.date.today().isoformat()
+    results = {
+        "device": f"{_cpu_model()} ({os.cpu_count()} cores)",
+        "cores": os.cpu_count(),
+        "threads": NUM_THREADS,
+        "torch": torch.__version__,
+        "date": date,
+        "command": shlex.join(["python", "-m", "pytest"] + sys.argv[1:]),
+        "config": {"input_size": INPUT_SIZE, "hidden": HIDDEN, "layers": LAYERS, "seq_len": SEQ_LEN,
+                   "batch_first": True, "input_requires_grad": False, "rounds": ROUNDS,
+                   "warmup_rounds": WARMUP_ROUNDS},
+        "results": _records,
+    }
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    path = RESULTS_DIR / f"cpu-{date}.json"
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"\nwrote {path}")
+
+
+def _forward_backward(module: nn.Module, x: torch.Tensor, weight: torch.Tensor):
+    def step():
+        output, _ = module(x)
+        (output * weight).sum().backward()
+
+    return step
+
+
+@pytest.mark.skipif(unavailable_reason("cpu") is not None, reason=f"cpu backend: {unavailable_reason('cpu')}")
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
+@pytest.mark.parametrize("batch", BATCHES, ids=lambda batch: f"B{batch}")
+def test_forward_backward(benchmark, batch, bidirectional):
+    torch.manual_seed(0)
+    kwargs = dict(num_layers=LAYERS, batch_first=True, bidirectional=bidirectional)
+    reference = nn.LSTM(INPUT_SIZE, HIDDEN, **kwargs)
+    fused = rnn_fast.LSTM(INPUT_SIZE, HIDDEN, backend="cpu", **kwargs)
+    fused.load_state_dict(reference.state_dict())
+    x = torch.randn(batch, SEQ_LEN, INPUT_SIZE)
+    weight = torch.randn(batch, SEQ_LEN, HIDDEN * (2 if bidirectional else 1))
+    reference_step = _forward_backward(reference, x, weight)
+    reference_seconds = []
+
+    def time_reference_round():
+        reference.zero_grad(set_to_none=True)
+        fused.zero_grad(set_to_none=True)
+        start = time.perf_counter()
+        reference_step()
+        reference_seconds.append(time.perf_counter() - start)
+
+    benchmark.group = f"lstm-cpu-B{batch}-{'bi' if bidirectional else 'uni'}"
+    benchmark.pedantic(_forward_backward(fused, x, weight), setup=time_reference_round, rounds=ROUNDS,
+                       warmup_rounds=WARMUP_ROUNDS, iterations=1)
+
+    fused_stats = _summary(benchmark.stats.stats.data)
+    torch_stats = _summary(reference_seconds[WARMUP_ROUNDS:WARMUP_ROUNDS + ROUNDS])
+    speedup = torch_stats["median_s"] / fused_stats["median_s"]
+    benchmark.extra_info.update(torch_median_s=torch_stats["median_s"], speedup_vs_torch=speedup)
+    _records.append({"batch": batch, "bidirectional": bidirectional, "cpu": fused_stats, "torch": torch_stats,
+                     "speedup_vs_torch": speedup})

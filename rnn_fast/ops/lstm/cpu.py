@@ -1,0 +1,79 @@
+"""``backend="cpu"``: the fused C++/OpenMP recurrence of csrc/lstm_cpu.cpp, float32 and float64.
+
+Besides the recurrence, this backend runs each layer's input projection through its own op
+(``rnn_fast::cpu_input_projection``), whose output comes from the same cache of mapped blocks as the
+recurrence's outputs: on CPU, page faults on a fresh ``xw`` cost as much as a recurrence op's gate math.
+``release_cached_memory()`` gives those blocks back.
+
+Importing this module fails with the rebuild command when rnn_fast._C is missing; the registry then reports
+the backend as unavailable with that message.
+"""
+from typing import Optional
+
+import torch
+
+from .extension import forward_op
+
+SUPPORTED_DTYPES = (torch.float32, torch.float64)
+
+projection_op = torch.ops.rnn_fast.cpu_input_projection.default
+projection_backward_op = torch.ops.rnn_fast.cpu_input_projection_backward.default
+
+
+@torch.library.register_fake(projection_op)
+def _projection_fake(parts, w_ih, bias):
+    return parts.new_empty(w_ih.shape[0], *parts.shape[1:3], w_ih.shape[1])
+
+
+@torch.library.register_fake(projection_backward_op)
+def _projection_backward_fake(grad_xw, parts, w_ih, output_mask):
+    wanted = (parts.shape, w_ih.shape, w_ih.shape[:2])
+    return tuple(parts.new_empty(shape) if keep else None for shape, keep in zip(wanted, output_mask))
+
+
+def _projection_setup_context(ctx, inputs, output):
+    parts, w_ih, bias = inputs
+    ctx.save_for_backward(parts, w_ih)
+    ctx.has_bias = bias is not None
+
+
+def _projection_backward(ctx, grad_xw):
+    parts, w_ih = ctx.saved_tensors
+    output_mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
+    return projection_backward_op(grad_xw.contiguous(), parts, w_ih, output_mask)
+
+
+torch.library.register_autograd(projection_op, _projection_backward, setup_context=_projection_setup_context)
+
+
+def unavailable_reason() -> Optional[str]:
+    return None
+
+
+def unsupported_reason(device: torch.device, dtype: torch.dtype, hidden_size: int) -> Optional[str]:
+    if device.type != "cpu":
+        return f"it runs on CPU tensors only, got device {device}"
+    if dtype not in SUPPORTED_DTYPES:
+        return f"it supports float32 and float64, got {dtype}"
+    return None
+
+
+def input_projection(parts: torch.Tensor, w_ih: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """``xw [D, T, B, 4H]``, ``xw[d] = bias[d] + sum_p parts[p] @ w_ih[d][:, p*K:(p+1)*K]^T`` for ``parts [P, T, B, K]``
+    (any strides whose last dimension is dense), ``w_ih [D, 4H, P*K]`` and ``bias [D, 4H]`` or None."""
+    if parts.stride(-1) != 1 or parts.stride(-2) < parts.shape[-1]:
+        parts = parts.contiguous()
+    return projection_op(parts, w_ih, bias)
+
+
+def lstm_recurrence(xw, w_hh, h0, c0, lengths):
+    return forward_op(xw, w_hh, h0, c0, lengths)
+
+
+def release_cached_memory() -> int:
+    """Gives the unused output blocks this backend keeps for reuse back to the system; returns their bytes.
+
+    Large outputs of the cpu ops come from a cache of mapped blocks (at most 2 GiB of them unused at a time), so
+    that training does not pay page faults on every iteration. Call this after training to return that memory.
+    """
+    return torch.ops.rnn_fast.cpu_release_cached_blocks()

@@ -1,0 +1,22 @@
+"""The compiled recurrence ops ``torch.ops.rnn_fast.lstm_recurrence_forward/backward`` (csrc/).
+
+One op pair serves every device: csrc/lstm_cpu.cpp registers its CPU kernels, csrc/cuda/ its CUDA kernels.
+This module gives the pair its fake-tensor and autograd rules, once, for all devices.
+"""
+import torch
+
+from .common import register_recurrence_autograd, register_recurrence_fake
+
+REBUILD_COMMAND = "pip install --no-build-isolation -e ."
+
+try:
+    # Importing the extension runs its TORCH_LIBRARY registrations.
+    from ... import _C  # noqa: F401
+except ImportError as error:
+    raise ImportError(f"rnn_fast's compiled extension rnn_fast._C cannot be imported ({error}); "
+                      f"rebuild it from the repository root with: {REBUILD_COMMAND}") from error
+
+forward_op = torch.ops.rnn_fast.lstm_recurrence_forward.default
+backward_op = torch.ops.rnn_fast.lstm_recurrence_backward.default
+register_recurrence_fake(forward_op, backward_op)
+register_recurrence_autograd(forward_op, backward_op)
