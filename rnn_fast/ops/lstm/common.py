@@ -32,11 +32,30 @@ def previous_steps(seq: torch.Tensor, init: torch.Tensor, lengths: Optional[torc
 
 def recurrent_weight_grad(grad_xw: torch.Tensor, y: torch.Tensor, h0: torch.Tensor,
                           lengths: Optional[torch.Tensor]) -> torch.Tensor:
-    """``grad_w_hh[d] = sum_t grad_xw[d, t]^T @ h_prev[d, t]``: one batched GEMM over all steps."""
-    num_directions, seq_len, batch, gate_size = grad_xw.shape
-    h_prev = previous_steps(y, h0, lengths).to(grad_xw.dtype)
-    return torch.bmm(grad_xw.reshape(num_directions, seq_len * batch, gate_size).transpose(1, 2),
-                     h_prev.reshape(num_directions, seq_len * batch, -1))
+    """``grad_w_hh[d] = sum_t grad_xw[d, t]^T @ h_prev[d, t]``: one large GEMM per direction over all steps.
+
+    ``h_prev`` is read as slices of ``y`` rather than built (a copy of ``y`` per backward); the one step per row
+    that starts from ``h0`` is added separately. Padded steps have zero ``grad_xw`` and zero ``y``, so they add
+    nothing.
+    """
+    num_directions, seq_len, batch, _ = grad_xw.shape
+    h0 = h0.to(grad_xw.dtype)
+    y = y.to(grad_xw.dtype)
+
+    def steps(tensor, start, stop):
+        return tensor[start:stop].reshape(-1, tensor.shape[-1])
+
+    forward = grad_xw[0, 0].t() @ h0[0]
+    if seq_len > 1:
+        forward = forward.addmm_(steps(grad_xw[0], 1, None).t(), steps(y[0], None, -1))
+    if num_directions == 1:
+        return forward.unsqueeze(0)
+    row_last = (torch.full((batch,), seq_len - 1, device=grad_xw.device) if lengths is None
+                else lengths.to(grad_xw.device) - 1)
+    reverse = grad_xw[1, row_last, torch.arange(batch, device=grad_xw.device)].t() @ h0[1]
+    if seq_len > 1:
+        reverse = reverse.addmm_(steps(grad_xw[1], None, -1).t(), steps(y[1], 1, None))
+    return torch.stack([forward, reverse])
 
 
 def register_recurrence_fake(forward_op, backward_op) -> None:
@@ -70,6 +89,8 @@ def register_recurrence_autograd(forward_op, backward_op) -> None:
         y, _h_n, _c_n, gates, cell = output
         ctx.save_for_backward(w_hh, h0, c0, y, gates, cell, lengths)
         ctx.extra = tuple(extra)
+        # Unused outputs (always gates and cell) would otherwise get zero-filled gradients allocated for them.
+        ctx.set_materialize_grads(False)
 
     def backward(ctx, grad_y, grad_h_n, grad_c_n, _grad_gates, _grad_cell):
         w_hh, h0, c0, y, gates, cell, lengths = ctx.saved_tensors
