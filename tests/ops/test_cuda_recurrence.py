@@ -5,35 +5,18 @@ kernels on a CPU emulation; this file checks what only the GPU shows: tensor-cor
 the launcher. The shapes reach both cluster sizes, both batch tiles (B=3000 makes the planner take 32 rows), odd and
 padded hidden sizes, and lengths in both directions.
 """
-from typing import NamedTuple
 
 import pytest
 import torch
 from torch import nn
-from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 import rnn_fast
 from rnn_fast.ops.lstm import naive, unavailable_reason
+from recurrence_cases import (BACKWARD_NAMES, DEVICE, DTYPES, FORWARD_NAMES, TF32_TOLERANCE, Shape, assert_all_close,
+                              contract_inputs, layer_inputs, output_grads, to_dtype)
 from rnn_fast.testing import TOLERANCES, assert_lstm_matches, run_lstm
 
 pytestmark = pytest.mark.skipif(unavailable_reason("cuda") is not None, reason=str(unavailable_reason("cuda")))
-
-DEVICE = torch.device("cuda")
-TF32_TOLERANCE = 1e-3
-FORWARD_NAMES = ("y", "h_n", "c_n", "gates", "cell")
-BACKWARD_NAMES = ("grad_xw", "grad_h0", "grad_c0")
-
-
-class Shape(NamedTuple):
-    directions: int
-    seq_len: int
-    batch: int
-    hidden: int
-    with_lengths: bool
-
-    def __str__(self):
-        return (f"B{self.batch}-T{self.seq_len}-H{self.hidden}-{'bi' if self.directions == 2 else 'uni'}"
-                f"{'-lengths' if self.with_lengths else ''}")
 
 
 SHAPES = [pytest.param(shape, id=str(shape)) for shape in (
@@ -43,46 +26,6 @@ SHAPES = [pytest.param(shape, id=str(shape)) for shape in (
     Shape(2, 9, 45, 72, False),      # 96 padded units, cluster of 2
     Shape(1, 4, 3000, 128, True),    # enough tiles for 32-row tiles
 )]
-DTYPES = [pytest.param(dtype, tol, tol, id=str(dtype).split(".")[1]) for dtype, tol in TOLERANCES.items()]
-
-
-@pytest.fixture(autouse=True)
-def ieee_float32():
-    """float32 in IEEE precision unless a test asks for TF32; restored afterwards."""
-    with torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, allow_tf32=False):
-        yield
-
-
-def _random(generator, dtype, *size, scale=1.0):
-    return (scale * torch.randn(*size, generator=generator, dtype=torch.float64)).to(DEVICE, dtype)
-
-
-def _lengths(shape: Shape, generator):
-    """Unsorted row lengths in [1, T], one of them T; None for a shape without lengths."""
-    if not shape.with_lengths:
-        return None
-    lengths = torch.randint(1, shape.seq_len + 1, (shape.batch,), generator=generator)
-    lengths[shape.batch // 2] = shape.seq_len
-    return lengths.to(DEVICE)
-
-
-def _contract_inputs(shape: Shape, dtype: torch.dtype, seed: int):
-    """Random ``(xw, w_hh, h0, c0, lengths)`` of the contract."""
-    generator = torch.Generator().manual_seed(seed)
-    d, t, b, h = shape.directions, shape.seq_len, shape.batch, shape.hidden
-    return (_random(generator, dtype, d, t, b, 4 * h), _random(generator, dtype, d, 4 * h, h, scale=h ** -0.5),
-            _random(generator, dtype, d, b, h), _random(generator, dtype, d, b, h), _lengths(shape, generator))
-
-
-def _output_grads(shape: Shape, dtype: torch.dtype, seed: int):
-    generator = torch.Generator().manual_seed(seed)
-    d, t, b, h = shape.directions, shape.seq_len, shape.batch, shape.hidden
-    return _random(generator, dtype, d, t, b, h), _random(generator, dtype, d, b, h), _random(generator, dtype, d, b, h)
-
-
-def _assert_all_close(actual, expected, names, atol, rtol):
-    for name, got, want in zip(names, actual, expected):
-        torch.testing.assert_close(got, want, atol=atol, rtol=rtol, msg=lambda m: f"{name}: {m}")
 
 
 def _forward(*args):
@@ -97,12 +40,12 @@ def _backward(*args):
 @pytest.mark.parametrize("shape", SHAPES)
 def test_ops_match_naive(shape, dtype, atol, rtol):
     """Every output of both ops, saved gates and cells included, in float64 and IEEE float32."""
-    xw, w_hh, h0, c0, lengths = _contract_inputs(shape, dtype, seed=shape.hidden)
+    xw, w_hh, h0, c0, lengths = contract_inputs(shape, dtype, seed=shape.hidden)
     forward = _forward(xw, w_hh, h0, c0, lengths)
-    _assert_all_close(forward, naive.lstm_recurrence_forward(xw, w_hh, h0, c0, lengths), FORWARD_NAMES, atol, rtol)
-    grads = _output_grads(shape, dtype, seed=shape.batch)
+    assert_all_close(forward, naive.lstm_recurrence_forward(xw, w_hh, h0, c0, lengths), FORWARD_NAMES, atol, rtol)
+    grads = output_grads(shape, dtype, seed=shape.batch)
     gates, cell = forward[3:]
-    _assert_all_close(_backward(*grads, w_hh, c0, gates, cell, lengths),
+    assert_all_close(_backward(*grads, w_hh, c0, gates, cell, lengths),
                       naive.lstm_recurrence_backward(*grads, w_hh, c0, gates, cell, lengths),
                       BACKWARD_NAMES, atol, rtol)
 
@@ -110,23 +53,23 @@ def test_ops_match_naive(shape, dtype, atol, rtol):
 @pytest.mark.parametrize("shape", SHAPES)
 def test_tf32_close_to_float64(shape):
     """float32 with cuDNN's TF32 allowed: scaled-fp16 forward, TF32 backward, both within TF32's tolerance."""
-    xw, w_hh, h0, c0, lengths = _contract_inputs(shape, torch.float64, seed=11)
+    xw, w_hh, h0, c0, lengths = contract_inputs(shape, torch.float64, seed=11)
     expected = naive.lstm_recurrence_forward(xw, w_hh, h0, c0, lengths)
-    grads = _output_grads(shape, torch.float64, seed=12)
+    grads = output_grads(shape, torch.float64, seed=12)
     gates, cell = expected[3:]
     expected_grads = naive.lstm_recurrence_backward(*grads, w_hh, c0, gates, cell, lengths)
     with torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, allow_tf32=True):
         forward = _forward(*(t.float() for t in (xw, w_hh, h0, c0)), lengths)
         backward = _backward(*(t.float() for t in (*grads, w_hh, c0, gates, cell)), lengths)
-    _assert_all_close([t.double() for t in forward], expected, FORWARD_NAMES, TF32_TOLERANCE, TF32_TOLERANCE)
-    _assert_all_close([t.double() for t in backward], expected_grads, BACKWARD_NAMES, TF32_TOLERANCE, TF32_TOLERANCE)
+    assert_all_close([t.double() for t in forward], expected, FORWARD_NAMES, TF32_TOLERANCE, TF32_TOLERANCE)
+    assert_all_close([t.double() for t in backward], expected_grads, BACKWARD_NAMES, TF32_TOLERANCE, TF32_TOLERANCE)
 
 
 def test_float32_follows_cudnn_rnn_setting():
     """With TF32 still on for convolutions but off for RNNs (the newer per-operator API), the op runs IEEE float32:
     close to float64 at float32's tolerance, which TF32 would miss."""
     shape = Shape(2, 20, 64, 128, True)
-    xw, w_hh, h0, c0, lengths = _contract_inputs(shape, torch.float64, seed=21)
+    xw, w_hh, h0, c0, lengths = contract_inputs(shape, torch.float64, seed=21)
     expected = naive.lstm_recurrence_forward(xw, w_hh, h0, c0, lengths)
     previous = torch.backends.cudnn.rnn.fp32_precision, torch.backends.cudnn.conv.fp32_precision
     try:
@@ -135,25 +78,7 @@ def test_float32_follows_cudnn_rnn_setting():
     finally:
         torch.backends.cudnn.rnn.fp32_precision, torch.backends.cudnn.conv.fp32_precision = previous
     tolerance = TOLERANCES[torch.float32]
-    _assert_all_close([t.double() for t in forward], expected, FORWARD_NAMES, tolerance, tolerance)
-
-
-def _layer_inputs(shape: Shape, dtype: torch.dtype, seed: int, input_size: int = 3):
-    """``(input, (h0, c0))`` for one layer; packed when the shape has lengths."""
-    generator = torch.Generator().manual_seed(seed)
-    d, t, b, h = shape.directions, shape.seq_len, shape.batch, shape.hidden
-    input = _random(generator, dtype, t, b, input_size)
-    state = (_random(generator, dtype, d, b, h), _random(generator, dtype, d, b, h))
-    lengths = _lengths(shape, generator)
-    if lengths is not None:
-        input = pack_padded_sequence(input, lengths.cpu(), enforce_sorted=False)
-    return input, state
-
-
-def _to(input, dtype):
-    if isinstance(input, PackedSequence):
-        return PackedSequence(input.data.to(dtype), input.batch_sizes, input.sorted_indices, input.unsorted_indices)
-    return input.to(dtype)
+    assert_all_close([t.double() for t in forward], expected, FORWARD_NAMES, tolerance, tolerance)
 
 
 @pytest.mark.parametrize("dtype, atol, rtol", DTYPES)
@@ -163,7 +88,7 @@ def test_layer_matches_nn_lstm(shape, dtype, atol, rtol):
     kwargs = dict(bidirectional=shape.directions == 2, device=DEVICE, dtype=dtype)
     reference = nn.LSTM(3, shape.hidden, **kwargs)
     candidate = rnn_fast.LSTM(3, shape.hidden, backend="cuda", **kwargs)
-    input, state = _layer_inputs(shape, dtype, seed=7)
+    input, state = layer_inputs(shape, dtype, seed=7)
     assert_lstm_matches(reference, candidate, input, state, atol=atol, rtol=rtol)
 
 
@@ -177,11 +102,11 @@ def test_half_precision_error_within_twice_torch(shape, dtype):
     ours_module = rnn_fast.LSTM(3, shape.hidden, backend="cuda", dtype=dtype, **kwargs)
     for module in (theirs_module, ours_module):
         module.load_state_dict(exact.state_dict())
-    input, state = _layer_inputs(shape, dtype, seed=5)  # drawn in the 16-bit type: all three see the same numbers
+    input, state = layer_inputs(shape, dtype, seed=5)  # drawn in the 16-bit type: all three see the same numbers
 
     def run(module):
         module_dtype = next(module.parameters()).dtype
-        return run_lstm(module, _to(input, module_dtype), tuple(t.to(module_dtype) for t in state), seed=0)
+        return run_lstm(module, to_dtype(input, module_dtype), tuple(t.to(module_dtype) for t in state), seed=0)
 
     reference, theirs, ours = run(exact), run(theirs_module), run(ours_module)
     for name, value in reference.items():
@@ -195,12 +120,12 @@ def test_half_precision_error_within_twice_torch(shape, dtype):
 def test_opcheck(op):
     """Schema, fake tensors, autograd registration and AOT dispatch of the ops with their CUDA kernels."""
     shape = Shape(2, 3, 2, 6, True)
-    xw, w_hh, h0, c0, lengths = _contract_inputs(shape, torch.float64, seed=3)
+    xw, w_hh, h0, c0, lengths = contract_inputs(shape, torch.float64, seed=3)
     if op == "lstm_recurrence_forward":
         args = (xw.requires_grad_(), w_hh.requires_grad_(), h0.requires_grad_(), c0.requires_grad_(), lengths)
     else:
         gates, cell = _forward(xw, w_hh, h0, c0, lengths)[3:]
-        args = (*_output_grads(shape, torch.float64, seed=4), w_hh, c0, gates, cell, lengths)
+        args = (*output_grads(shape, torch.float64, seed=4), w_hh, c0, gates, cell, lengths)
     torch.library.opcheck(getattr(torch.ops.rnn_fast, op), args)
 
 
@@ -215,11 +140,11 @@ def test_unsupported_reason_follows_the_planner():
 
 
 def test_launcher_rejects_bad_inputs():
-    xw, w_hh, h0, c0, lengths = _contract_inputs(Shape(2, 3, 4, 8, True), torch.float32, seed=1)
+    xw, w_hh, h0, c0, lengths = contract_inputs(Shape(2, 3, 4, 8, True), torch.float32, seed=1)
     with pytest.raises(RuntimeError, match="w_hh must have shape"):
         _forward(xw, w_hh[:, :, :4].contiguous(), h0, c0, lengths)
     with pytest.raises(RuntimeError, match="lengths must have dtype"):
         _forward(xw, w_hh, h0, c0, lengths.int())
     with pytest.raises(RuntimeError, match="hidden_size=160"):
-        big = _contract_inputs(Shape(1, 2, 2, 160, False), torch.float32, seed=1)
+        big = contract_inputs(Shape(1, 2, 2, 160, False), torch.float32, seed=1)
         _forward(*big)

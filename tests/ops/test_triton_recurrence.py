@@ -4,108 +4,30 @@ Without CUDA the kernels run in the Triton interpreter (tests/conftest.py sets T
 a time in Python, so the shapes here are small and few. On CUDA the same checks also run at larger shapes, plus
 TF32 and bf16 against PyTorch's own error.
 """
-from typing import NamedTuple
 
 import pytest
 import torch
 from torch import nn
-from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 import rnn_fast
 from rnn_fast.ops.lstm import fused, naive
-from rnn_fast.testing import TOLERANCES, assert_lstm_matches, run_lstm
+from recurrence_cases import (BACKWARD_NAMES, DEVICE, DTYPES, FORWARD_NAMES, TF32_TOLERANCE, Shape, assert_all_close,
+                              contract_inputs, layer_inputs, output_grads, to_dtype)
+from rnn_fast.testing import assert_lstm_matches, run_lstm
 
 pytestmark = pytest.mark.skipif(fused.unavailable_reason() is not None, reason=str(fused.unavailable_reason()))
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ON_CUDA = DEVICE.type == "cuda"
-TF32_TOLERANCE = 1e-3
-
-
-class Shape(NamedTuple):
-    directions: int
-    seq_len: int
-    batch: int
-    hidden: int
-    with_lengths: bool
-
-    def __str__(self):
-        return (f"B{self.batch}-T{self.seq_len}-H{self.hidden}-{'bi' if self.directions == 2 else 'uni'}"
-                f"{'-lengths' if self.with_lengths else ''}")
 
 
 SMALL_SHAPES = [Shape(1, 1, 1, 1, False), Shape(2, 5, 7, 5, True), Shape(1, 5, 7, 33, True), Shape(2, 5, 1, 33, False)]
 # H=128 is the classifier's size; H=256 streams its weights from L2 in every precision.
 CUDA_SHAPES = [Shape(2, 37, 100, 128, True), Shape(1, 23, 300, 256, True), Shape(2, 64, 64, 64, False)]
 SHAPES = [pytest.param(shape, id=str(shape)) for shape in SMALL_SHAPES + (CUDA_SHAPES if ON_CUDA else [])]
-DTYPES = [pytest.param(dtype, tol, tol, id=str(dtype).split(".")[1]) for dtype, tol in TOLERANCES.items()]
 
 # Both places the weights can live: where kernel_plan puts them, and streamed in 16-wide chunks (several per step
 # whenever H > 16), which small shapes would otherwise never reach.
 WEIGHTS = {"planned": lambda plan: plan, "streamed": lambda plan: fused.KernelPlan(plan.block_h, 16, resident=False)}
-
-
-@pytest.fixture(autouse=True)
-def ieee_float32():
-    """fp32 in full precision unless a test asks for TF32; restored afterwards."""
-    with torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, allow_tf32=False):
-        yield
-
-
-def _random(generator: torch.Generator, dtype: torch.dtype, *size, scale: float = 1.0) -> torch.Tensor:
-    return (scale * torch.randn(*size, generator=generator, dtype=torch.float64)).to(DEVICE, dtype)
-
-
-def _lengths(shape: Shape, generator: torch.Generator):
-    """Unsorted row lengths in [1, T], the longest equal to T; None for a shape without lengths."""
-    if not shape.with_lengths:
-        return None
-    lengths = torch.randint(1, shape.seq_len + 1, (shape.batch,), generator=generator)
-    lengths[shape.batch // 2] = shape.seq_len
-    return lengths.to(DEVICE)
-
-
-def _contract_inputs(shape: Shape, dtype: torch.dtype, seed: int):
-    """Random ``(xw, w_hh, h0, c0, lengths)`` of the contract."""
-    generator = torch.Generator().manual_seed(seed)
-    d, t, b, h = shape.directions, shape.seq_len, shape.batch, shape.hidden
-    return (_random(generator, dtype, d, t, b, 4 * h), _random(generator, dtype, d, 4 * h, h, scale=h ** -0.5),
-            _random(generator, dtype, d, b, h), _random(generator, dtype, d, b, h), _lengths(shape, generator))
-
-
-def _layer_inputs(shape: Shape, dtype: torch.dtype, seed: int, input_size: int = 3):
-    """Random ``(input, (h0, c0))`` for one nn.LSTM layer; the input is packed when the shape has lengths."""
-    generator = torch.Generator().manual_seed(seed)
-    d, t, b, h = shape.directions, shape.seq_len, shape.batch, shape.hidden
-    input = _random(generator, dtype, t, b, input_size)
-    state = (_random(generator, dtype, d, b, h), _random(generator, dtype, d, b, h))
-    lengths = _lengths(shape, generator)
-    if lengths is not None:
-        input = pack_padded_sequence(input, lengths.cpu(), enforce_sorted=False)
-    return input, state
-
-
-def _to(input, dtype):
-    """A layer input, packed or not, in another dtype."""
-    if isinstance(input, PackedSequence):
-        return PackedSequence(input.data.to(dtype), input.batch_sizes, input.sorted_indices, input.unsorted_indices)
-    return input.to(dtype)
-
-
-def _output_grads(shape: Shape, dtype: torch.dtype, seed: int):
-    """Random ``(grad_y, grad_h_n, grad_c_n)`` for the backward kernel."""
-    generator = torch.Generator().manual_seed(seed)
-    d, t, b, h = shape.directions, shape.seq_len, shape.batch, shape.hidden
-    return _random(generator, dtype, d, t, b, h), _random(generator, dtype, d, b, h), _random(generator, dtype, d, b, h)
-
-
-def _assert_all_close(actual, expected, names, atol, rtol):
-    for name, got, want in zip(names, actual, expected):
-        torch.testing.assert_close(got, want, atol=atol, rtol=rtol, msg=lambda m: f"{name}: {m}")
-
-
-FORWARD_NAMES = ("y", "h_n", "c_n", "gates", "cell")
-BACKWARD_NAMES = ("grad_xw", "grad_h0", "grad_c0")
 
 
 @pytest.mark.parametrize("weights", list(WEIGHTS))
@@ -113,14 +35,14 @@ BACKWARD_NAMES = ("grad_xw", "grad_h0", "grad_c0")
 @pytest.mark.parametrize("shape", SHAPES)
 def test_kernels_match_naive(shape, dtype, atol, rtol, weights):
     """Every output of the forward and backward kernels, including the saved gates and cells."""
-    xw, w_hh, h0, c0, lengths = _contract_inputs(shape, dtype, seed=shape.hidden)
+    xw, w_hh, h0, c0, lengths = contract_inputs(shape, dtype, seed=shape.hidden)
     plan = WEIGHTS[weights](fused.kernel_plan(shape.hidden, dtype, DEVICE))
     forward = fused.launch_forward(xw, w_hh, h0, c0, lengths, False, plan)
-    _assert_all_close(forward, naive.lstm_recurrence_forward(xw, w_hh, h0, c0, lengths), FORWARD_NAMES, atol, rtol)
+    assert_all_close(forward, naive.lstm_recurrence_forward(xw, w_hh, h0, c0, lengths), FORWARD_NAMES, atol, rtol)
 
-    grads = _output_grads(shape, dtype, seed=shape.batch)
+    grads = output_grads(shape, dtype, seed=shape.batch)
     gates, cell = forward[3:]
-    _assert_all_close(fused.launch_backward(*grads, w_hh, c0, gates, cell, lengths, False, plan),
+    assert_all_close(fused.launch_backward(*grads, w_hh, c0, gates, cell, lengths, False, plan),
                       naive.lstm_recurrence_backward(*grads, w_hh, c0, gates, cell, lengths),
                       BACKWARD_NAMES, atol, rtol)
 
@@ -132,7 +54,7 @@ def test_layer_matches_nn_lstm(shape, dtype, atol, rtol):
     kwargs = dict(bidirectional=shape.directions == 2, device=DEVICE, dtype=dtype)
     reference = nn.LSTM(3, shape.hidden, **kwargs)
     candidate = rnn_fast.LSTM(3, shape.hidden, backend="triton", **kwargs)
-    input, state = _layer_inputs(shape, dtype, seed=7)
+    input, state = layer_inputs(shape, dtype, seed=7)
     assert_lstm_matches(reference, candidate, input, state, atol=atol, rtol=rtol)
 
 
@@ -141,12 +63,12 @@ def test_opcheck(op):
     """Schema, fake tensors and autograd registration. The interpreter cannot run the kernels on the tensor
     subclasses of AOT dispatch, so that check needs CUDA."""
     shape = Shape(2, 3, 2, 3, True)
-    xw, w_hh, h0, c0, lengths = _contract_inputs(shape, torch.float64, seed=3)
+    xw, w_hh, h0, c0, lengths = contract_inputs(shape, torch.float64, seed=3)
     if op == fused.FORWARD_OP:
         args = (xw.requires_grad_(), w_hh.requires_grad_(), h0.requires_grad_(), c0.requires_grad_(), lengths, False)
     else:
         _y, _h_n, _c_n, gates, cell = fused.launch_forward(xw, w_hh, h0, c0, lengths, False)
-        args = (*_output_grads(shape, torch.float64, seed=4), w_hh, c0, gates, cell, lengths, False)
+        args = (*output_grads(shape, torch.float64, seed=4), w_hh, c0, gates, cell, lengths, False)
     checks = ("test_schema", "test_autograd_registration", "test_faketensor")
     if ON_CUDA:
         checks += ("test_aot_dispatch_dynamic",)
@@ -157,15 +79,15 @@ def test_opcheck(op):
 def test_tf32_close_to_float64(shape):
     """fp32 with ``allow_tf32``: the forward's scaled fp16 operands (which the interpreter runs too) and the
     backward's TF32 (IEEE in the interpreter)."""
-    xw, w_hh, h0, c0, lengths = _contract_inputs(shape, torch.float64, seed=11)
+    xw, w_hh, h0, c0, lengths = contract_inputs(shape, torch.float64, seed=11)
     expected = naive.lstm_recurrence_forward(xw, w_hh, h0, c0, lengths)
     forward = fused.launch_forward(*(t.float() for t in (xw, w_hh, h0, c0)), lengths, True)
-    _assert_all_close([t.double() for t in forward], expected, FORWARD_NAMES, TF32_TOLERANCE, TF32_TOLERANCE)
+    assert_all_close([t.double() for t in forward], expected, FORWARD_NAMES, TF32_TOLERANCE, TF32_TOLERANCE)
 
-    grads = _output_grads(shape, torch.float64, seed=12)
+    grads = output_grads(shape, torch.float64, seed=12)
     gates, cell = expected[3:]
     backward = fused.launch_backward(*(t.float() for t in (*grads, w_hh, c0, gates, cell)), lengths, True)
-    _assert_all_close([t.double() for t in backward],
+    assert_all_close([t.double() for t in backward],
                       naive.lstm_recurrence_backward(*grads, w_hh, c0, gates, cell, lengths),
                       BACKWARD_NAMES, TF32_TOLERANCE, TF32_TOLERANCE)
 
@@ -191,11 +113,11 @@ def test_bfloat16_error_within_twice_torch(shape):
     for module in (torch_bf16, ours_bf16):
         module.load_state_dict(exact.state_dict())
     # Inputs drawn in bf16, so that all three see the same numbers.
-    input, state = _layer_inputs(shape, torch.bfloat16, seed=5)
+    input, state = layer_inputs(shape, torch.bfloat16, seed=5)
 
     def run(module):
         dtype = next(module.parameters()).dtype
-        return run_lstm(module, _to(input, dtype), tuple(tensor.to(dtype) for tensor in state), seed=0)
+        return run_lstm(module, to_dtype(input, dtype), tuple(tensor.to(dtype) for tensor in state), seed=0)
 
     reference, theirs, ours = run(exact), run(torch_bf16), run(ours_bf16)
     for name, value in reference.items():
