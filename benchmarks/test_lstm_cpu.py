@@ -7,16 +7,11 @@ unidirectional and bidirectional, B in {256, 768}, on 2 threads. A round is one 
 random weighting of the output. pytest-benchmark times the fused backend; nn.LSTM, with the same weights, runs
 in each round's setup and is timed by hand there, so the two alternate round by round and share whatever load
 the machine has. The medians, p20/p80 and the speedup (nn.LSTM median / fused median) go to
-``benchmarks/results/cpu-<date>.json``.
+``benchmarks/results/cpu-<date>.json`` (timing and recording helpers: ``_timing.py``).
 """
 import datetime
-import json
 import os
-import shlex
-import statistics
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -25,26 +20,15 @@ from torch import nn
 import rnn_fast
 from rnn_fast.ops.lstm import unavailable_reason
 
+from _timing import RESULTS_DIR, summary, write_results
+
 INPUT_SIZE, HIDDEN, LAYERS, SEQ_LEN = 160, 128, 2, 100
 BATCHES = (256, 768)
 NUM_THREADS = 2
 ROUNDS = int(os.environ.get("RNN_FAST_BENCH_ROUNDS", "10"))
 WARMUP_ROUNDS = 1
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 _records = []
-
-
-def _cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown CPU"
-
-
-def _summary(seconds) -> dict:
-    p20, _, _, p80 = statistics.quantiles(seconds, n=5, method="inclusive")
-    return {"median_s": statistics.median(seconds), "p20_s": p20, "p80_s": p80, "rounds": len(seconds)}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -56,22 +40,13 @@ def results_file():
     torch.set_num_threads(previous_threads)
     if not _records:
         return
-    date = datetime.date.today().isoformat()
-    results = {
-        "device": f"{_cpu_model()} ({os.cpu_count()} cores)",
-        "cores": os.cpu_count(),
+    path = write_results("cpu", torch.device("cpu"), {
         "threads": NUM_THREADS,
-        "torch": torch.__version__,
-        "date": date,
-        "command": shlex.join(["python", "-m", "pytest"] + sys.argv[1:]),
         "config": {"input_size": INPUT_SIZE, "hidden": HIDDEN, "layers": LAYERS, "seq_len": SEQ_LEN,
                    "batch_first": True, "input_requires_grad": False, "rounds": ROUNDS,
                    "warmup_rounds": WARMUP_ROUNDS},
         "results": _records,
-    }
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    path = RESULTS_DIR / f"cpu-{date}.json"
-    path.write_text(json.dumps(results, indent=2) + "\n")
+    }, RESULTS_DIR / f"cpu-{datetime.date.today().isoformat()}.json")
     print(f"\nwrote {path}")
 
 
@@ -108,9 +83,9 @@ def test_forward_backward(benchmark, batch, bidirectional):
     benchmark.pedantic(_forward_backward(fused, x, weight), setup=time_reference_round, rounds=ROUNDS,
                        warmup_rounds=WARMUP_ROUNDS, iterations=1)
 
-    fused_stats = _summary(benchmark.stats.stats.data)
-    torch_stats = _summary(reference_seconds[WARMUP_ROUNDS:WARMUP_ROUNDS + ROUNDS])
-    speedup = torch_stats["median_s"] / fused_stats["median_s"]
-    benchmark.extra_info.update(torch_median_s=torch_stats["median_s"], speedup_vs_torch=speedup)
+    fused_stats = summary(benchmark.stats.stats.data)
+    torch_stats = summary(reference_seconds[WARMUP_ROUNDS:WARMUP_ROUNDS + ROUNDS])
+    speedup = torch_stats["median_ms"] / fused_stats["median_ms"]
+    benchmark.extra_info.update(torch_median_ms=torch_stats["median_ms"], speedup_vs_torch=speedup)
     _records.append({"batch": batch, "bidirectional": bidirectional, "cpu": fused_stats, "torch": torch_stats,
                      "speedup_vs_torch": speedup})
