@@ -32,9 +32,9 @@ from rnn_fast import nsynth
 from rnn_fast.models import MODEL_NAMES, build_model
 from rnn_fast.ops.lstm import auto_backend
 from rnn_fast.plots import write_figures, write_report
-from rnn_fast.training import (Distributed, TrainingState, all_gather_objects, evaluate, fit, init_distributed,
-                               load_checkpoint, metrics_summary, restore_checkpoint, seed_everything,
-                               shutdown_distributed, wrap_model, write_json)
+from rnn_fast.training import (Distributed, TrainingState, all_gather_objects, distributed_session, evaluate, fit,
+                               load_checkpoint, metrics_summary, restore_checkpoint, seed_everything, wrap_model,
+                               write_json)
 
 CHECKPOINT = "checkpoint.pt"
 # Settings a resumed run must share with the checkpoint it continues (--epochs may grow).
@@ -148,11 +148,8 @@ def main(argv: Optional[List[str]] = None) -> Optional[dict]:
     """Trains, tests and writes the run directory; returns metrics.json's content on rank 0 (None elsewhere)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
-    ctx = init_distributed(requested_device(args).type)
-    try:
+    with distributed_session(requested_device(args).type) as ctx:
         return _train(args, argv, ctx)
-    finally:
-        shutdown_distributed(ctx)
 
 
 def _train(args: argparse.Namespace, argv: List[str], ctx: Distributed) -> Optional[dict]:

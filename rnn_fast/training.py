@@ -1,6 +1,6 @@
 """Training, evaluation, metrics, checkpoints and DistributedDataParallel for the NSynth classifiers.
 
-Single process and ``torchrun`` share one code path: :func:`init_distributed` returns a :class:`Distributed`
+Single process and ``torchrun`` share one code path: :func:`distributed_session` yields a :class:`Distributed`
 context (rank 0 of 1 when not launched by torchrun), training metrics are summed over ranks, evaluation splits
 the examples into one contiguous shard per rank and gathers every logit, and only rank 0 writes files.
 
@@ -9,6 +9,7 @@ python RNG states, and the finished epochs, which also fix the loader's next shu
 orders each epoch from ``(seed, epoch)`` alone), so a run killed at any point and resumed from its last
 checkpoint ends, on CPU with a fixed seed, with exactly the metrics of an uninterrupted run.
 """
+import contextlib
 import json
 import math
 import os
@@ -16,7 +17,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -46,21 +47,26 @@ class Distributed:
         return self.rank == 0
 
 
-def init_distributed(device_type: str) -> Distributed:
+@contextlib.contextmanager
+def distributed_session(device_type: str) -> Iterator[Distributed]:
     """Joins the process group torchrun describes in ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`` (``env://``):
-    NCCL for CUDA, gloo for CPU. Without those variables this is a one-process job and nothing is initialised."""
+    NCCL for CUDA, gloo for CPU. Without those variables this is a one-process job and nothing is initialised.
+
+    On a clean exit the ranks wait for each other before tearing the group down: a gloo rank that destroys its
+    group while a peer is still working (rank 0 writing figures) can abort with ``terminate called without an
+    active exception``. After an exception there is no barrier, since the other ranks may never reach it."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
-        return Distributed()
+        yield Distributed()
+        return
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if device_type == "cuda":
         torch.cuda.set_device(local_rank)
     dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
-    return Distributed(rank, world_size, local_rank)
-
-
-def shutdown_distributed(ctx: Distributed) -> None:
-    if ctx.enabled:
+    try:
+        yield Distributed(rank, world_size, local_rank)
+        dist.barrier()
+    finally:
         dist.destroy_process_group()
 
 
