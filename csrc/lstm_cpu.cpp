@@ -18,7 +18,6 @@
 #include <cstdlib>
 #include <cstring>
 #include <iterator>
-#include <limits>
 #include <list>
 #include <memory>
 #include <mutex>
@@ -33,6 +32,8 @@
 #include <sys/mman.h>
 #endif
 
+#include "recurrence_checks.h"
+
 // The Fortran BLAS that ATen itself calls (MKL in the PyTorch wheels, exported by libtorch_cpu). Called
 // inside our parallel region, MKL runs single-threaded, which is what the row partition wants.
 extern "C" {
@@ -43,19 +44,6 @@ void dgemm_(const char* transa, const char* transb, const int* m, const int* n, 
             const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
             const int* ldc);
 }
-
-#define CHECK_CPU(x) TORCH_CHECK((x).device().is_cpu(), #x " must be a CPU tensor, got one on ", (x).device())
-#define CHECK_CONTIGUOUS(x) TORCH_CHECK((x).is_contiguous(), #x " must be contiguous")
-#define CHECK_DTYPE(x, dtype) \
-  TORCH_CHECK((x).scalar_type() == (dtype), #x " must have dtype ", (dtype), ", got ", (x).scalar_type())
-#define CHECK_SHAPE(x, ...)                                                                             \
-  TORCH_CHECK((x).sizes() == at::IntArrayRef({__VA_ARGS__}), #x " must have shape (" #__VA_ARGS__ ") = ", \
-              at::IntArrayRef({__VA_ARGS__}), ", got ", (x).sizes())
-#define CHECK_INPUT(x, dtype, ...) \
-  CHECK_CPU(x);                    \
-  CHECK_DTYPE(x, dtype);           \
-  CHECK_SHAPE(x, __VA_ARGS__);     \
-  CHECK_CONTIGUOUS(x)
 
 // The one dtype dispatch of this file: float32 and float64, with the state kept in the same dtype.
 #define DISPATCH_FLOAT_AND_DOUBLE(TYPE, NAME, ...)                                                      \
@@ -422,26 +410,23 @@ at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options)
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// Input checks at the op boundary.
+// What the op boundary checks beyond the contract's shapes and dtypes (recurrence_checks.h).
 
-void check_lengths(const std::optional<at::Tensor>& maybe_lengths, int64_t batch, int64_t seq_len) {
-  if (!maybe_lengths.has_value()) {
+void check_supported_dtype(at::ScalarType dtype) {
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, "the CPU backend supports float32 and float64, got ",
+              dtype);
+}
+
+// The kernels trust lengths to lie in [1, T]; on the CPU they can be read without a device sync.
+void check_length_values(const std::optional<at::Tensor>& lengths, int64_t seq_len) {
+  if (!lengths.has_value()) {
     return;
   }
-  const at::Tensor& lengths = *maybe_lengths;
-  CHECK_INPUT(lengths, at::kLong, batch);
-  const int64_t* data = lengths.data_ptr<int64_t>();
-  for (int64_t b = 0; b < batch; ++b) {
+  const int64_t* data = lengths->data_ptr<int64_t>();
+  for (int64_t b = 0; b < lengths->numel(); ++b) {
     TORCH_CHECK(data[b] >= 1 && data[b] <= seq_len, "lengths must lie in [1, T] = [1, ", seq_len,
                 "], got lengths[", b, "] = ", data[b]);
   }
-}
-
-void check_sizes(int64_t num_directions, int64_t gate_size) {
-  TORCH_CHECK(num_directions == 1 || num_directions == 2, "the number of directions (dimension 0) must be 1 or 2, got ",
-              num_directions);
-  TORCH_CHECK(gate_size % 4 == 0 && gate_size > 0, "the gate dimension must be 4 * hidden_size, got ", gate_size);
-  TORCH_CHECK(gate_size <= std::numeric_limits<int>::max(), "hidden_size is too large for BLAS, got ", gate_size / 4);
 }
 
 const int64_t* lengths_data(const std::optional<at::Tensor>& lengths) {
@@ -454,15 +439,11 @@ const int64_t* lengths_data(const std::optional<at::Tensor>& lengths) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_recurrence_forward_cpu(
     const at::Tensor& xw, const at::Tensor& w_hh, const at::Tensor& h0, const at::Tensor& c0,
     const std::optional<at::Tensor>& lengths) {
-  TORCH_CHECK(xw.dim() == 4, "xw must have shape (D, T, B, 4H), got ", xw.sizes());
-  const int64_t D = xw.size(0), T = xw.size(1), B = xw.size(2), G = xw.size(3), H = G / 4;
-  check_sizes(D, G);
   const auto dtype = xw.scalar_type();
-  CHECK_INPUT(xw, dtype, D, T, B, 4 * H);
-  CHECK_INPUT(w_hh, dtype, D, 4 * H, H);
-  CHECK_INPUT(h0, dtype, D, B, H);
-  CHECK_INPUT(c0, dtype, D, B, H);
-  check_lengths(lengths, B, T);
+  check_supported_dtype(dtype);
+  const auto sizes = rnn_fast::check_forward_inputs(xw, w_hh, h0, c0, lengths);
+  check_length_values(lengths, sizes.T);
+  const int64_t D = sizes.D, T = sizes.T, B = sizes.B, H = sizes.H, G = 4 * H;
 
   auto y = empty_output({D, T, B, H}, xw.options());
   auto gates = empty_output({D, T, B, G}, xw.options());
@@ -506,18 +487,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_recu
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_recurrence_backward_cpu(
     const at::Tensor& grad_y, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n, const at::Tensor& w_hh,
     const at::Tensor& c0, const at::Tensor& gates, const at::Tensor& cell, const std::optional<at::Tensor>& lengths) {
-  TORCH_CHECK(gates.dim() == 4, "gates must have shape (D, T, B, 4H), got ", gates.sizes());
-  const int64_t D = gates.size(0), T = gates.size(1), B = gates.size(2), G = gates.size(3), H = G / 4;
-  check_sizes(D, G);
-  const auto dtype = gates.scalar_type();
-  CHECK_INPUT(grad_y, dtype, D, T, B, H);
-  CHECK_INPUT(grad_h_n, dtype, D, B, H);
-  CHECK_INPUT(grad_c_n, dtype, D, B, H);
-  CHECK_INPUT(w_hh, dtype, D, 4 * H, H);
-  CHECK_INPUT(c0, dtype, D, B, H);
-  CHECK_INPUT(gates, dtype, D, T, B, 4 * H);
-  CHECK_INPUT(cell, dtype, D, T, B, H);
-  check_lengths(lengths, B, T);
+  const auto dtype = w_hh.scalar_type();
+  check_supported_dtype(dtype);
+  const auto sizes = rnn_fast::check_backward_inputs(grad_y, grad_h_n, grad_c_n, w_hh, c0, gates, cell, lengths);
+  check_length_values(lengths, sizes.T);
+  const int64_t D = sizes.D, T = sizes.T, B = sizes.B, H = sizes.H, G = 4 * H;
 
   auto grad_xw = empty_output({D, T, B, G}, gates.options());
   // The gradients at the initial state are the running dh/dc, updated in place step after step.
@@ -572,14 +546,13 @@ void check_projection(const at::Tensor& parts, const at::Tensor& w_ih) {
   TORCH_CHECK(w_ih.dim() == 3, "w_ih must have shape (D, 4H, P*K), got ", w_ih.sizes());
   const int64_t P = parts.size(0), K = parts.size(3), D = w_ih.size(0), G = w_ih.size(1);
   const auto dtype = parts.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble,
-              "cpu_input_projection: the CPU backend supports float32 and float64, got ", dtype);
-  CHECK_CPU(parts);
+  check_supported_dtype(dtype);
+  TORCH_CHECK(parts.device().is_cpu(), "parts must be a CPU tensor, got one on ", parts.device());
   // Each step parts[p, t] is a BLAS matrix [B, K]: unit stride along K, rows that do not overlap.
   TORCH_CHECK(parts.stride(3) == 1 && parts.stride(2) >= K,
               "parts must have unit stride in its last dimension and non-overlapping rows, got strides ",
               parts.strides());
-  CHECK_INPUT(w_ih, dtype, D, G, P * K);
+  RNN_FAST_CHECK_INPUT(w_ih, parts.device(), dtype, D, G, P * K);
 }
 
 // w_ih[d][:, p*K:(p+1)*K]: the columns of w_ih that multiply part p.
@@ -607,7 +580,7 @@ at::Tensor input_projection_cpu(const at::Tensor& parts, const at::Tensor& w_ih,
   const int64_t P = parts.size(0), T = parts.size(1), B = parts.size(2), K = parts.size(3);
   const int64_t D = w_ih.size(0), G = w_ih.size(1);
   if (bias.has_value()) {
-    CHECK_INPUT((*bias), parts.scalar_type(), D, G);
+    RNN_FAST_CHECK_INPUT((*bias), parts.device(), parts.scalar_type(), D, G);
   }
   auto xw = empty_output({D, T, B, G}, parts.options());
   for (int64_t d = 0; d < D; ++d) {
@@ -635,7 +608,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> input_projection_backward_cpu(con
   check_projection(parts, w_ih);
   const int64_t P = parts.size(0), T = parts.size(1), B = parts.size(2), K = parts.size(3);
   const int64_t D = w_ih.size(0), G = w_ih.size(1);
-  CHECK_INPUT(grad_xw, parts.scalar_type(), D, T, B, G);
+  RNN_FAST_CHECK_INPUT(grad_xw, parts.device(), parts.scalar_type(), D, T, B, G);
   at::Tensor grad_parts, grad_w_ih, grad_bias;
   if (output_mask[0]) {
     grad_parts = empty_output({P, T, B, K}, parts.options());

@@ -1,5 +1,6 @@
 """Every CUDA source of csrc/cuda compiles with this machine's nvcc for sm_80 and sm_90a, with CUDA headers only
-(no torch), and its recurrent kernels do not spill registers. Needs nvcc, not a GPU.
+(no torch), and its recurrent kernels do not spill registers. The torch binding (csrc/cuda/*.cpp) compiles
+against this torch's headers, as a CUDA build of the extension would compile it. Needs nvcc, not a GPU.
 
 ``python tests/test_cuda_compile.py`` prints the per-kernel register / shared-memory / spill table of
 csrc/cuda/README.md (shared memory from the launch planner at the classifier's hidden size, through the CPU
@@ -18,8 +19,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = sorted((ROOT / "csrc" / "cuda").glob("*.cu"))
-# setup.py's nvcc flags and default architectures; one nvcc call per source builds both (one host pass).
+BINDINGS = sorted((ROOT / "csrc" / "cuda").glob("*.cpp"))
+# setup.py's nvcc and host compiler flags and default architectures; one nvcc call per source builds both (one host pass).
 NVCC_FLAGS = ["-O3", "-std=c++17", "-lineinfo", "--expt-relaxed-constexpr", "-Xptxas", "-v"]
+HOST_FLAGS = ["-O3", "-std=c++17"]
 ARCHITECTURES = {"sm_80": "-gencode=arch=compute_80,code=sm_80", "sm_90a": "-gencode=arch=compute_90a,code=sm_90a"}
 FRAMEWORK_HEADERS = re.compile(r"/(torch|ATen|c10|pybind11)/")
 # The nvcc of the build box compiles two sources at a time; the machine is shared.
@@ -114,6 +117,33 @@ def test_kernels_do_not_spill(compiled, source, architecture):
     spilling = [report for report in reports if report.spill_stores or report.spill_loads or report.stack_bytes]
     assert not spilling, "\n".join(f"{r.kernel}: {r.stack_bytes} B stack, {r.spill_stores} B spill stores, "
                                    f"{r.spill_loads} B spill loads" for r in spilling)
+
+
+def cuda_include_dirs(nvcc: str) -> List[str]:
+    """The include directories nvcc itself passes to the host compiler."""
+    result = subprocess.run([nvcc, "--dryrun", "-c", "-x", "cu", "-", "-o", "-"], input="", capture_output=True,
+                            text=True)
+    return re.findall(r"-I(\S+?)\"", "\n".join(re.findall(r'INCLUDES="[^\n]*', result.stdout + result.stderr)))
+
+
+@pytest.mark.parametrize("binding", BINDINGS, ids=lambda path: path.name)
+def test_binding_compiles_against_torch_headers(binding, tmp_path):
+    from torch.utils.cpp_extension import include_paths
+
+    nvcc, compiler = shutil.which("nvcc"), shutil.which("c++")
+    if nvcc is None or compiler is None:
+        pytest.skip("needs nvcc (for the CUDA runtime headers) and a host C++ compiler")
+    cuda_includes = cuda_include_dirs(nvcc)
+    assert cuda_includes, "nvcc --dryrun named no include directory"
+    # CPU wheels ship c10/cuda's headers but not this one, which CMake writes for CUDA builds.
+    generated = tmp_path / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h"
+    generated.parent.mkdir(parents=True)
+    generated.write_text("#define C10_CUDA_BUILD_SHARED_LIBS\n")
+    includes = [*include_paths(), str(tmp_path), *cuda_includes]
+    result = subprocess.run([compiler, *HOST_FLAGS, "-fsyntax-only", "-DRNN_FAST_WITH_CUDA",
+                             *(f"-I{path}" for path in includes), str(binding)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-6000:]
 
 
 def _tiles(kernel: str) -> str:

@@ -14,6 +14,7 @@
 #include <tuple>
 #include <type_traits>
 
+#include "../recurrence_checks.h"
 #include "lstm_recurrence.h"
 
 // Newer torch declares this enum (with RNN among its values) and a per-operator TF32 switch taking it; older torch
@@ -26,20 +27,6 @@ namespace {
 
 namespace rc = rnn_fast::cuda;
 using rc::Precision;
-
-#define CHECK_CUDA(x, device) \
-  TORCH_CHECK((x).device() == (device), #x " must be on ", (device), " like the other inputs, got ", (x).device())
-#define CHECK_CONTIGUOUS(x) TORCH_CHECK((x).is_contiguous(), #x " must be contiguous")
-#define CHECK_DTYPE(x, dtype) \
-  TORCH_CHECK((x).scalar_type() == (dtype), #x " must have dtype ", (dtype), ", got ", (x).scalar_type())
-#define CHECK_SHAPE(x, ...)                                                                              \
-  TORCH_CHECK((x).sizes() == at::IntArrayRef({__VA_ARGS__}), #x " must have shape (" #__VA_ARGS__ ") = ", \
-              at::IntArrayRef({__VA_ARGS__}), ", got ", (x).sizes())
-#define CHECK_INPUT(x, device, dtype, ...) \
-  CHECK_CUDA(x, device);                   \
-  CHECK_DTYPE(x, dtype);                   \
-  CHECK_SHAPE(x, __VA_ARGS__);             \
-  CHECK_CONTIGUOUS(x)
 
 // The element types of each precision and its two entry points.
 template <Precision P>
@@ -137,26 +124,10 @@ Precision precision_of(at::ScalarType dtype) {
   }
 }
 
-at::ScalarType state_type(at::ScalarType dtype) {
-  return dtype == at::ScalarType::Double ? at::ScalarType::Double : at::ScalarType::Float;
-}
-
 void check_supported(Precision precision, int64_t hidden, at::ScalarType dtype) {
   const char* reason = rc::recurrence_unsupported_reason(precision, static_cast<int>(hidden));
   TORCH_CHECK(reason == nullptr, "rnn_fast's CUDA LSTM recurrence cannot run ", dtype, " with hidden_size=", hidden,
               ": ", reason);
-}
-
-void check_sizes(int64_t seq_len, int64_t batch, int64_t hidden) {
-  constexpr int64_t kMax = std::numeric_limits<int>::max();
-  TORCH_CHECK(seq_len >= 1, "the sequence length must be at least 1, got ", seq_len);
-  TORCH_CHECK(seq_len <= kMax && batch <= kMax && hidden <= kMax, "sizes must fit in int32");
-}
-
-void check_lengths(const std::optional<at::Tensor>& maybe_lengths, const at::Device& device, int64_t batch) {
-  if (!maybe_lengths.has_value()) return;
-  const at::Tensor& lengths = *maybe_lengths;
-  CHECK_INPUT(lengths, device, at::ScalarType::Long, batch);
 }
 
 template <typename T>
@@ -176,19 +147,10 @@ const int64_t* lengths_ptr(const std::optional<at::Tensor>& lengths) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_recurrence_forward_cuda(
     const at::Tensor& xw, const at::Tensor& w_hh, const at::Tensor& h0, const at::Tensor& c0,
     const std::optional<at::Tensor>& lengths) {
-  TORCH_CHECK(xw.dim() == 4, "xw must be [D, T, B, 4H], got shape ", xw.sizes());
-  const int64_t D = xw.size(0), T = xw.size(1), B = xw.size(2), G = xw.size(3), H = G / 4;
-  TORCH_CHECK(D == 1 || D == 2, "xw's first dimension (directions) must be 1 or 2, got ", D);
-  TORCH_CHECK(G % 4 == 0, "xw's last dimension must be 4 * hidden_size, got ", G);
+  const rnn_fast::RecurrenceSizes sizes = rnn_fast::check_forward_inputs(xw, w_hh, h0, c0, lengths);
+  const int64_t D = sizes.D, T = sizes.T, B = sizes.B, H = sizes.H, G = 4 * H;
   const at::Device device = xw.device();
   const at::ScalarType dtype = xw.scalar_type();
-  TORCH_CHECK(device.is_cuda(), "xw must be a CUDA tensor, got one on ", device);
-  CHECK_CONTIGUOUS(xw);
-  CHECK_INPUT(w_hh, device, dtype, D, G, H);
-  CHECK_INPUT(h0, device, dtype, D, B, H);
-  CHECK_INPUT(c0, device, dtype, D, B, H);
-  check_lengths(lengths, device, B);
-  check_sizes(T, B, H);
 
   const c10::cuda::CUDAGuard guard(device);
   const Precision precision = precision_of(dtype);
@@ -196,8 +158,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_recu
   at::Tensor y = at::empty({D, T, B, H}, xw.options());
   at::Tensor h_n = at::empty({D, B, H}, xw.options());
   at::Tensor c_n = at::empty({D, B, H}, xw.options());
-  at::Tensor gates = at::empty({D, T, B, G}, xw.options().dtype(state_type(dtype)));
-  at::Tensor cell = at::empty({D, T, B, H}, xw.options().dtype(state_type(dtype)));
+  at::Tensor gates = at::empty({D, T, B, G}, xw.options().dtype(rnn_fast::state_type(dtype)));
+  at::Tensor cell = at::empty({D, T, B, H}, xw.options().dtype(rnn_fast::state_type(dtype)));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
 
   dispatch_precision(precision, [&](auto tag) {
@@ -218,22 +180,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_recurrence_backward_cuda(
     const at::Tensor& grad_y, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n,
     const at::Tensor& w_hh, const at::Tensor& c0, const at::Tensor& gates, const at::Tensor& cell,
     const std::optional<at::Tensor>& lengths) {
-  TORCH_CHECK(gates.dim() == 4, "gates must be [D, T, B, 4H], got shape ", gates.sizes());
-  const int64_t D = gates.size(0), T = gates.size(1), B = gates.size(2), G = gates.size(3), H = G / 4;
-  TORCH_CHECK(D == 1 || D == 2, "gates' first dimension (directions) must be 1 or 2, got ", D);
-  TORCH_CHECK(G % 4 == 0, "gates' last dimension must be 4 * hidden_size, got ", G);
+  const rnn_fast::RecurrenceSizes sizes =
+      rnn_fast::check_backward_inputs(grad_y, grad_h_n, grad_c_n, w_hh, c0, gates, cell, lengths);
+  const int64_t D = sizes.D, T = sizes.T, B = sizes.B, H = sizes.H, G = 4 * H;
   const at::Device device = w_hh.device();
   const at::ScalarType dtype = w_hh.scalar_type();
-  TORCH_CHECK(device.is_cuda(), "w_hh must be a CUDA tensor, got one on ", device);
-  CHECK_INPUT(grad_y, device, dtype, D, T, B, H);
-  CHECK_INPUT(grad_h_n, device, dtype, D, B, H);
-  CHECK_INPUT(grad_c_n, device, dtype, D, B, H);
-  CHECK_INPUT(w_hh, device, dtype, D, G, H);
-  CHECK_INPUT(c0, device, dtype, D, B, H);
-  CHECK_INPUT(gates, device, state_type(dtype), D, T, B, G);
-  CHECK_INPUT(cell, device, state_type(dtype), D, T, B, H);
-  check_lengths(lengths, device, B);
-  check_sizes(T, B, H);
 
   const c10::cuda::CUDAGuard guard(device);
   const Precision precision = precision_of(dtype);
