@@ -192,6 +192,35 @@ if _TRITON_IMPORT_ERROR is None:
         return tl.load(p_w_d + (gate * H + o_out) * H + o_in, mask=(o_out < H) & (o_in < H), other=0)
 
     @triton.jit
+    def _all_gate_weights(p_w_d, H, o_out, o_in):
+        """The four gate blocks of ``W_hh[d]``, transposed when ``o_out`` runs along the tile's columns."""
+        return (_gate_weights(p_w_d, 0, H, o_out, o_in), _gate_weights(p_w_d, 1, H, o_out, o_in),
+                _gate_weights(p_w_d, 2, H, o_out, o_in), _gate_weights(p_w_d, 3, H, o_out, o_in))
+
+    @triton.jit
+    def _program_tile(i_b, i_d, B, H, BLOCK_H: tl.constexpr, BLOCK_B: tl.constexpr):
+        """This program's [hidden, batch] tile: hidden units ``o_h``, rows ``i_rows``, the valid rows ``m_b`` and
+        elements ``m_hb``, in-tile offsets in rows of ``H`` (``o_hb``) and ``4H`` (``o_gb``) elements, and where its
+        rows start in a ``[D, B, H]`` state (``o_state``)."""
+        o_h = tl.arange(0, BLOCK_H)
+        i_rows = tl.arange(0, BLOCK_B)
+        m_b = i_b * BLOCK_B + i_rows < B
+        m_hb = (o_h < H)[:, None] & m_b[None, :]
+        o_hb = i_rows[None, :] * H + o_h[:, None]
+        o_gb = i_rows[None, :] * 4 * H + o_h[:, None]
+        o_state = (i_d * B + i_b * BLOCK_B) * H
+        return o_h, i_rows, m_b, m_hb, o_hb, o_gb, o_state
+
+    @triton.jit
+    def _row_lengths(p_lengths, i_b, i_rows, m_b, T, HAS_LENGTHS: tl.constexpr, BLOCK_B: tl.constexpr):
+        """``[1, BLOCK_B]`` lengths of this program's rows: all ``T`` without lengths, 1 past the batch."""
+        if HAS_LENGTHS:
+            b_len = tl.load(p_lengths + i_b * BLOCK_B + i_rows, mask=m_b, other=1)[None, :]
+        else:
+            b_len = tl.full([1, BLOCK_B], T, dtype=tl.int64)
+        return b_len
+
+    @triton.jit
     def _step_rows(p_steps, i_d, s, T, B, i_b, row_size, BLOCK_B: tl.constexpr):
         """This program's first batch row at step ``s`` of a ``[D, T, B, row_size]`` tensor. Per-step pointers
         are this int64 base plus a loop-invariant int32 tile offset, which keeps 64-bit tiles out of registers."""
@@ -219,20 +248,10 @@ if _TRITON_IMPORT_ERROR is None:
         i_d = tl.program_id(1).to(tl.int64)
         state_ty = p_cell.dtype.element_ty
         operand_ty = p_w.dtype.element_ty
-        o_h = tl.arange(0, BLOCK_H)
-        i_rows = tl.arange(0, BLOCK_B)
-        m_b = i_b * BLOCK_B + i_rows < B
-        m_hb = (o_h < H)[:, None] & m_b[None, :]
-        # In-tile offsets of [hidden, batch] tiles in rows of H and of 4H elements.
-        o_hb = i_rows[None, :] * H + o_h[:, None]
-        o_gb = i_rows[None, :] * 4 * H + o_h[:, None]
-        o_state = (i_d * B + i_b * BLOCK_B) * H
+        o_h, i_rows, m_b, m_hb, o_hb, o_gb, o_state = _program_tile(i_b, i_d, B, H, BLOCK_H, BLOCK_B)
         b_h = tl.load(p_h0 + o_state + o_hb, mask=m_hb, other=0).to(state_ty)
         b_c = tl.load(p_c0 + o_state + o_hb, mask=m_hb, other=0).to(state_ty)
-        if HAS_LENGTHS:
-            b_len = tl.load(p_lengths + i_b * BLOCK_B + i_rows, mask=m_b, other=1)[None, :]
-        else:
-            b_len = tl.full([1, BLOCK_B], T, dtype=tl.int64)
+        b_len = _row_lengths(p_lengths, i_b, i_rows, m_b, T, HAS_LENGTHS, BLOCK_B)
         p_w_d = p_w + i_d * 4 * H * H
         if HAS_W_SCALE:
             p_scale_d = p_w_scale + i_d * 4 * H + o_h
@@ -241,10 +260,7 @@ if _TRITON_IMPORT_ERROR is None:
             b_scale_g = tl.load(p_scale_d + 2 * H, mask=o_h < H, other=1)[:, None]
             b_scale_o = tl.load(p_scale_d + 3 * H, mask=o_h < H, other=1)[:, None]
         if RESIDENT:
-            b_w_i = _gate_weights(p_w_d, 0, H, o_h[:, None], o_h[None, :])
-            b_w_f = _gate_weights(p_w_d, 1, H, o_h[:, None], o_h[None, :])
-            b_w_g = _gate_weights(p_w_d, 2, H, o_h[:, None], o_h[None, :])
-            b_w_o = _gate_weights(p_w_d, 3, H, o_h[:, None], o_h[None, :])
+            b_w_i, b_w_f, b_w_g, b_w_o = _all_gate_weights(p_w_d, H, o_h[:, None], o_h[None, :])
 
         for t in range(T):
             # Direction 1 walks the sequence backwards.
@@ -321,27 +337,15 @@ if _TRITON_IMPORT_ERROR is None:
         i_d = tl.program_id(1).to(tl.int64)
         state_ty = p_cell.dtype.element_ty
         operand_ty = p_w.dtype.element_ty
-        o_h = tl.arange(0, BLOCK_H)
-        i_rows = tl.arange(0, BLOCK_B)
-        m_b = i_b * BLOCK_B + i_rows < B
-        m_hb = (o_h < H)[:, None] & m_b[None, :]
-        o_hb = i_rows[None, :] * H + o_h[:, None]
-        o_gb = i_rows[None, :] * 4 * H + o_h[:, None]
-        o_state = (i_d * B + i_b * BLOCK_B) * H
+        o_h, i_rows, m_b, m_hb, o_hb, o_gb, o_state = _program_tile(i_b, i_d, B, H, BLOCK_H, BLOCK_B)
         b_dh = tl.load(p_grad_h_n + o_state + o_hb, mask=m_hb, other=0).to(state_ty)
         b_dc = tl.load(p_grad_c_n + o_state + o_hb, mask=m_hb, other=0).to(state_ty)
         b_c0 = tl.load(p_c0 + o_state + o_hb, mask=m_hb, other=0).to(state_ty)
-        if HAS_LENGTHS:
-            b_len = tl.load(p_lengths + i_b * BLOCK_B + i_rows, mask=m_b, other=1)[None, :]
-        else:
-            b_len = tl.full([1, BLOCK_B], T, dtype=tl.int64)
+        b_len = _row_lengths(p_lengths, i_b, i_rows, m_b, T, HAS_LENGTHS, BLOCK_B)
         p_w_d = p_w + i_d * 4 * H * H
         if RESIDENT:
             # Transposed gate blocks, [input unit, gate unit]: dh = sum_gate W_gate^T @ dgate.
-            b_wt_i = _gate_weights(p_w_d, 0, H, o_h[None, :], o_h[:, None])
-            b_wt_f = _gate_weights(p_w_d, 1, H, o_h[None, :], o_h[:, None])
-            b_wt_g = _gate_weights(p_w_d, 2, H, o_h[None, :], o_h[:, None])
-            b_wt_o = _gate_weights(p_w_d, 3, H, o_h[None, :], o_h[:, None])
+            b_wt_i, b_wt_f, b_wt_g, b_wt_o = _all_gate_weights(p_w_d, H, o_h[None, :], o_h[:, None])
 
         for t in range(T):
             # Steps in reverse processing order: direction 0 from T-1 down, direction 1 from 0 up.

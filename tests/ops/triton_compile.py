@@ -1,0 +1,145 @@
+"""Compiles the Triton LSTM kernels of rnn_fast/ops/lstm/fused.py ahead of time for NVIDIA targets, with no GPU:
+Triton lowers them to PTX and its bundled ptxas assembles a cubin, whose resource usage cuobjdump reports.
+
+The interpreter (how CI runs the kernels) never lowers them, so this is what catches code that only the compiler
+rejects. It runs in its own process because ``TRITON_INTERPRET=1`` (set by the test session) replaces ``@triton.jit``
+at import.
+
+    python tests/ops/triton_compile.py          # the resource table of the test's cases (sm_90, one tile)
+    python tests/ops/triton_compile.py --all    # every precision, pass, architecture and tile below
+"""
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Dict, List, NamedTuple, Optional
+
+ARCHITECTURES = (90, 80)
+HIDDEN = 128
+# (label, input dtype, TF32 switch) as the backend's launchers see them.
+PRECISIONS = (("fp32", "float32", False), ("tf32", "float32", True), ("fp16", "float16", False),
+              ("bf16", "bfloat16", False), ("fp64", "float64", False))
+# The smallest batch tile, and the largest the config pruning keeps at H=128.
+TILES = ((16, 4), (32, 8))
+
+
+class Case(NamedTuple):
+    kernel: str
+    precision: str
+    arch: int
+    block_b: int
+    num_warps: int
+
+    def __str__(self):
+        return f"{self.kernel}-{self.precision}-sm{self.arch}-B{self.block_b}-w{self.num_warps}"
+
+
+ALL_CASES = [Case(kernel, precision, arch, block_b, warps) for kernel in ("forward", "backward")
+             for precision, _, _ in PRECISIONS for arch in ARCHITECTURES for block_b, warps in TILES]
+# What CI compiles (about 2 s each): both passes in every precision for the H100, at the larger tile.
+CASES = [case for case in ALL_CASES if case.arch == 90 and case.block_b == TILES[-1][0]]
+
+
+def _compile_case(case: Case) -> Dict:
+    import torch
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from rnn_fast.ops.lstm import fused
+    from rnn_fast.ops.lstm.common import state_dtype
+
+    _, dtype_name, allow_tf32 = next(p for p in PRECISIONS if p[0] == case.precision)
+    dtype = getattr(torch, dtype_name)
+    state = state_dtype(dtype)
+    # The forward multiplies TF32 as fp16 weights with row scales (fused.py's module doc).
+    forward_weights = torch.float16 if allow_tf32 else dtype
+    weights = forward_weights if case.kernel == "forward" else dtype
+    plan = fused.kernel_plan(HIDDEN, weights, torch.device("cpu"))
+    if case.kernel == "forward":
+        kernel = fused._lstm_forward_kernel
+        pointers = {"p_xw": dtype, "p_w": weights, "p_w_scale": torch.float32 if allow_tf32 else None,
+                    "p_h0": dtype, "p_c0": dtype, "p_lengths": torch.int64, "p_y": dtype, "p_h_n": dtype,
+                    "p_c_n": dtype, "p_gates": state, "p_cell": state}
+        constants = {"HAS_LENGTHS": True, "HAS_W_SCALE": allow_tf32}
+    else:
+        kernel = fused._lstm_backward_kernel
+        pointers = {"p_grad_y": dtype, "p_grad_h_n": dtype, "p_grad_c_n": dtype, "p_w": dtype, "p_c0": dtype,
+                    "p_gates": state, "p_cell": state, "p_lengths": torch.int64, "p_grad_xw": dtype,
+                    "p_grad_h0": dtype, "p_grad_c0": dtype}
+        constants = {"HAS_LENGTHS": True, "INPUT_PRECISION": fused._backward_precision(dtype, allow_tf32)}
+    constants.update(BLOCK_H=plan.block_h, BLOCK_K=plan.block_k, BLOCK_B=case.block_b, RESIDENT=plan.resident)
+    while not isinstance(kernel, triton.runtime.jit.JITFunction):  # under @autotune and @heuristics
+        kernel = kernel.fn
+    signature, constexprs = {}, {}
+    for index, name in enumerate(kernel.arg_names):
+        if name in pointers and pointers[name] is not None:
+            signature[name] = "*" + {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
+                                     torch.float64: "fp64", torch.int64: "i64"}[pointers[name]]
+        elif name in pointers:
+            signature[name], constexprs[(index,)] = "constexpr", None
+        elif name in constants:
+            signature[name], constexprs[(index,)] = "constexpr", constants[name]
+        else:
+            signature[name] = "i32"
+    compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
+                              target=GPUTarget("cuda", case.arch, 32),
+                              options={"num_warps": case.num_warps, "num_stages": 1})
+    return {"case": str(case), "resident": plan.resident, "block_k": plan.block_k,
+            "shared_bytes": compiled.metadata.shared, **_resource_usage(compiled.asm["cubin"])}
+
+
+def _resource_usage(cubin: bytes) -> Dict[str, int]:
+    import triton
+
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "kernel.cubin"
+        path.write_bytes(cubin)
+        report = subprocess.run([str(cuobjdump), "--dump-resource-usage", str(path)], capture_output=True, text=True,
+                                check=True).stdout
+    fields = dict(item.split(":") for item in report.split("Function", 1)[1].split()[1:] if ":" in item)
+    return {"registers": int(fields["REG"]), "stack_bytes": int(fields["STACK"])}
+
+
+def compile_cases(cases: List[Case]) -> List[Dict]:
+    """One record per case: the plan, shared memory, registers and stack, or the compiler's error."""
+    records = []
+    for case in cases:
+        try:
+            records.append(_compile_case(case))
+        except Exception as error:  # reported per case; the test names the failing ones
+            records.append({"case": str(case), "error": f"{type(error).__name__}: {error}"[-4000:]})
+    return records
+
+
+def run_in_subprocess(cases: List[Case], timeout: float = 900) -> Optional[List[Dict]]:
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[2]), env.get("PYTHONPATH", "")])
+    result = subprocess.run([sys.executable, __file__, "--json", *map(str, cases)], env=env, capture_output=True,
+                            text=True, timeout=timeout)
+    if result.returncode != 0:
+        raise RuntimeError(f"the compile process failed:\n{result.stderr[-6000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def main(argv: List[str]) -> None:
+    names = [arg for arg in argv if not arg.startswith("--")]
+    cases = [case for case in ALL_CASES if str(case) in names] if names else ALL_CASES if "--all" in argv else CASES
+    records = compile_cases(cases)
+    if "--json" in argv:
+        print(json.dumps(records))
+        return
+    print("| case | weights on chip | registers | stack (B) | shared memory (KiB) |\n|---|---|---|---|---|")
+    for record in records:
+        if "error" in record:
+            print(f"| {record['case']} | compile error: {record['error'].splitlines()[0]} | | | |")
+        else:
+            print(f"| {record['case']} | {'yes' if record['resident'] else 'no'} | {record['registers']} | "
+                  f"{record['stack_bytes']} | {record['shared_bytes'] / 1024:.0f} |")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
