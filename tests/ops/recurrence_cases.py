@@ -3,15 +3,18 @@ from typing import NamedTuple
 
 import pytest
 import torch
+from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
-from rnn_fast.testing import TOLERANCES
+import rnn_fast
+from rnn_fast.testing import TOLERANCES, assert_lstm_matches, run_lstm
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 TF32_TOLERANCE = 1e-3
 FORWARD_NAMES = ("y", "h_n", "c_n", "gates", "cell")
 BACKWARD_NAMES = ("grad_xw", "grad_h0", "grad_c0")
 DTYPES = [pytest.param(dtype, tol, tol, id=str(dtype).split(".")[1]) for dtype, tol in TOLERANCES.items()]
+HALF_DTYPES = [pytest.param(dtype, id=str(dtype).split(".")[1]) for dtype in (torch.bfloat16, torch.float16)]
 
 
 class Shape(NamedTuple):
@@ -76,3 +79,36 @@ def output_grads(shape: Shape, dtype: torch.dtype, seed: int):
 def assert_all_close(actual, expected, names, atol, rtol):
     for name, got, want in zip(names, actual, expected):
         torch.testing.assert_close(got, want, atol=atol, rtol=rtol, msg=lambda m: f"{name}: {m}")
+
+
+def assert_layer_matches_nn_lstm(backend: str, shape: Shape, dtype: torch.dtype, atol: float, rtol: float):
+    """One ``rnn_fast.LSTM`` layer on ``backend`` (its registered ops and autograd) against nn.LSTM: outputs and
+    every gradient, grad_w_hh included."""
+    kwargs = dict(bidirectional=shape.directions == 2, device=DEVICE, dtype=dtype)
+    reference = nn.LSTM(3, shape.hidden, **kwargs)
+    candidate = rnn_fast.LSTM(3, shape.hidden, backend=backend, **kwargs)
+    input, state = layer_inputs(shape, dtype, seed=7)
+    assert_lstm_matches(reference, candidate, input, state, atol=atol, rtol=rtol)
+
+
+def assert_half_precision_within_twice_torch(backend: str, shape: Shape, dtype: torch.dtype):
+    """Every output and gradient of a 16-bit ``backend`` layer is at most twice as far from float64 as nn.LSTM's
+    own in the same dtype."""
+    kwargs = dict(bidirectional=shape.directions == 2, device=DEVICE)
+    exact = nn.LSTM(3, shape.hidden, dtype=torch.float64, **kwargs)
+    theirs_module = nn.LSTM(3, shape.hidden, dtype=dtype, **kwargs)
+    ours_module = rnn_fast.LSTM(3, shape.hidden, backend=backend, dtype=dtype, **kwargs)
+    for module in (theirs_module, ours_module):
+        module.load_state_dict(exact.state_dict())
+    input, state = layer_inputs(shape, dtype, seed=5)  # drawn in the 16-bit type: all three see the same numbers
+
+    def run(module):
+        module_dtype = next(module.parameters()).dtype
+        return run_lstm(module, to_dtype(input, module_dtype), tuple(t.to(module_dtype) for t in state), seed=0)
+
+    reference, theirs, ours = run(exact), run(theirs_module), run(ours_module)
+    for name, value in reference.items():
+        torch_error = (theirs[name].double() - value).abs().max().item()
+        our_error = (ours[name].double() - value).abs().max().item()
+        assert our_error <= 2 * torch_error + 1e-6 * value.abs().max().item(), \
+            f"{name}: error {our_error:.3g} vs torch's {torch_error:.3g}"

@@ -8,13 +8,12 @@ padded hidden sizes, and lengths in both directions.
 
 import pytest
 import torch
-from torch import nn
 
-import rnn_fast
 from rnn_fast.ops.lstm import naive, unavailable_reason
-from recurrence_cases import (BACKWARD_NAMES, DEVICE, DTYPES, FORWARD_NAMES, TF32_TOLERANCE, Shape, assert_all_close,
-                              contract_inputs, layer_inputs, output_grads, to_dtype)
-from rnn_fast.testing import TOLERANCES, assert_lstm_matches, run_lstm
+from recurrence_cases import (BACKWARD_NAMES, DEVICE, DTYPES, FORWARD_NAMES, HALF_DTYPES, TF32_TOLERANCE, Shape,
+                              assert_all_close, assert_half_precision_within_twice_torch,
+                              assert_layer_matches_nn_lstm, contract_inputs, output_grads)
+from rnn_fast.testing import TOLERANCES
 
 pytestmark = pytest.mark.skipif(unavailable_reason("cuda") is not None, reason=str(unavailable_reason("cuda")))
 
@@ -84,36 +83,13 @@ def test_float32_follows_cudnn_rnn_setting():
 @pytest.mark.parametrize("dtype, atol, rtol", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
 def test_layer_matches_nn_lstm(shape, dtype, atol, rtol):
-    """The op and its autograd inside ``rnn_fast.LSTM``: outputs and every gradient, grad_w_hh included."""
-    kwargs = dict(bidirectional=shape.directions == 2, device=DEVICE, dtype=dtype)
-    reference = nn.LSTM(3, shape.hidden, **kwargs)
-    candidate = rnn_fast.LSTM(3, shape.hidden, backend="cuda", **kwargs)
-    input, state = layer_inputs(shape, dtype, seed=7)
-    assert_lstm_matches(reference, candidate, input, state, atol=atol, rtol=rtol)
+    assert_layer_matches_nn_lstm("cuda", shape, dtype, atol, rtol)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
 def test_half_precision_error_within_twice_torch(shape, dtype):
-    """16-bit inputs: every output and gradient of a layer is at most twice as far from float64 as nn.LSTM's."""
-    kwargs = dict(bidirectional=shape.directions == 2, device=DEVICE)
-    exact = nn.LSTM(3, shape.hidden, dtype=torch.float64, **kwargs)
-    theirs_module = nn.LSTM(3, shape.hidden, dtype=dtype, **kwargs)
-    ours_module = rnn_fast.LSTM(3, shape.hidden, backend="cuda", dtype=dtype, **kwargs)
-    for module in (theirs_module, ours_module):
-        module.load_state_dict(exact.state_dict())
-    input, state = layer_inputs(shape, dtype, seed=5)  # drawn in the 16-bit type: all three see the same numbers
-
-    def run(module):
-        module_dtype = next(module.parameters()).dtype
-        return run_lstm(module, to_dtype(input, module_dtype), tuple(t.to(module_dtype) for t in state), seed=0)
-
-    reference, theirs, ours = run(exact), run(theirs_module), run(ours_module)
-    for name, value in reference.items():
-        torch_error = (theirs[name].double() - value).abs().max().item()
-        our_error = (ours[name].double() - value).abs().max().item()
-        assert our_error <= 2 * torch_error + 1e-6 * value.abs().max().item(), \
-            f"{name}: error {our_error:.3g} vs torch's {torch_error:.3g}"
+    assert_half_precision_within_twice_torch("cuda", shape, dtype)
 
 
 @pytest.mark.parametrize("op", ["lstm_recurrence_forward", "lstm_recurrence_backward"])

@@ -11,9 +11,9 @@ from torch import nn
 
 import rnn_fast
 from rnn_fast.ops.lstm import fused, naive
-from recurrence_cases import (BACKWARD_NAMES, DEVICE, DTYPES, FORWARD_NAMES, TF32_TOLERANCE, Shape, assert_all_close,
-                              contract_inputs, layer_inputs, output_grads, to_dtype)
-from rnn_fast.testing import assert_lstm_matches, run_lstm
+from recurrence_cases import (BACKWARD_NAMES, DEVICE, DTYPES, FORWARD_NAMES, HALF_DTYPES, TF32_TOLERANCE, Shape,
+                              assert_all_close, assert_half_precision_within_twice_torch,
+                              assert_layer_matches_nn_lstm, contract_inputs, output_grads)
 
 pytestmark = pytest.mark.skipif(fused.unavailable_reason() is not None, reason=str(fused.unavailable_reason()))
 
@@ -50,12 +50,7 @@ def test_kernels_match_naive(shape, dtype, atol, rtol, weights):
 @pytest.mark.parametrize("dtype, atol, rtol", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
 def test_layer_matches_nn_lstm(shape, dtype, atol, rtol):
-    """The registered op and its autograd inside one ``rnn_fast.LSTM`` layer: outputs and every gradient."""
-    kwargs = dict(bidirectional=shape.directions == 2, device=DEVICE, dtype=dtype)
-    reference = nn.LSTM(3, shape.hidden, **kwargs)
-    candidate = rnn_fast.LSTM(3, shape.hidden, backend="triton", **kwargs)
-    input, state = layer_inputs(shape, dtype, seed=7)
-    assert_lstm_matches(reference, candidate, input, state, atol=atol, rtol=rtol)
+    assert_layer_matches_nn_lstm("triton", shape, dtype, atol, rtol)
 
 
 @pytest.mark.parametrize("op", [fused.FORWARD_OP, fused.BACKWARD_OP], ids=["forward", "backward"])
@@ -102,29 +97,12 @@ def test_tf32_weight_scaling_keeps_tf32_bits():
     assert (error <= 2 ** -11 * rows.abs().amax(dim=-1, keepdim=True)).all()
 
 
-@pytest.mark.skipif(not ON_CUDA, reason="the Triton interpreter multiplies bfloat16 matrices as raw integers")
+# On the CPU, nn.LSTM's own 16-bit error on these tiny shapes can be far below one rounding step of the output.
+@pytest.mark.skipif(not ON_CUDA, reason="a GPU comparison: cuDNN's 16-bit error is the yardstick")
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
-def test_bfloat16_error_within_twice_torch(shape):
-    """bf16 inputs: every output and gradient of a layer is at most twice as far from float64 as nn.LSTM's."""
-    kwargs = dict(bidirectional=shape.directions == 2, device=DEVICE)
-    exact = nn.LSTM(3, shape.hidden, dtype=torch.float64, **kwargs)
-    torch_bf16 = nn.LSTM(3, shape.hidden, dtype=torch.bfloat16, **kwargs)
-    ours_bf16 = rnn_fast.LSTM(3, shape.hidden, backend="triton", dtype=torch.bfloat16, **kwargs)
-    for module in (torch_bf16, ours_bf16):
-        module.load_state_dict(exact.state_dict())
-    # Inputs drawn in bf16, so that all three see the same numbers.
-    input, state = layer_inputs(shape, torch.bfloat16, seed=5)
-
-    def run(module):
-        dtype = next(module.parameters()).dtype
-        return run_lstm(module, to_dtype(input, dtype), tuple(tensor.to(dtype) for tensor in state), seed=0)
-
-    reference, theirs, ours = run(exact), run(torch_bf16), run(ours_bf16)
-    for name, value in reference.items():
-        torch_error = (theirs[name].double() - value).abs().max().item()
-        our_error = (ours[name].double() - value).abs().max().item()
-        assert our_error <= 2 * torch_error + 1e-6 * value.abs().max().item(), \
-            f"{name}: error {our_error:.3g} vs torch's {torch_error:.3g}"
+def test_half_precision_error_within_twice_torch(shape, dtype):
+    assert_half_precision_within_twice_torch("triton", shape, dtype)
 
 
 def test_torch_compile_fullgraph():
