@@ -1,5 +1,6 @@
 """Timing and recording helpers for the benchmarks: synchronised calls, median/p20/p80, the environment a figure
 was measured in, and the results JSON (``benchmarks/results/<device>-<kind>-<date>.json``)."""
+import contextlib
 import datetime
 import json
 import os
@@ -9,7 +10,7 @@ import shlex
 import statistics
 import sys
 from pathlib import Path
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 import torch
 
@@ -30,6 +31,17 @@ def synchronized(fn: Callable, device: torch.device) -> Callable:
         return result
 
     return call
+
+
+@contextlib.contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """Runs the body on ``count`` intra-op threads, the figure's stated machine, then restores the setting."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def summary(seconds: Iterable[float]) -> dict:

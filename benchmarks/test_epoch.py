@@ -18,13 +18,6 @@ EPOCH_SIZE = {"cuda": {"iters": SEED_ITERS, "batch_size": SEED_BATCH_SIZE}, "cpu
 ROUNDS = {"cuda": 3, "cpu": 2}
 
 
-@pytest.fixture(autouse=True)
-def benchmark_only(request):
-    """A whole training epoch is too slow for a plain test run."""
-    if not request.config.getoption("benchmark_only"):
-        pytest.skip("an epoch benchmark; run with --benchmark-only")
-
-
 @pytest.mark.parametrize("model,backend", [(model, backend) for model in MODEL_NAMES
                                            for backend in model_backends(model, DEFAULT_BACKENDS[DEVICE.type])],
                          ids=lambda value: value)

@@ -20,7 +20,7 @@ from torch import nn
 import rnn_fast
 from rnn_fast.ops.lstm import unavailable_reason
 
-from _timing import RESULTS_DIR, summary, write_results
+from _timing import RESULTS_DIR, summary, torch_threads, write_results
 
 INPUT_SIZE, HIDDEN, LAYERS, SEQ_LEN = 160, 128, 2, 100
 BATCHES = (256, 768)
@@ -34,10 +34,8 @@ _records = []
 @pytest.fixture(scope="module", autouse=True)
 def results_file():
     """Runs the module on NUM_THREADS threads, then writes every case's figures to one JSON file."""
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(NUM_THREADS)
-    yield
-    torch.set_num_threads(previous_threads)
+    with torch_threads(NUM_THREADS):
+        yield
     if not _records:
         return
     path = write_results("cpu", torch.device("cpu"), {

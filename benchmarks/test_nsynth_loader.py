@@ -19,7 +19,7 @@ import torch
 
 from rnn_fast.nsynth import CLASSES, CLIP_SAMPLES, BatchLoader, NSynthSplit, load_split, save_split
 
-from _timing import summary, write_results
+from _timing import summary, torch_threads, write_results
 
 EXAMPLES = 20_000
 BATCH_SIZE = 768
@@ -29,13 +29,6 @@ WARMUP_ROUNDS = 1
 DEVICE = torch.device("cpu")
 
 _records = []
-
-
-@pytest.fixture(autouse=True)
-def benchmark_only(request):
-    """Writing a 640 MB cache is too slow for a plain test run."""
-    if not request.config.getoption("benchmark_only"):
-        pytest.skip("a loader benchmark; run with --benchmark-only")
 
 
 @pytest.fixture(scope="module")
@@ -53,10 +46,8 @@ def split(tmp_path_factory):
 
 @pytest.fixture(scope="module", autouse=True)
 def results_file():
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(NUM_THREADS)
-    yield
-    torch.set_num_threads(previous_threads)
+    with torch_threads(NUM_THREADS):
+        yield
     if _records:
         path = write_results("nsynth-loader", DEVICE, {
             "config": {"examples": EXAMPLES, "batch_size": BATCH_SIZE, "threads": NUM_THREADS, "rounds": ROUNDS,
