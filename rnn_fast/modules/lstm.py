@@ -82,12 +82,14 @@ class LSTM(nn.RNNBase):
         if data.numel() == 0:
             # Empty batches and the error for empty sequences are nn.LSTM's to handle.
             return None
-        name = self.backend if self.backend != "auto" else auto_backend(data.device)
+        # The parameters' device decides: an input elsewhere is an error (_check_devices), not a reason to fall back.
+        device = self.weight_ih_l0.device
+        name = self.backend if self.backend != "auto" else auto_backend(device)
         if name == "torch":
             return None
         module = load_backend(name)
-        dtype = _autocast_dtype(data.device) or self.weight_ih_l0.dtype
-        reason = module.unsupported_reason(data.device, dtype, self.hidden_size)
+        dtype = _autocast_dtype(device) or self.weight_ih_l0.dtype
+        reason = module.unsupported_reason(device, dtype, self.hidden_size)
         if reason is not None:
             _warn_once(f"rnn_fast.LSTM: backend {name!r} cannot run this input ({reason}); "
                        "using torch.nn.LSTM's implementation")
