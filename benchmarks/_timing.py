@@ -10,11 +10,21 @@ import shlex
 import statistics
 import sys
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Optional
+from typing import Callable, Iterable, Iterator, List, Optional
 
 import torch
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+# Lines for the end of the session (benchmarks/conftest.py prints them): pytest captures what tests print.
+_REPORT: List[str] = []
+
+
+def report(line: str) -> None:
+    _REPORT.append(line)
+
+
+def reported_lines() -> List[str]:
+    return list(_REPORT)
 
 
 def synchronize(device: torch.device) -> None:

@@ -20,7 +20,7 @@ from torch import nn
 import rnn_fast
 from rnn_fast.ops.lstm import unavailable_reason
 
-from _timing import RESULTS_DIR, summary, torch_threads, write_results
+from _timing import RESULTS_DIR, report, summary, torch_threads, write_results
 
 INPUT_SIZE, HIDDEN, LAYERS, SEQ_LEN = 160, 128, 2, 100
 BATCHES = (256, 768)
@@ -45,7 +45,7 @@ def results_file():
                    "warmup_rounds": WARMUP_ROUNDS},
         "results": _records,
     }, RESULTS_DIR / f"cpu-{datetime.date.today().isoformat()}.json")
-    print(f"\nwrote {path}")
+    report(f"wrote {path}")
 
 
 def _forward_backward(module: nn.Module, x: torch.Tensor, weight: torch.Tensor):
@@ -87,3 +87,5 @@ def test_forward_backward(benchmark, batch, bidirectional):
     benchmark.extra_info.update(torch_median_ms=torch_stats["median_ms"], speedup_vs_torch=speedup)
     _records.append({"batch": batch, "bidirectional": bidirectional, "cpu": fused_stats, "torch": torch_stats,
                      "speedup_vs_torch": speedup})
+    report(f"{'BLSTM' if bidirectional else 'LSTM'} B={batch}: nn.LSTM {torch_stats['median_ms']:.0f} ms, "
+           f"cpu {fused_stats['median_ms']:.0f} ms, {speedup:.2f}x (medians of {ROUNDS} rounds, {NUM_THREADS} threads)")

@@ -19,7 +19,7 @@ import torch
 
 from rnn_fast.nsynth import CLASSES, CLIP_SAMPLES, BatchLoader, NSynthSplit, load_split, save_split
 
-from _timing import summary, torch_threads, write_results
+from _timing import report, summary, torch_threads, write_results
 
 EXAMPLES = 20_000
 BATCH_SIZE = 768
@@ -53,7 +53,7 @@ def results_file():
             "config": {"examples": EXAMPLES, "batch_size": BATCH_SIZE, "threads": NUM_THREADS, "rounds": ROUNDS,
                        "warmup_rounds": WARMUP_ROUNDS, "cores": os.cpu_count()},
             "results": _records})
-        print(f"\nwrote {path}")
+        report(f"wrote {path}")
 
 
 @pytest.mark.parametrize("on_device", [False, True], ids=["memmap", "in-memory"])
@@ -72,4 +72,4 @@ def test_loader_throughput(benchmark, split, on_device):
     benchmark.extra_info.update(examples_per_epoch=served, examples_per_second=round(examples_per_second))
     _records.append({"case": case, "examples_per_epoch": served, "examples_per_second": examples_per_second,
                      **timed})
-    print(f"\n{case}: {examples_per_second:,.0f} examples/s (median epoch {timed['median_ms']:.0f} ms)")
+    report(f"loader, {case}: {examples_per_second:,.0f} examples/s (median epoch {timed['median_ms']:.0f} ms)")
