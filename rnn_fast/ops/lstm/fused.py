@@ -55,6 +55,8 @@ _DEFAULT_WEIGHT_BYTES_ON_CHIP = 128 * 1024
 _STREAMED_CHUNK_BYTES = 16 * 1024
 # The MMA needs at least 16 along every dimension.
 _MIN_BLOCK = 16
+# What the autotuner tries on CUDA: (batch rows per program, warps), before pruning by tile_fits.
+TILE_CANDIDATES = tuple((block_b, warps) for block_b in (16, 32, 64, 128) for warps in (4, 8, 16))
 
 FORWARD_OP = "rnn_fast::triton_lstm_recurrence_forward"
 BACKWARD_OP = "rnn_fast::triton_lstm_recurrence_backward"
@@ -135,6 +137,11 @@ def _weight_bytes_on_chip(device: torch.device) -> int:
     return _shared_memory_bytes(index) - _SHARED_MEMORY_HEADROOM
 
 
+def tile_fits(block_b: int, block_h: int, num_warps: int) -> bool:
+    """Whether the ~6 live ``[block_h, block_b]`` fp32 tiles of a program have a chance to fit its registers."""
+    return block_b * block_h <= 512 * num_warps
+
+
 def _forward_weights(w_hh: torch.Tensor, allow_tf32: bool):
     """The forward's MMA operand: ``(weights, per-row scale or None)``."""
     if w_hh.dtype == torch.float32 and allow_tf32:
@@ -167,7 +174,7 @@ if _TRITON_IMPORT_ERROR is None:
         # One stage: the streamed path re-reads what the previous step wrote, which a software pipeline would
         # prefetch before it is written; the time loop has no independent iterations to overlap anyway.
         return [triton.Config({"BLOCK_B": block_b}, num_warps=warps, num_stages=1)
-                for block_b in (16, 32, 64, 128) for warps in (4, 8, 16)]
+                for block_b, warps in TILE_CANDIDATES]
 
     def _prune_configs(configs, named_args, **kwargs):
         """Drop batch tiles wider than the batch, and tiles whose ~6 live [H, BLOCK_B] fp32 tiles would spill."""
@@ -175,7 +182,7 @@ if _TRITON_IMPORT_ERROR is None:
         batch_tile_cap = max(_MIN_BLOCK, triton.next_power_of_2(args["B"]))
         kept = [config for config in configs
                 if config.kwargs["BLOCK_B"] <= batch_tile_cap
-                and config.kwargs["BLOCK_B"] * args["BLOCK_H"] <= 512 * config.num_warps]
+                and tile_fits(config.kwargs["BLOCK_B"], args["BLOCK_H"], config.num_warps)]
         return kept or [min(configs, key=lambda config: (config.kwargs["BLOCK_B"], -config.num_warps))]
 
     def _tuned(kernel):
