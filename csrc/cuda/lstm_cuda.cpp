@@ -67,28 +67,6 @@ struct Entry<Precision::kFloat64> {
   static constexpr auto backward = &rc::lstm_backward_fp64;
 };
 
-template <Precision P>
-struct PrecisionTag {
-  static constexpr Precision value = P;
-};
-
-// The one dtype dispatch of this file: `body(PrecisionTag<P>{})` for the runtime precision.
-template <class Body>
-void dispatch_precision(Precision precision, Body&& body) {
-  switch (precision) {
-    case Precision::kBfloat16:
-      return body(PrecisionTag<Precision::kBfloat16>{});
-    case Precision::kFloat16:
-      return body(PrecisionTag<Precision::kFloat16>{});
-    case Precision::kTf32:
-      return body(PrecisionTag<Precision::kTf32>{});
-    case Precision::kFloat32:
-      return body(PrecisionTag<Precision::kFloat32>{});
-    case Precision::kFloat64:
-      return body(PrecisionTag<Precision::kFloat64>{});
-  }
-}
-
 template <typename Op, typename = void>
 struct HasOperatorTf32Switch : std::false_type {};
 template <typename Op>
@@ -162,7 +140,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_recu
   at::Tensor cell = at::empty({D, T, B, H}, xw.options().dtype(rnn_fast::state_type(dtype)));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
 
-  dispatch_precision(precision, [&](auto tag) {
+  rc::dispatch_precision(precision, [&](auto tag) {
     using E = Entry<decltype(tag)::value>;
     using Elem = typename E::Elem;
     using State = typename E::State;
@@ -194,7 +172,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_recurrence_backward_cuda(
   at::Tensor grad_c0 = at::empty({D, B, H}, w_hh.options());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
 
-  dispatch_precision(precision, [&](auto tag) {
+  rc::dispatch_precision(precision, [&](auto tag) {
     using E = Entry<decltype(tag)::value>;
     using Elem = typename E::Elem;
     using State = typename E::State;

@@ -30,24 +30,8 @@ const char* recurrence_unsupported_reason(Precision precision, int hidden) {
     cudaGetLastError();
     return "the CUDA device's properties could not be read";
   }
-  bool fits = false;
-  switch (precision) {
-    case Precision::kBfloat16:
-      fits = both_directions_fit<Precision::kBfloat16>(hidden, device);
-      break;
-    case Precision::kFloat16:
-      fits = both_directions_fit<Precision::kFloat16>(hidden, device);
-      break;
-    case Precision::kTf32:
-      fits = both_directions_fit<Precision::kTf32>(hidden, device);
-      break;
-    case Precision::kFloat32:
-      fits = both_directions_fit<Precision::kFloat32>(hidden, device);
-      break;
-    case Precision::kFloat64:
-      fits = both_directions_fit<Precision::kFloat64>(hidden, device);
-      break;
-  }
+  const bool fits = dispatch_precision(
+      precision, [&](auto tag) { return both_directions_fit<decltype(tag)::value>(hidden, device); });
   if (fits) return nullptr;
   if (device.major < 9 && detail::round_up(hidden, detail::kHiddenAlign) > detail::kMaxWarps * detail::kUnitsPerWarp) {
     return "hidden_size above 64 needs thread block clusters, i.e. compute capability 9.0 (Hopper) or newer";

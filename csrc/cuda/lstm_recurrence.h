@@ -48,6 +48,30 @@ struct RecurrenceBackwardArgs {
 // How h @ W_hh^T and dgates @ W_hh are multiplied. kTf32 takes float32 tensors (cuDNN's allow_tf32 mode).
 enum class Precision { kBfloat16, kFloat16, kTf32, kFloat32, kFloat64 };
 
+template <Precision P>
+struct PrecisionTag {
+  static constexpr Precision value = P;
+};
+
+// `body(PrecisionTag<P>{})` for the runtime `precision`: the one switch from a runtime precision to the kernels'
+// compile-time one.
+template <class Body>
+auto dispatch_precision(Precision precision, Body&& body) {
+  switch (precision) {
+    case Precision::kBfloat16:
+      return body(PrecisionTag<Precision::kBfloat16>{});
+    case Precision::kFloat16:
+      return body(PrecisionTag<Precision::kFloat16>{});
+    case Precision::kTf32:
+      return body(PrecisionTag<Precision::kTf32>{});
+    case Precision::kFloat32:
+      return body(PrecisionTag<Precision::kFloat32>{});
+    case Precision::kFloat64:
+      break;
+  }
+  return body(PrecisionTag<Precision::kFloat64>{});
+}
+
 // nullptr when both kernels of `precision` can run a layer of `hidden` units on the current device, else why not.
 const char* recurrence_unsupported_reason(Precision precision, int hidden);
 
