@@ -14,7 +14,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Dict, List, NamedTuple, Optional
+from typing import Dict, List, NamedTuple
 
 ARCHITECTURES = (90, 80)
 HIDDEN = 128
@@ -117,7 +117,7 @@ def compile_cases(cases: List[Case]) -> List[Dict]:
     return records
 
 
-def run_in_subprocess(cases: List[Case], timeout: float = 900) -> Optional[List[Dict]]:
+def run_in_subprocess(cases: List[Case], timeout: float = 900) -> List[Dict]:
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[2]), env.get("PYTHONPATH", "")])
     result = subprocess.run([sys.executable, __file__, "--json", *map(str, cases)], env=env, capture_output=True,
