@@ -13,6 +13,11 @@ instrument families (synth_lead has no valid/test examples and is dropped).
       directory holds nsynth-{train,valid,test}/ from the official jsonwav tarballs (docs/nsynth.md). Add --model blstm or
       --model cnn for the other two models of the report.
 
+  python examples/train_nsynth.py --data-dir /path/to/nsynth --recipe robust --epochs 30 --batch-size 128
+      The same 2-layer LSTM in a recipe that generalises to unseen instruments: a log-mel front end computed on
+      the fly, loudness normalisation, augmentation, regularisation, a cosine schedule and the epoch of best
+      validation accuracy (rnn_fast/recipes.py). Each of its pieces has a flag (the "recipe" group below).
+
   torchrun --nproc_per_node=2 examples/train_nsynth.py ...
       DistributedDataParallel (gloo on CPU, NCCL on CUDA); --batch-size stays the global batch.
 
@@ -29,16 +34,19 @@ import torch
 
 import rnn_fast
 from rnn_fast import nsynth
+from rnn_fast.audio import FRONT_ENDS
 from rnn_fast.models import MODEL_NAMES, build_model
 from rnn_fast.ops.lstm import auto_backend
 from rnn_fast.plots import write_figures, write_report
-from rnn_fast.training import (Distributed, TrainingState, all_gather_objects, distributed_session, evaluate, fit,
-                               load_checkpoint, metrics_summary, restore_checkpoint, seed_everything, wrap_model,
-                               write_json)
+from rnn_fast.recipes import RECIPES, SCHEDULES, Recipe, class_weights, cosine_schedule
+from rnn_fast.training import (Distributed, Objective, TrainingState, all_gather_objects, distributed_session,
+                               evaluate, fit, load_checkpoint, metrics_summary, restore_checkpoint, seed_everything,
+                               wrap_model, write_json)
 
 CHECKPOINT = "checkpoint.pt"
-# Settings a resumed run must share with the checkpoint it continues (--epochs may grow).
-RESUME_KEYS = ("model_config", "classes", "lr", "batch_size", "seed")
+# Settings a resumed run must share with the checkpoint it continues (--epochs may grow, unless the learning
+# rate schedule spans the run).
+RESUME_KEYS = ("model_config", "classes", "recipe", "batch_size", "seed")
 
 QUICK_EPOCHS = 6
 QUICK_BATCH_SIZE = 64
@@ -60,7 +68,6 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     model.add_argument("--model", choices=MODEL_NAMES, default="lstm")
     model.add_argument("--hidden", type=int, default=128, help="LSTM hidden size (default 128)")
     model.add_argument("--layers", type=int, default=2, help="LSTM layers (default 2)")
-    model.add_argument("--dropout", type=float, default=0.0, help="dropout between LSTM layers")
     model.add_argument("--cnn-width", type=int, default=128, help="channels of the CNN's first block (M5: 128)")
     model.add_argument("--backend", choices=rnn_fast.BACKENDS, default="auto", help="rnn_fast.LSTM backend")
 
@@ -71,7 +78,6 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                        help=f"global batch, split evenly over torchrun processes; default {QUICK_BATCH_SIZE} "
                             "(quick demonstration); seed recipe: 768")
     train.add_argument("--eval-batch-size", type=int, default=512, help="examples per validation/test batch")
-    train.add_argument("--lr", type=float, default=0.003, help="Adam learning rate (default 0.003)")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     train.add_argument("--out", type=Path, help="run directory (default: runs/nsynth-MODEL)")
@@ -80,9 +86,56 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     existing.add_argument("--overwrite", action="store_true", help="start again, replacing OUT/checkpoint.pt")
     train.add_argument("--log-every", type=int, default=100, help="steps between progress lines")
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    recipe = parser.add_argument_group("recipe", "--recipe sets all of these; a flag given overrides its value "
+                                                 "(defaults below are the seed recipe's)")
+    recipe.add_argument("--recipe", choices=tuple(RECIPES), default="seed",
+                        help="seed: the course report's; robust: generalises to unseen instruments")
+    recipe.add_argument("--front-end", choices=FRONT_ENDS, help="LSTM input: raw 160-sample frames or log-mel")
+    recipe.add_argument("--n-mels", type=int, help="mel bands of the log-mel front end (robust: 64)")
+    recipe.add_argument("--loudness", action=argparse.BooleanOptionalAction,
+                        help="scale every example's first second to unit RMS")
+    recipe.add_argument("--max-delay", type=float, metavar="SECONDS", help="random onset delay in training")
+    recipe.add_argument("--noise-snr", type=_noise_snr, metavar="LOW,HIGH|off",
+                        help="white noise at a random SNR (dB) on half the training examples")
+    recipe.add_argument("--freq-masks", type=int, help="SpecAugment frequency masks (up to 8 bands each)")
+    recipe.add_argument("--time-masks", type=int, help="SpecAugment time masks (up to 10 frames each)")
+    recipe.add_argument("--dropout", type=float, help="dropout between LSTM layers and before the head")
+    recipe.add_argument("--mixup", type=float, metavar="ALPHA", help="mixup with Beta(ALPHA, ALPHA); 0 = off")
+    recipe.add_argument("--class-balanced", action=argparse.BooleanOptionalAction,
+                        help="weight the loss by inverse training class frequency")
+    recipe.add_argument("--lr", type=float, help="Adam learning rate (seed: 0.003)")
+    recipe.add_argument("--weight-decay", type=float, help="decoupled (AdamW) weight decay")
+    recipe.add_argument("--schedule", choices=SCHEDULES, help="learning rate schedule")
+    recipe.add_argument("--select-best", action=argparse.BooleanOptionalAction,
+                        help="test the epoch with the best validation accuracy instead of the last")
+    recipe.add_argument("--patience", type=int, help="with --select-best: stop after this many epochs without "
+                                                     "a better validation accuracy; 0 = never")
     args = parser.parse_args(argv)
     args.out = args.out or Path("runs") / f"nsynth-{args.model}"
     return args
+
+
+def _noise_snr(text: str) -> tuple:
+    if text == "off":
+        return ()
+    try:
+        low, high = (float(value) for value in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LOW,HIGH in dB or off, got {text!r}") from None
+    return low, high
+
+
+def resolve_recipe(args: argparse.Namespace) -> Recipe:
+    """``--recipe`` with every recipe flag given on the command line applied over it."""
+    fields = Recipe.__dataclass_fields__
+    recipe = RECIPES[args.recipe].replace(**{name: value for name, value in vars(args).items()
+                                             if name in fields and name != "name"})
+    if args.model == "cnn" and recipe.front_end_config() is not None:
+        raise SystemExit(f"--model cnn reads the raw waveform; the {recipe.name} recipe's front end is for the "
+                         "LSTM models (--front-end frames --no-loudness --max-delay 0 --noise-snr off "
+                         "--freq-masks 0 --time-masks 0 turns it off)")
+    return recipe
 
 
 def requested_device(args: argparse.Namespace) -> torch.device:
@@ -109,16 +162,16 @@ def prepare_data(args: argparse.Namespace, ctx: Distributed) -> Path:
     return all_gather_objects(cache_dir, ctx)[0]
 
 
-def run_config(args: argparse.Namespace) -> dict:
+def run_config(args: argparse.Namespace, recipe: Recipe) -> dict:
     """Stored in every checkpoint: ``build_model(**model_config)`` rebuilds the network (predict.py does)."""
     model_config = {"name": args.model, "num_classes": len(nsynth.CLASSES), "input_size": nsynth.FRAME_SIZE,
-                    "hidden_size": args.hidden, "num_layers": args.layers, "dropout": args.dropout,
-                    "cnn_width": args.cnn_width}
-    return {"model_config": model_config, "classes": list(nsynth.CLASSES), "lr": args.lr,
-            "batch_size": args.batch_size, "seed": args.seed}
+                    "hidden_size": args.hidden, "num_layers": args.layers, "dropout": recipe.dropout,
+                    "cnn_width": args.cnn_width, "front_end": recipe.front_end_config()}
+    return {"model_config": model_config, "classes": list(nsynth.CLASSES), "recipe": recipe.as_dict(),
+            "batch_size": args.batch_size, "seed": args.seed, "epochs": args.epochs}
 
 
-def resume_state(args, config, model, optimizer, ctx: Distributed) -> TrainingState:
+def resume_state(args, config, model, optimizer, scheduler, ctx: Distributed) -> TrainingState:
     path = args.out / CHECKPOINT
     if not path.exists() or args.overwrite:
         if args.resume and ctx.is_main:
@@ -128,11 +181,12 @@ def resume_state(args, config, model, optimizer, ctx: Distributed) -> TrainingSt
         raise SystemExit(f"{path} exists: pass --resume to continue that run, --overwrite to start it again, "
                          "or choose another --out")
     checkpoint = load_checkpoint(path)
-    different = {key: (checkpoint["config"][key], config[key]) for key in RESUME_KEYS
-                 if checkpoint["config"][key] != config[key]}
+    keys = RESUME_KEYS + (("epochs",) if scheduler is not None else ())
+    different = {key: (checkpoint["config"].get(key), config[key]) for key in keys
+                 if checkpoint["config"].get(key) != config[key]}
     if different:
         raise SystemExit(f"{path} was trained with other settings (checkpoint, now): {different}")
-    state = restore_checkpoint(checkpoint, model, optimizer, ctx)
+    state = restore_checkpoint(checkpoint, model, optimizer, ctx, scheduler)
     if ctx.is_main:
         print(f"resumed {path} after epoch {state.epoch}")
     return state
@@ -159,33 +213,42 @@ def _train(args: argparse.Namespace, argv: List[str], ctx: Distributed) -> Optio
     cache_dir = prepare_data(args, ctx)
     splits = {name: nsynth.load_split(cache_dir, name) for name in nsynth.SPLITS}
 
-    config = run_config(args)
+    recipe = resolve_recipe(args)
+    config = run_config(args, recipe)
     seed_everything(args.seed)
     model = build_model(**config["model_config"], backend=args.backend).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
-    state = resume_state(args, config, model, optimizer, ctx)
-    if state.epoch == 0 and ctx.rank:
-        seed_everything(args.seed + ctx.rank)  # dropout masks differ between ranks; weights come from rank 0
-    model = wrap_model(model, ctx, device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay,
+                                 decoupled_weight_decay=True)
     loader = nsynth.BatchLoader(splits["train"], args.batch_size // ctx.world_size, shuffle=True, drop_last=True,
                                 seed=args.seed, device=device, on_device=device.type == "cuda", rank=ctx.rank,
                                 world_size=ctx.world_size)
+    scheduler = (cosine_schedule(optimizer, args.epochs * len(loader), warmup_steps=len(loader))
+                 if recipe.schedule == "cosine" else None)
+    state = resume_state(args, config, model, optimizer, scheduler, ctx)
+    if state.epoch == 0 and ctx.rank:
+        # dropout masks and augmentation differ between ranks; weights come from rank 0
+        seed_everything(args.seed + ctx.rank)
+    model = wrap_model(model, ctx, device)
+    weights = class_weights(splits["train"].labels, len(nsynth.CLASSES)) if recipe.class_balanced else None
     if ctx.is_main:
         args.out.mkdir(parents=True, exist_ok=True)
-        print(f"{args.model}: {sum(p.numel() for p in model.parameters()):,} parameters, backend "
+        print(f"{args.model}, {recipe.name} recipe: {sum(p.numel() for p in model.parameters()):,} parameters, backend "
               f"{lstm_backend(args, device)}, {device}, {ctx.world_size} process(es); train/valid/test = "
               f"{len(splits['train'])}/{len(splits['valid'])}/{len(splits['test'])}; {len(loader)} steps/epoch")
 
     valid = splits["valid"]
     fit(model, optimizer, loader, valid.audio, valid.labels, args.epochs, state, args.out / CHECKPOINT, config,
-        device, ctx, args.eval_batch_size, args.log_every, progress=not args.no_progress)
+        device, ctx, args.eval_batch_size, args.log_every, progress=not args.no_progress,
+        objective=Objective(weights, recipe.mixup), scheduler=scheduler, select_best=recipe.select_best,
+        patience=recipe.patience)
     test = splits["test"]
     evaluation = evaluate(model, test.audio, test.labels, args.eval_batch_size, device, ctx)
     if not ctx.is_main:
         return None
 
     metrics = metrics_summary(args.model, lstm_backend(args, device), evaluation, nsynth.CLASSES,
-                              {name: len(split) for name, split in splits.items()}, state.history)
+                              {name: len(split) for name, split in splits.items()}, state.history,
+                              recipe.as_dict(), state.best_epoch or None)
     write_json(args.out / "metrics.json", metrics)
     figures = write_figures(args.out, metrics, test.audio, test.labels, test.sources, evaluation.probabilities,
                             nsynth.SOURCES)

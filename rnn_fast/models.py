@@ -1,7 +1,9 @@
 """NSynth instrument-family classifiers on the first second of audio, framed as ``[B, 100, 160]``.
 
 * :class:`LSTMClassifier`: the course report's model. A stack of :class:`rnn_fast.LSTM` layers over the 100
-  frames of 160 samples, then one linear layer on the last time step. For a bidirectional stack the "last time
+  frames of 160 samples, then one linear layer on the last time step. An optional :class:`rnn_fast.audio.FrontEnd`
+  turns the frames into other inputs first (a log-mel spectrogram, loudness normalisation, augmentation in
+  training mode), still 100 steps. For a bidirectional stack the "last time
   step" is each direction's final state: the forward direction after frame 99 and the reverse direction after
   frame 0 (``h_n`` of the last layer), because the reverse direction's output at frame 99 has seen one frame only.
 * :class:`M5Classifier`: the raw-waveform CNN baseline, M5 of Dai et al., "Very deep convolutional neural networks
@@ -9,35 +11,47 @@
   convolutions with batch norm, ReLU and 4x max pooling, global average pooling and a linear layer. It takes the
   same ``[B, 100, 160]`` batches and reads them back as the ``[B, 1, 16000]`` waveform.
 """
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
 
+from .audio import FrontEnd
 from .modules.lstm import LSTM
 
 MODEL_NAMES = ("lstm", "blstm", "cnn")
 
 
 class LSTMClassifier(nn.Module):
-    """``[B, T, input_size]`` frames -> ``[B, num_classes]`` logits through an LSTM stack and a linear head."""
+    """``[B, T, input_size]`` frames -> ``[B, num_classes]`` logits through an LSTM stack and a linear head.
+
+    ``dropout`` applies between LSTM layers and to the head's input. ``front_end`` holds the keyword arguments of
+    a :class:`~rnn_fast.audio.FrontEnd` that the frames go through first (its ``output_size`` then replaces
+    ``input_size``; it needs ``[B, 100, 160]`` frames); ``None`` feeds the frames to the LSTM as they are.
+    """
 
     def __init__(self, input_size: int = 160, hidden_size: int = 128, num_layers: int = 2, num_classes: int = 10,
-                 bidirectional: bool = False, dropout: float = 0.0, backend: str = "auto"):
+                 bidirectional: bool = False, dropout: float = 0.0, backend: str = "auto",
+                 front_end: Optional[dict] = None):
         super().__init__()
+        self.front_end = None if front_end is None else FrontEnd(**front_end)
+        if self.front_end is not None:
+            input_size = self.front_end.output_size
         self.lstm = LSTM(input_size, hidden_size, num_layers, batch_first=True, dropout=dropout,
                          bidirectional=bidirectional, backend=backend)
         self.num_directions = 2 if bidirectional else 1
+        self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(hidden_size * self.num_directions, num_classes)
 
     def features(self, frames: torch.Tensor) -> torch.Tensor:
         """``[B, D*H]``: the last layer's final state of each direction, forward first (nn.LSTM's output order)."""
-        _, (h_n, _) = self.lstm(frames)
+        inputs = frames if self.front_end is None else self.front_end(frames)
+        _, (h_n, _) = self.lstm(inputs)
         last_layer = h_n[-self.num_directions:]
         return last_layer.transpose(0, 1).reshape(frames.shape[0], -1)
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(frames))
+        return self.head(self.dropout(self.features(frames)))
 
 
 class M5Classifier(nn.Module):
@@ -70,14 +84,18 @@ class M5Classifier(nn.Module):
 
 
 def build_model(name: str, num_classes: int = 10, input_size: int = 160, hidden_size: int = 128,
-                num_layers: int = 2, dropout: float = 0.0, backend: str = "auto", cnn_width: int = 128) -> nn.Module:
+                num_layers: int = 2, dropout: float = 0.0, backend: str = "auto", cnn_width: int = 128,
+                front_end: Optional[dict] = None) -> nn.Module:
     """``"lstm"``, ``"blstm"`` (:class:`LSTMClassifier`) or ``"cnn"`` (:class:`M5Classifier`).
 
-    ``hidden_size``, ``num_layers``, ``dropout`` and ``backend`` apply to the LSTMs, ``cnn_width`` to the CNN.
+    ``hidden_size``, ``num_layers``, ``dropout``, ``backend`` and ``front_end`` apply to the LSTMs, ``cnn_width``
+    to the CNN.
     """
     if name in ("lstm", "blstm"):
         return LSTMClassifier(input_size, hidden_size, num_layers, num_classes, bidirectional=name == "blstm",
-                              dropout=dropout, backend=backend)
+                              dropout=dropout, backend=backend, front_end=front_end)
     if name == "cnn":
+        if front_end is not None:
+            raise ValueError("the CNN reads the raw waveform: front_end applies to the LSTM models only")
         return M5Classifier(num_classes, width=cnn_width)
     raise ValueError(f"unknown model {name!r}; expected one of {', '.join(MODEL_NAMES)}")

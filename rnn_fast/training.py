@@ -212,9 +212,34 @@ def _reduce_sum(totals: torch.Tensor, count: int, ctx: Distributed) -> List[floa
     return values.tolist()
 
 
+@dataclass
+class Objective:
+    """The loss of a training step: cross-entropy, weighted per class when ``class_weights`` is given, and with
+    ``mixup > 0`` on a batch mixed with a shuffled copy of itself (Zhang et al., 2018; the mixing weight is drawn
+    from Beta(mixup, mixup) once per batch from torch's generator, the loss mixes the two targets' losses alike).
+    The frames are mixed before the model, i.e. the two waveforms are added."""
+    class_weights: Optional[torch.Tensor] = None
+    mixup: float = 0.0
+
+    def __call__(self, model: nn.Module, frames: torch.Tensor, labels: torch.Tensor):
+        """``(loss, logits)``."""
+        weight = None if self.class_weights is None else self.class_weights.to(frames.device)
+        if not self.mixup:
+            logits = model(frames)
+            return F.cross_entropy(logits, labels, weight=weight), logits
+        share = torch.distributions.Beta(self.mixup, self.mixup).sample().item()
+        partner = torch.randperm(len(labels), device=frames.device)
+        logits = model(share * frames + (1 - share) * frames[partner])
+        loss = (share * F.cross_entropy(logits, labels, weight=weight)
+                + (1 - share) * F.cross_entropy(logits, labels[partner], weight=weight))
+        return loss, logits
+
+
 def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, epoch: int, epochs: int,
-                    ctx: Distributed = Distributed(), log_every: int = 100, progress: bool = True) -> Dict[str, float]:
-    """One pass over ``loader``; returns the epoch's mean training loss and accuracy over all ranks.
+                    ctx: Distributed = Distributed(), log_every: int = 100, progress: bool = True,
+                    objective: Objective = Objective(), scheduler=None) -> Dict[str, float]:
+    """One pass over ``loader``; returns the epoch's mean training loss and accuracy over all ranks (accuracy
+    against the batch's own labels, also under mixup). ``scheduler`` steps after every optimizer step.
 
     Every ``log_every`` steps rank 0 prints ``Epoch [e/E], Step [s/S], Loss: x, Accuracy: y%`` with the
     epoch's running mean loss and accuracy so far (all ranks). Totals stay on the device so that steps do not
@@ -226,11 +251,12 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
     bar = tqdm(total=steps, desc=f"epoch {epoch}/{epochs}", leave=False, disable=not (progress and ctx.is_main),
                dynamic_ncols=True)
     for step, (frames, labels) in enumerate(loader, start=1):
-        logits = model(frames)
-        loss = F.cross_entropy(logits, labels)
+        loss, logits = objective(model, frames, labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
         batch_totals = torch.stack([loss.detach().double() * len(labels),
                                     (logits.detach().argmax(dim=1) == labels).sum().double()])
         totals = batch_totals if totals is None else totals + batch_totals
@@ -270,11 +296,12 @@ def load_checkpoint(path: Path, map_location="cpu") -> dict:
 
 
 def load_classifier(path: Path, device: torch.device, backend: str = "auto"):
-    """``(model in eval mode, class names)`` from a checkpoint written by ``examples/train_nsynth.py``."""
+    """``(model in eval mode, class names)`` from a checkpoint written by ``examples/train_nsynth.py``: the
+    selected epoch's weights when the run selected one on validation, else the last epoch's."""
     checkpoint = load_checkpoint(path, map_location=device)
     config = checkpoint["config"]
     model = build_model(**config["model_config"], backend=backend).to(device)
-    model.load_state_dict(checkpoint["model"])
+    model.load_state_dict(checkpoint.get("best_model") or checkpoint["model"])
     return model.eval(), list(config["classes"])
 
 
@@ -289,22 +316,31 @@ def write_json(path: Path, obj) -> None:
 # --------------------------------------------------------------------------------------------------- the loop
 @dataclass
 class TrainingState:
-    """What a run has done so far; ``epoch`` counts finished epochs."""
+    """What a run has done so far; ``epoch`` counts finished epochs. With selection on validation,
+    ``best_epoch`` (0: none yet) is the epoch of highest validation accuracy and ``best_model`` its weights;
+    ``stopped`` is set once early stopping ended the run."""
     epoch: int = 0
     history: Optional[List[dict]] = None
+    best_epoch: int = 0
+    best_model: Optional[dict] = None
+    stopped: bool = False
 
     def __post_init__(self):
         self.history = [] if self.history is None else self.history
 
 
 def checkpoint_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: TrainingState, config: dict,
-                     ctx: Distributed) -> dict:
+                     ctx: Distributed, scheduler=None) -> dict:
     """The checkpoint dictionary; a collective (every rank's RNG state is gathered), so all ranks call it."""
     return {
         "model": unwrap_model(model).state_dict(),
         "optimizer": optimizer.state_dict(),
+        "scheduler": None if scheduler is None else scheduler.state_dict(),
         "epoch": state.epoch,
         "history": state.history,
+        "best_epoch": state.best_epoch,
+        "best_model": state.best_model,
+        "stopped": state.stopped,
         "config": config,
         "rng": all_gather_objects(capture_rng_state(), ctx),
         "world_size": ctx.world_size,
@@ -312,50 +348,75 @@ def checkpoint_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: 
 
 
 def restore_checkpoint(checkpoint: dict, model: nn.Module, optimizer: torch.optim.Optimizer,
-                       ctx: Distributed) -> TrainingState:
-    """Loads weights, optimizer and this rank's RNG state; returns the finished epochs and history."""
+                       ctx: Distributed, scheduler=None) -> TrainingState:
+    """Loads weights, optimizer, scheduler and this rank's RNG state; returns the run's progress."""
     unwrap_model(model).load_state_dict(checkpoint["model"])
     optimizer.load_state_dict(checkpoint["optimizer"])
+    if scheduler is not None:
+        scheduler.load_state_dict(checkpoint["scheduler"])
     if checkpoint["world_size"] != ctx.world_size:
         raise ValueError(f"the checkpoint was written by {checkpoint['world_size']} process(es) and this job has "
                          f"{ctx.world_size}: resume with the same number of processes")
     restore_rng_state(checkpoint["rng"][ctx.rank])
-    return TrainingState(checkpoint["epoch"], list(checkpoint["history"]))
+    return TrainingState(checkpoint["epoch"], list(checkpoint["history"]), checkpoint.get("best_epoch", 0),
+                         checkpoint.get("best_model"), checkpoint.get("stopped", False))
 
 
 def fit(model: nn.Module, optimizer: torch.optim.Optimizer, train_loader, valid_audio: np.ndarray,
         valid_labels: np.ndarray, epochs: int, state: TrainingState, checkpoint_path: Path, config: dict,
         device: torch.device, ctx: Distributed = Distributed(), eval_batch_size: int = 256, log_every: int = 100,
-        progress: bool = True) -> TrainingState:
+        progress: bool = True, objective: Objective = Objective(), scheduler=None, select_best: bool = False,
+        patience: int = 0) -> TrainingState:
     """Trains from ``state.epoch`` to ``epochs``: each epoch trains, validates, appends to the history, prints
-    a summary line and checkpoints (rank 0 writes)."""
+    a summary line and checkpoints (rank 0 writes).
+
+    With ``select_best`` the weights of the epoch with the highest validation accuracy (the earliest on a tie) are
+    kept, and loaded into ``model`` at the end; with ``patience > 0`` too, training stops once that many epochs in a
+    row have not beaten it (early stopping).
+    """
     for epoch in range(state.epoch + 1, epochs + 1):
+        if state.stopped:
+            break
         train_loader.set_epoch(epoch - 1)
         started = time.perf_counter()
-        train_metrics = train_one_epoch(model, train_loader, optimizer, epoch, epochs, ctx, log_every, progress)
+        train_metrics = train_one_epoch(model, train_loader, optimizer, epoch, epochs, ctx, log_every, progress,
+                                        objective, scheduler)
         epoch_seconds = time.perf_counter() - started
         validation = evaluate(model, valid_audio, valid_labels, eval_batch_size, device, ctx)
         state.history.append({"epoch": epoch, **train_metrics, "val_loss": validation.loss,
                               "val_accuracy": validation.accuracy, "epoch_seconds": epoch_seconds})
         state.epoch = epoch
+        if select_best and (not state.best_epoch
+                            or validation.accuracy > state.history[state.best_epoch - 1]["val_accuracy"]):
+            state.best_epoch = epoch
+            state.best_model = {key: value.detach().cpu().clone()
+                                for key, value in unwrap_model(model).state_dict().items()}
+        state.stopped = bool(select_best and patience and epoch - state.best_epoch >= patience)
         if ctx.is_main:
             tqdm.write(f"Epoch [{epoch}/{epochs}] train loss {train_metrics['train_loss']:.4f} "
                        f"acc {100 * train_metrics['train_accuracy']:.2f}% | val loss {validation.loss:.4f} "
-                       f"acc {100 * validation.accuracy:.2f}% | {epoch_seconds:.1f} s")
-        checkpoint = checkpoint_state(model, optimizer, state, config, ctx)
+                       f"acc {100 * validation.accuracy:.2f}% | {epoch_seconds:.1f} s"
+                       + (f" | early stop, best epoch {state.best_epoch}" if state.stopped else ""))
+        checkpoint = checkpoint_state(model, optimizer, state, config, ctx, scheduler)
         if ctx.is_main:
             save_checkpoint(checkpoint_path, checkpoint)
+    if select_best and state.best_model is not None:
+        unwrap_model(model).load_state_dict(state.best_model)
     return state
 
 
 def metrics_summary(model_name: str, backend: str, evaluation: Evaluation, classes: Sequence[str],
-                    counts: Dict[str, int], history: List[dict]) -> dict:
-    """The content of ``metrics.json``; per-class accuracy is None for a class absent from the test split."""
+                    counts: Dict[str, int], history: List[dict], recipe: Optional[dict] = None,
+                    tested_epoch: Optional[int] = None) -> dict:
+    """The content of ``metrics.json``; per-class accuracy is None for a class absent from the test split.
+    ``tested_epoch`` is the epoch whose weights were tested (default: the last)."""
     confusion = evaluation.confusion(len(classes))
     per_class = per_class_accuracy(confusion)
     return {
         "model": model_name,
         "backend": backend,
+        "recipe": recipe,
+        "tested_epoch": tested_epoch or (history[-1]["epoch"] if history else 0),
         "test_accuracy": evaluation.accuracy,
         "per_class_accuracy": {name: (None if math.isnan(value) else float(value))
                                for name, value in zip(classes, per_class)},

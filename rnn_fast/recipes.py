@@ -1,0 +1,95 @@
+"""Training recipes of the NSynth classifiers: everything around the 2-layer LSTM that ``examples/train_nsynth.py``
+``--recipe`` selects, as one frozen :class:`Recipe`.
+
+* ``seed``: the course report's recipe: the raw 160-sample frames, Adam at a constant lr 0.003, plain
+  cross-entropy, no regularisation, the last epoch's model.
+* ``robust``: the pieces that an ablation on the development set kept because they help on instruments the model
+  has never heard (docs/nsynth.md, "Choosing the robust recipe").
+
+Every field can be overridden (``Recipe.replace`` / the script's flags), which is how the ablation ran.
+"""
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import numpy as np
+import torch
+
+SCHEDULES = ("constant", "cosine")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str = "seed"
+    # The front end (rnn_fast.audio.FrontEnd), part of the model.
+    front_end: str = "frames"
+    n_mels: int = 64
+    loudness: bool = False
+    max_delay: float = 0.0             # seconds of random onset delay (training only)
+    noise_snr: Tuple[float, ...] = ()  # (low, high) dB of added white noise (training only); () = none
+    freq_masks: int = 0                # SpecAugment masks (training only)
+    time_masks: int = 0
+    # Regularisation and optimisation.
+    dropout: float = 0.0               # between the LSTM layers and before the head
+    mixup: float = 0.0                 # Beta(a, a) mixup of waveforms and targets; 0 = off
+    class_balanced: bool = False       # cross-entropy weighted by inverse training class frequency
+    lr: float = 0.003
+    weight_decay: float = 0.0          # decoupled (AdamW); 0 is Adam
+    schedule: str = "constant"         # or "cosine": one epoch of linear warm-up, then cosine decay to 0
+    select_best: bool = False          # test (and save for predict.py) the epoch of best validation accuracy
+    patience: int = 0                  # with select_best: stop after this many epochs without improvement
+
+    def __post_init__(self):
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {self.schedule!r}; expected one of {', '.join(SCHEDULES)}")
+        if self.patience and not self.select_best:
+            raise ValueError("patience (early stopping) needs select_best")
+        if len(self.noise_snr) not in (0, 2):
+            raise ValueError(f"noise_snr is (low, high) dB or () for no noise, got {self.noise_snr}")
+
+    def replace(self, **changes) -> "Recipe":
+        """A copy with ``changes``; a ``None`` value keeps the field (so unset command-line flags change nothing)."""
+        return dataclasses.replace(self, **{key: value for key, value in changes.items() if value is not None})
+
+    def front_end_config(self) -> Optional[dict]:
+        """Keyword arguments of :class:`rnn_fast.audio.FrontEnd`, or ``None`` for the seed's plain frames."""
+        config = {"kind": self.front_end, "loudness": self.loudness, "max_delay": self.max_delay,
+                  "noise_snr": list(self.noise_snr) or None,
+                  "freq_masks": self.freq_masks, "time_masks": self.time_masks}
+        if self.front_end == "logmel":
+            config["n_mels"] = self.n_mels
+        plain = {"kind": "frames", "loudness": False, "max_delay": 0.0, "noise_snr": None, "freq_masks": 0,
+                 "time_masks": 0}
+        return None if config == plain else config
+
+    def as_dict(self) -> dict:
+        """Plain values (lists, not tuples), as stored in checkpoints and metrics.json."""
+        return {key: list(value) if isinstance(value, tuple) else value
+                for key, value in dataclasses.asdict(self).items()}
+
+
+RECIPES = {
+    "seed": Recipe(),
+    "robust": Recipe(name="robust", front_end="logmel", loudness=True, max_delay=0.05, noise_snr=(10.0, 40.0),
+                     freq_masks=2, time_masks=2, dropout=0.2, mixup=0.2, lr=0.003, weight_decay=0.01,
+                     schedule="cosine", select_best=True),
+}
+
+
+def class_weights(labels: np.ndarray, num_classes: int) -> torch.Tensor:
+    """``count / (num_classes * count_c)`` per class (1 everywhere for balanced labels); 0 for an absent class."""
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_classes).astype(np.float64)
+    weights = np.where(counts > 0, counts.sum() / (num_classes * np.maximum(counts, 1)), 0.0)
+    return torch.tensor(weights, dtype=torch.float32)
+
+
+def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int,
+                    warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Per-step learning-rate factor: linear from ``1 / warmup_steps`` to 1 over ``warmup_steps``, then half a
+    cosine from 1 down to 0 at ``total_steps``."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return 0.5 * (1.0 + np.cos(np.pi * progress))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
