@@ -16,8 +16,10 @@ never read until ``final``.
   python benchmarks/nsynth_dev.py time --data-dir /data/gm-nsynth           # epoch seconds, alternating
   python benchmarks/nsynth_dev.py report                                    # docs/nsynth-dev/report.md
 
-Every run is ``examples/train_nsynth.py`` in a subprocess under ``nice -n 10``; results are appended to
-``benchmarks/results/nsynth-dev-*.json`` as each run ends (a rerun skips what is recorded).
+Every run is ``examples/train_nsynth.py`` in a subprocess under ``nice -n 10`` with ``OMP_NUM_THREADS`` =
+``$NSYNTH_DEV_THREADS`` (default 1: on a 2-core machine shared with other jobs, one thread wastes no time waiting
+for a descheduled partner in every step's barriers); results are appended to ``benchmarks/results/nsynth-dev-*.json``
+as each run ends (a rerun skips what is recorded). Thread counts change no accuracy beyond summation order.
 """
 import argparse
 import json
@@ -33,6 +35,7 @@ from typing import Dict, List, Optional
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
+THREADS = int(os.environ.get("NSYNTH_DEV_THREADS", "1"))
 SPLIT_DIRS = {"train": "nsynth-train", "valid": "nsynth-valid", "test": "nsynth-test"}
 
 
@@ -85,7 +88,7 @@ def train(name: str, data_dir: Path, flags: List[str], seed: int, results: Path,
             "--out", str(out), "--overwrite", "--no-progress", "--log-every", "1000000"]
     started = time.perf_counter()
     completed = subprocess.run(["nice", "-n", "10", sys.executable, *argv], cwd=REPO, capture_output=True, text=True,
-                               env={**os.environ, "PYTHONPATH": str(REPO)})
+                               env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(THREADS)})
     if completed.returncode:
         raise SystemExit(f"{key} failed:\n{completed.stderr[-4000:]}")
     metrics = json.loads((out / "metrics.json").read_text())
@@ -117,6 +120,89 @@ def _line(record: dict, unseen_name: str) -> str:
             f"{record['epochs_run']}  {record['median_epoch_seconds']:.1f} s/epoch")
 
 
+# ------------------------------------------------------------------------------------------------ the study
+# Both recipes train for the same epochs at the same batch, in the ablation and in the final runs.
+COMMON = ["--device", "cpu", "--backend", "cpu", "--epochs", "20", "--batch-size", "64"]
+# Each piece of the robust recipe left out, and each piece it does not use added, on seed 0.
+ABLATIONS = {
+    "seed": ["--recipe", "seed"],
+    "robust": ["--recipe", "robust"],
+    "robust, raw frames (no log-mel)": ["--recipe", "robust", "--front-end", "frames"],
+    "robust, no loudness normalisation": ["--recipe", "robust", "--no-loudness"],
+    "robust, no onset delay": ["--recipe", "robust", "--max-delay", "0"],
+    "robust, no noise": ["--recipe", "robust", "--noise-snr", "off"],
+    "robust, no SpecAugment": ["--recipe", "robust", "--freq-masks", "0", "--time-masks", "0"],
+    "robust, no mixup": ["--recipe", "robust", "--mixup", "0"],
+    "robust, no dropout": ["--recipe", "robust", "--dropout", "0"],
+    "robust, no weight decay": ["--recipe", "robust", "--weight-decay", "0"],
+    "robust, constant lr": ["--recipe", "robust", "--schedule", "constant"],
+    "robust, last epoch (no selection)": ["--recipe", "robust", "--no-select-best"],
+    "robust + class-balanced loss": ["--recipe", "robust", "--class-balanced"],
+    "robust + early stopping (patience 4)": ["--recipe", "robust", "--patience", "4"],
+}
+FINAL = {"seed": ["--recipe", "seed"], "robust": ["--recipe", "robust"]}
+FINAL_SEEDS = (0, 1, 2)
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9+]+", "-", name.lower()).strip("-")
+
+
+def ablate(data_dir: Path, names: List[str], seeds: List[int], results: Path) -> None:
+    for name in names:
+        for seed in seeds:
+            print(_line(train(_slug(name), data_dir, ABLATIONS[name], seed, results, COMMON), "unseen"),
+                  flush=True)
+
+
+def final(data_dir: Path, seeds: List[int], results: Path) -> None:
+    for seed in seeds:  # seed by seed, so that a cut-off session leaves both recipes at equal counts
+        for name, flags in FINAL.items():
+            print(_line(train(f"final-{name}", data_dir, flags, seed, results, COMMON), "test"), flush=True)
+
+
+def time_epochs(data_dir: Path, rounds: int, threads: int, batch_size: int, model_name: str) -> dict:
+    """Median seconds of one training epoch of each recipe over the development set's train split, measured
+    like the training script's ``epoch_seconds`` (``train_one_epoch``: batches from the cache, the recipe's
+    objective and schedule) in this one process, a warm-up epoch each, then ``rounds`` rounds alternating the
+    recipes epoch by epoch so that a slow spell of the shared machine hits both alike."""
+    import torch
+
+    from rnn_fast import nsynth
+    from rnn_fast.models import build_model
+    from rnn_fast.recipes import RECIPES, class_weights, cosine_schedule
+    from rnn_fast.training import Objective, seed_everything, train_one_epoch
+
+    torch.set_num_threads(threads)
+    split = nsynth.load_split(data_dir / "rnn_fast_cache", "train")
+    runs = {}
+    for name in FINAL:
+        recipe = RECIPES[name]
+        seed_everything(0)
+        model = build_model(model_name, front_end=recipe.front_end_config(), dropout=recipe.dropout, backend="cpu")
+        optimizer = torch.optim.Adam(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay,
+                                     decoupled_weight_decay=True)
+        loader = nsynth.BatchLoader(split, batch_size, seed=0)
+        scheduler = (cosine_schedule(optimizer, (rounds + 1) * len(loader), len(loader))
+                     if recipe.schedule == "cosine" else None)
+        weights = class_weights(split.labels, len(nsynth.CLASSES)) if recipe.class_balanced else None
+        runs[name] = (model, loader, optimizer, Objective(weights, recipe.mixup), scheduler)
+    seconds = {name: [] for name in runs}
+    for round_index in range(rounds + 1):
+        for name, (model, loader, optimizer, objective, scheduler) in runs.items():
+            loader.set_epoch(round_index)
+            started = time.perf_counter()
+            train_one_epoch(model, loader, optimizer, round_index, rounds, progress=False, objective=objective,
+                            scheduler=scheduler)
+            if round_index:  # round 0 warms up
+                seconds[name].append(time.perf_counter() - started)
+    ratios = [robust / seed for seed, robust in zip(seconds["seed"], seconds["robust"])]
+    return {"model": model_name, "batch_size": batch_size, "threads": threads, "train_examples": len(split),
+            "steps_per_epoch": len(runs["seed"][1]), "seconds": seconds,
+            "median_seconds": {name: statistics.median(values) for name, values in seconds.items()},
+            "median_ratio_robust_to_seed": statistics.median(ratios), "ratios": ratios}
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -126,20 +212,38 @@ def main(argv: Optional[List[str]] = None) -> None:
     layout.add_argument("target", type=Path)
     layout.add_argument("--train", default="fluid", help="soundfont to train on")
     layout.add_argument("--unseen", default="csound", help="soundfont whose notes score the choices")
-    explore = commands.add_parser("run", help="one named run on the ablation layout: run NAME -- FLAGS")
+    explore = commands.add_parser("run", help="one named exploratory run: run NAME -- FLAGS")
     explore.add_argument("name")
     explore.add_argument("flags", nargs=argparse.REMAINDER)
-    explore.add_argument("--data-dir", type=Path, required=True)
-    explore.add_argument("--seed", type=int, default=0)
-    explore.add_argument("--results", type=Path, default=RESULTS / "nsynth-dev-explore.json")
+    ablation = commands.add_parser("ablate", help="the ABLATIONS runs on the ablation layout")
+    ablation.add_argument("--only", nargs="+", choices=tuple(ABLATIONS), default=list(ABLATIONS), metavar="NAME")
+    finals = commands.add_parser("final", help="both recipes over the seeds on the development set, test once")
+    timing = commands.add_parser("time", help="epoch seconds of both recipes, alternating in one process")
+    timing.add_argument("--rounds", type=int, default=5)
+    timing.add_argument("--threads", type=int, default=2)
+    timing.add_argument("--batch-size", type=int, default=int(COMMON[COMMON.index("--batch-size") + 1]))
+    timing.add_argument("--model", default="lstm")
+    for command, default in ((explore, "explore"), (ablation, "ablation"), (finals, "final"), (timing, "epoch")):
+        command.add_argument("--data-dir", type=Path, required=True)
+        command.add_argument("--results", type=Path, default=RESULTS / f"nsynth-dev-{default}.json")
+    for command, seeds in ((explore, [0]), (ablation, [0]), (finals, list(FINAL_SEEDS))):
+        command.add_argument("--seeds", type=int, nargs="+", default=seeds)
     args = parser.parse_args(argv)
     if args.command == "layout":
         print(derive_layout(args.source, args.target, args.train, args.unseen))
     elif args.command == "run":
         flags = args.flags[1:] if args.flags[:1] == ["--"] else args.flags
-        print(_line(train(args.name, args.data_dir, flags, args.seed, args.results, ["--device", "cpu",
-                                                                                     "--backend", "cpu"]),
-                    "unseen"))
+        for seed in args.seeds:
+            print(_line(train(args.name, args.data_dir, flags, seed, args.results, COMMON), "unseen"))
+    elif args.command == "ablate":
+        ablate(args.data_dir, args.only, args.seeds, args.results)
+    elif args.command == "final":
+        final(args.data_dir, args.seeds, args.results)
+    elif args.command == "time":
+        record = time_epochs(args.data_dir, args.rounds, args.threads, args.batch_size, args.model)
+        args.results.write_text(json.dumps({"command": shlex.join(["python", *sys.argv]),
+                                            "date": time.strftime("%Y-%m-%d"), **record}, indent=1) + "\n")
+        print(json.dumps(record["median_seconds"]), f"ratio {record['median_ratio_robust_to_seed']:.2f}")
 
 
 if __name__ == "__main__":

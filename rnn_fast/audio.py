@@ -73,7 +73,8 @@ class LogMel(nn.Module):
     def forward(self, waveform: torch.Tensor) -> torch.Tensor:
         spectrum = torch.stft(waveform, self.n_fft, self.hop_length, window=self.window.to(waveform.dtype),
                               center=True, pad_mode="reflect", return_complex=True)
-        power = spectrum[..., :self.frames].abs().square().transpose(1, 2)  # [B, frames, n_fft // 2 + 1]
+        # |X|^2 as re^2 + im^2: no square root, unlike abs().square()
+        power = torch.view_as_real(spectrum[..., :self.frames]).square().sum(dim=-1).transpose(1, 2)
         return torch.log(power @ self.filterbank.to(power.dtype) + LOG_FLOOR)
 
 

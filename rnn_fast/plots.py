@@ -52,25 +52,42 @@ def plot_accuracy_curves(history: List[dict], path: Path) -> None:
     _curves(history, ("train_accuracy", "val_accuracy"), ("train", "validation"), "accuracy (%)", path, 100.0)
 
 
+def row_normalised(confusion: np.ndarray) -> np.ndarray:
+    """Each row divided by its total (per-class recall on the diagonal); an empty row stays 0."""
+    confusion = np.asarray(confusion)
+    return confusion / np.maximum(confusion.sum(axis=1, keepdims=True), 1)
+
+
+def _matrix_panel(figure, axis, matrix: np.ndarray, classes: Sequence[str], title: str, fmt: str,
+                  vmax: Optional[float] = None) -> None:
+    image = axis.imshow(matrix, cmap="Blues", vmin=0, vmax=vmax)
+    threshold = (matrix.max() if vmax is None else vmax) / 2 if matrix.size else 0
+    for (row, column), value in np.ndenumerate(matrix):
+        axis.text(column, row, format(value, fmt), ha="center", va="center", fontsize=7,
+                  color="white" if value > threshold else "black")
+    axis.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
+    axis.set_yticks(range(len(classes)), classes)
+    axis.set_xlabel("predicted family")
+    axis.set_ylabel("true family")
+    axis.set_title(title)
+    figure.colorbar(image, ax=axis, fraction=0.046)
+
+
 def plot_confusion_matrix(confusion: np.ndarray, classes: Sequence[str], path: Path) -> None:
     """Counts on the left, each row divided by its total (per-class recall on the diagonal) on the right."""
     confusion = np.asarray(confusion)
-    totals = confusion.sum(axis=1, keepdims=True)
-    normalised = confusion / np.maximum(totals, 1)
     figure, axes = plt.subplots(1, 2, figsize=(13, 5.8))
-    for axis, matrix, title, fmt in ((axes[0], confusion, "counts", "d"),
-                                     (axes[1], normalised, "row-normalised", ".2f")):
-        image = axis.imshow(matrix, cmap="Blues", vmin=0)
-        threshold = matrix.max() / 2 if matrix.size else 0
-        for (row, column), value in np.ndenumerate(matrix):
-            axis.text(column, row, format(value, fmt), ha="center", va="center", fontsize=7,
-                      color="white" if value > threshold else "black")
-        axis.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
-        axis.set_yticks(range(len(classes)), classes)
-        axis.set_xlabel("predicted family")
-        axis.set_ylabel("true family")
-        axis.set_title(title)
-        figure.colorbar(image, ax=axis, fraction=0.046)
+    _matrix_panel(figure, axes[0], confusion, classes, "counts", "d")
+    _matrix_panel(figure, axes[1], row_normalised(confusion), classes, "row-normalised", ".2f")
+    _save(figure, path)
+
+
+def plot_confusion_comparison(confusions: Dict[str, np.ndarray], classes: Sequence[str], path: Path) -> None:
+    """One row-normalised confusion matrix per entry of ``confusions`` (title -> counts), side by side on one
+    colour scale."""
+    figure, axes = plt.subplots(1, len(confusions), figsize=(6.5 * len(confusions), 5.8), squeeze=False)
+    for axis, (title, confusion) in zip(axes[0], confusions.items()):
+        _matrix_panel(figure, axis, row_normalised(confusion), classes, title, ".2f", vmax=1.0)
     _save(figure, path)
 
 
@@ -180,6 +197,8 @@ def write_report(run_dir: Path, metrics: dict, figures: Dict[str, str], command:
         "",
         f"Command: `{command}`",
         "",
+        *([f"Recipe: {metrics['recipe']['name']}; tested the weights of epoch {metrics['tested_epoch']}.", ""]
+          if metrics.get("recipe") else []),
         "| model | LSTM backend | test accuracy | train / valid / test examples | epochs | mean epoch time |",
         "|---|---|---|---|---|---|",
         f"| {metrics['model']} | {metrics['backend']} | {100 * metrics['test_accuracy']:.2f}% | "

@@ -9,6 +9,7 @@
 Every field can be overridden (``Recipe.replace`` / the script's flags), which is how the ablation ran.
 """
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -91,5 +92,5 @@ def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int,
         if step < warmup_steps:
             return (step + 1) / warmup_steps
         progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return 0.5 * (1.0 + np.cos(np.pi * progress))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))  # a Python float: checkpoints load weights_only
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

@@ -2,8 +2,8 @@
 import matplotlib.image
 import numpy as np
 
-from rnn_fast.plots import (FIGURES, extreme_examples, pick_example_families, plot_per_class_accuracy,
-                            write_report)
+from rnn_fast.plots import (FIGURES, extreme_examples, pick_example_families, plot_confusion_comparison,
+                            plot_per_class_accuracy, row_normalised, write_report)
 
 
 def test_extreme_examples_pick_the_top_probability_and_the_smallest_top_two_gap():
@@ -41,3 +41,18 @@ def test_report_lists_numbers_and_links_every_figure(tmp_path):
     assert "| 2 | 1.0000 | 40.00% | 1.0500 | 38.00% | 12.0 |" in report
     for key, (name, caption) in FIGURES.items():
         assert f"### {caption}\n\n![{key}]({name})" in report
+
+
+def test_row_normalised_confusion_gives_each_rows_recall():
+    confusion = np.array([[3, 1, 0], [0, 0, 0], [2, 2, 4]])
+    np.testing.assert_allclose(row_normalised(confusion), [[0.75, 0.25, 0], [0, 0, 0], [0.25, 0.25, 0.5]])
+
+
+def test_confusion_comparison_draws_one_panel_per_run(tmp_path):
+    classes = ["bass", "brass", "flute"]
+    confusions = {"seed": np.array([[3, 1, 0], [0, 2, 2], [1, 0, 5]]), "robust": np.eye(3, dtype=int) * 4}
+    plot_confusion_comparison(confusions, classes, tmp_path / "one.png")
+    plot_confusion_comparison({"seed": confusions["seed"]}, classes, tmp_path / "two.png")
+    wide, narrow = (matplotlib.image.imread(tmp_path / name) for name in ("one.png", "two.png"))
+    assert wide.shape[0] == narrow.shape[0] and wide.shape[1] > 1.8 * narrow.shape[1]
+    assert wide[..., :3].std() > 0.01

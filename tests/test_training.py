@@ -25,17 +25,18 @@ from sklearn.metrics import accuracy_score
 from sklearn.metrics import confusion_matrix as sklearn_confusion_matrix
 from sklearn.metrics import recall_score
 
-from rnn_fast import nsynth
+from rnn_fast import nsynth, training
 from rnn_fast.models import build_model
 from rnn_fast.ops.lstm import auto_backend
 from rnn_fast.plots import FIGURES
+from rnn_fast.recipes import RECIPES
 from rnn_fast.training import (Distributed, accuracy, capture_rng_state, confusion_matrix, evaluate,
                                load_checkpoint, per_class_accuracy, restore_rng_state, save_checkpoint, shard_bounds)
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
 EPOCHS = 4
-METRICS_KEYS = {"model", "backend", "test_accuracy", "per_class_accuracy", "confusion_matrix", "classes", "n_train",
+METRICS_KEYS = {"model", "backend", "recipe", "tested_epoch", "test_accuracy", "per_class_accuracy", "confusion_matrix", "classes", "n_train",
                 "n_valid", "n_test", "history"}
 HISTORY_KEYS = {"epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "epoch_seconds"}
 
@@ -228,6 +229,38 @@ def test_resume_after_kill_reproduces_the_uninterrupted_run(reference_run, datas
         train_nsynth.main(run_args(dataset, out))
     resumed = train_nsynth.main(run_args(dataset, out) + ["--resume"])
     assert without_timings(resumed) == without_timings(reference_run[1])
+
+
+def test_robust_recipe_beats_chance_and_resumes_exactly(dataset, tmp_path, monkeypatch):
+    """A few seconds of the robust recipe (log-mel front end, augmentation, mixup, cosine schedule, best-epoch
+    selection) on the synthetic set beats chance (10%). Interrupted after its first checkpoint and resumed, it ends
+    with the uninterrupted run's metrics: the schedule, the selected weights and the RNG states are checkpointed."""
+    def robust_args(out: Path):
+        return run_args(dataset, out, epochs=2) + ["--recipe", "robust", "--lr", "0.01"]
+
+    metrics = train_nsynth.main(robust_args(tmp_path / "robust"))
+    assert metrics["recipe"] == RECIPES["robust"].replace(lr=0.01).as_dict()
+    assert metrics["test_accuracy"] >= 0.25, metrics
+    assert metrics["tested_epoch"] == 1 + int(np.argmax([entry["val_accuracy"] for entry in metrics["history"]]))
+    checkpoint = load_checkpoint(tmp_path / "robust" / train_nsynth.CHECKPOINT)
+    served, _ = training.load_classifier(tmp_path / "robust" / train_nsynth.CHECKPOINT, torch.device("cpu"))
+    assert all(torch.equal(value, checkpoint["best_model"][name]) for name, value in served.state_dict().items())
+
+    save_checkpoint = training.save_checkpoint
+
+    def save_then_stop(path, state):
+        save_checkpoint(path, state)
+        if state["epoch"] == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "save_checkpoint", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        train_nsynth.main(robust_args(tmp_path / "interrupted"))
+    monkeypatch.undo()
+    with pytest.raises(SystemExit, match="epochs"):  # the cosine schedule spans the run: its length is fixed
+        train_nsynth.main(robust_args(tmp_path / "interrupted") + ["--epochs", "3", "--resume"])
+    resumed = train_nsynth.main(robust_args(tmp_path / "interrupted") + ["--resume"])
+    assert without_timings(resumed) == without_timings(metrics)
 
 
 @pytest.mark.parametrize("model,size_flags", [("blstm", ["--hidden", "8"]), ("cnn", ["--cnn-width", "4"])])
