@@ -170,8 +170,8 @@ def time_epochs(data_dir: Path, rounds: int, threads: int, batch_size: int, mode
 
     from rnn_fast import nsynth
     from rnn_fast.models import build_model
-    from rnn_fast.recipes import RECIPES, class_weights, cosine_schedule
-    from rnn_fast.training import Objective, seed_everything, train_one_epoch
+    from rnn_fast.recipes import RECIPES
+    from rnn_fast.training import seed_everything, train_one_epoch
 
     torch.set_num_threads(threads)
     split = nsynth.load_split(data_dir / "rnn_fast_cache", "train")
@@ -179,14 +179,11 @@ def time_epochs(data_dir: Path, rounds: int, threads: int, batch_size: int, mode
     for name in FINAL:
         recipe = RECIPES[name]
         seed_everything(0)
-        model = build_model(model_name, front_end=recipe.front_end_config(), dropout=recipe.dropout, backend="cpu")
-        optimizer = torch.optim.Adam(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay,
-                                     decoupled_weight_decay=True)
+        model = build_model(model_name, **recipe.model_options(), backend="cpu")
+        optimizer = recipe.optimizer(model.parameters())
         loader = nsynth.BatchLoader(split, batch_size, seed=0)
-        scheduler = (cosine_schedule(optimizer, (rounds + 1) * len(loader), len(loader))
-                     if recipe.schedule == "cosine" else None)
-        weights = class_weights(split.labels, len(nsynth.CLASSES)) if recipe.class_balanced else None
-        runs[name] = (model, loader, optimizer, Objective(weights, recipe.mixup), scheduler)
+        runs[name] = (model, loader, optimizer, recipe.objective(split.labels, len(nsynth.CLASSES)),
+                      recipe.scheduler(optimizer, rounds + 1, len(loader)))
     seconds = {name: [] for name in runs}
     for round_index in range(rounds + 1):
         for name, (model, loader, optimizer, objective, scheduler) in runs.items():

@@ -35,11 +35,11 @@ import torch
 import rnn_fast
 from rnn_fast import nsynth
 from rnn_fast.audio import FRONT_ENDS
-from rnn_fast.models import MODEL_NAMES, build_model
+from rnn_fast.models import MODEL_NAMES, POOLINGS, build_model
 from rnn_fast.ops.lstm import auto_backend
 from rnn_fast.plots import write_figures, write_report
-from rnn_fast.recipes import RECIPES, SCHEDULES, Recipe, class_weights, cosine_schedule
-from rnn_fast.training import (Distributed, Objective, TrainingState, all_gather_objects, distributed_session,
+from rnn_fast.recipes import RECIPES, SCHEDULES, Recipe
+from rnn_fast.training import (Distributed, TrainingState, all_gather_objects, distributed_session,
                                evaluate, fit, load_checkpoint, metrics_summary, restore_checkpoint, seed_everything,
                                wrap_model, write_json)
 
@@ -100,6 +100,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                         help="white noise at a random SNR (dB) on half the training examples")
     recipe.add_argument("--freq-masks", type=int, help="SpecAugment frequency masks (up to 8 bands each)")
     recipe.add_argument("--time-masks", type=int, help="SpecAugment time masks (up to 10 frames each)")
+    recipe.add_argument("--pooling", choices=POOLINGS, help="the head reads the LSTM's last step or its mean over "
+                                                            "the steps")
     recipe.add_argument("--dropout", type=float, help="dropout between LSTM layers and before the head")
     recipe.add_argument("--mixup", type=float, metavar="ALPHA", help="mixup with Beta(ALPHA, ALPHA); 0 = off")
     recipe.add_argument("--class-balanced", action=argparse.BooleanOptionalAction,
@@ -131,10 +133,10 @@ def resolve_recipe(args: argparse.Namespace) -> Recipe:
     fields = Recipe.__dataclass_fields__
     recipe = RECIPES[args.recipe].replace(**{name: value for name, value in vars(args).items()
                                              if name in fields and name != "name"})
-    if args.model == "cnn" and recipe.front_end_config() is not None:
-        raise SystemExit(f"--model cnn reads the raw waveform; the {recipe.name} recipe's front end is for the "
-                         "LSTM models (--front-end frames --no-loudness --max-delay 0 --noise-snr off "
-                         "--freq-masks 0 --time-masks 0 turns it off)")
+    if args.model == "cnn" and (recipe.front_end_config() is not None or recipe.pooling != "last"):
+        raise SystemExit(f"--model cnn reads the raw waveform; the {recipe.name} recipe's front end and pooling "
+                         "are for the LSTM models (--front-end frames --no-loudness --max-delay 0 --noise-snr off "
+                         "--freq-masks 0 --time-masks 0 --pooling last turns them off)")
     return recipe
 
 
@@ -165,8 +167,8 @@ def prepare_data(args: argparse.Namespace, ctx: Distributed) -> Path:
 def run_config(args: argparse.Namespace, recipe: Recipe) -> dict:
     """Stored in every checkpoint: ``build_model(**model_config)`` rebuilds the network (predict.py does)."""
     model_config = {"name": args.model, "num_classes": len(nsynth.CLASSES), "input_size": nsynth.FRAME_SIZE,
-                    "hidden_size": args.hidden, "num_layers": args.layers, "dropout": recipe.dropout,
-                    "cnn_width": args.cnn_width, "front_end": recipe.front_end_config()}
+                    "hidden_size": args.hidden, "num_layers": args.layers, "cnn_width": args.cnn_width,
+                    **recipe.model_options()}
     return {"model_config": model_config, "classes": list(nsynth.CLASSES), "recipe": recipe.as_dict(),
             "batch_size": args.batch_size, "seed": args.seed, "epochs": args.epochs}
 
@@ -217,19 +219,16 @@ def _train(args: argparse.Namespace, argv: List[str], ctx: Distributed) -> Optio
     config = run_config(args, recipe)
     seed_everything(args.seed)
     model = build_model(**config["model_config"], backend=args.backend).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay,
-                                 decoupled_weight_decay=True)
+    optimizer = recipe.optimizer(model.parameters())
     loader = nsynth.BatchLoader(splits["train"], args.batch_size // ctx.world_size, shuffle=True, drop_last=True,
                                 seed=args.seed, device=device, on_device=device.type == "cuda", rank=ctx.rank,
                                 world_size=ctx.world_size)
-    scheduler = (cosine_schedule(optimizer, args.epochs * len(loader), warmup_steps=len(loader))
-                 if recipe.schedule == "cosine" else None)
+    scheduler = recipe.scheduler(optimizer, args.epochs, len(loader))
     state = resume_state(args, config, model, optimizer, scheduler, ctx)
     if state.epoch == 0 and ctx.rank:
         # dropout masks and augmentation differ between ranks; weights come from rank 0
         seed_everything(args.seed + ctx.rank)
     model = wrap_model(model, ctx, device)
-    weights = class_weights(splits["train"].labels, len(nsynth.CLASSES)) if recipe.class_balanced else None
     if ctx.is_main:
         args.out.mkdir(parents=True, exist_ok=True)
         print(f"{args.model}, {recipe.name} recipe: {sum(p.numel() for p in model.parameters()):,} parameters, backend "
@@ -239,7 +238,7 @@ def _train(args: argparse.Namespace, argv: List[str], ctx: Distributed) -> Optio
     valid = splits["valid"]
     fit(model, optimizer, loader, valid.audio, valid.labels, args.epochs, state, args.out / CHECKPOINT, config,
         device, ctx, args.eval_batch_size, args.log_every, progress=not args.no_progress,
-        objective=Objective(weights, recipe.mixup), scheduler=scheduler, select_best=recipe.select_best,
+        objective=recipe.objective(splits["train"].labels, len(nsynth.CLASSES)), scheduler=scheduler, select_best=recipe.select_best,
         patience=recipe.patience)
     test = splits["test"]
     evaluation = evaluate(model, test.audio, test.labels, args.eval_batch_size, device, ctx)

@@ -3,7 +3,8 @@
 * :class:`LSTMClassifier`: the course report's model. A stack of :class:`rnn_fast.LSTM` layers over the 100
   frames of 160 samples, then one linear layer on the last time step. An optional :class:`rnn_fast.audio.FrontEnd`
   turns the frames into other inputs first (a log-mel spectrogram, loudness normalisation, augmentation in
-  training mode), still 100 steps. For a bidirectional stack the "last time
+  training mode), still 100 steps; ``pooling="mean"`` reads the mean of the last layer's outputs over the steps
+  instead of the last step. For a bidirectional stack the "last time
   step" is each direction's final state: the forward direction after frame 99 and the reverse direction after
   frame 0 (``h_n`` of the last layer), because the reverse direction's output at frame 99 has seen one frame only.
 * :class:`M5Classifier`: the raw-waveform CNN baseline, M5 of Dai et al., "Very deep convolutional neural networks
@@ -20,6 +21,7 @@ from .audio import FrontEnd
 from .modules.lstm import LSTM
 
 MODEL_NAMES = ("lstm", "blstm", "cnn")
+POOLINGS = ("last", "mean")
 
 
 class LSTMClassifier(nn.Module):
@@ -28,12 +30,17 @@ class LSTMClassifier(nn.Module):
     ``dropout`` applies between LSTM layers and to the head's input. ``front_end`` holds the keyword arguments of
     a :class:`~rnn_fast.audio.FrontEnd` that the frames go through first (its ``output_size`` then replaces
     ``input_size``; it needs ``[B, 100, 160]`` frames); ``None`` feeds the frames to the LSTM as they are.
+    ``pooling`` is what the head reads: ``"last"`` the final states, ``"mean"`` the last layer's outputs (both
+    directions) averaged over the steps.
     """
 
     def __init__(self, input_size: int = 160, hidden_size: int = 128, num_layers: int = 2, num_classes: int = 10,
                  bidirectional: bool = False, dropout: float = 0.0, backend: str = "auto",
-                 front_end: Optional[dict] = None):
+                 front_end: Optional[dict] = None, pooling: str = "last"):
         super().__init__()
+        if pooling not in POOLINGS:
+            raise ValueError(f"unknown pooling {pooling!r}; expected one of {', '.join(POOLINGS)}")
+        self.pooling = pooling
         self.front_end = None if front_end is None else FrontEnd(**front_end)
         if self.front_end is not None:
             input_size = self.front_end.output_size
@@ -44,9 +51,12 @@ class LSTMClassifier(nn.Module):
         self.head = nn.Linear(hidden_size * self.num_directions, num_classes)
 
     def features(self, frames: torch.Tensor) -> torch.Tensor:
-        """``[B, D*H]``: the last layer's final state of each direction, forward first (nn.LSTM's output order)."""
+        """``[B, D*H]``: the last layer's final state of each direction, forward first (nn.LSTM's output order),
+        or with ``pooling="mean"`` its outputs' mean over the steps."""
         inputs = frames if self.front_end is None else self.front_end(frames)
-        _, (h_n, _) = self.lstm(inputs)
+        output, (h_n, _) = self.lstm(inputs)
+        if self.pooling == "mean":
+            return output.mean(dim=1)
         last_layer = h_n[-self.num_directions:]
         return last_layer.transpose(0, 1).reshape(frames.shape[0], -1)
 
@@ -85,17 +95,17 @@ class M5Classifier(nn.Module):
 
 def build_model(name: str, num_classes: int = 10, input_size: int = 160, hidden_size: int = 128,
                 num_layers: int = 2, dropout: float = 0.0, backend: str = "auto", cnn_width: int = 128,
-                front_end: Optional[dict] = None) -> nn.Module:
+                front_end: Optional[dict] = None, pooling: str = "last") -> nn.Module:
     """``"lstm"``, ``"blstm"`` (:class:`LSTMClassifier`) or ``"cnn"`` (:class:`M5Classifier`).
 
-    ``hidden_size``, ``num_layers``, ``dropout``, ``backend`` and ``front_end`` apply to the LSTMs, ``cnn_width``
-    to the CNN.
+    ``hidden_size``, ``num_layers``, ``dropout``, ``backend``, ``front_end`` and ``pooling`` apply to the LSTMs,
+    ``cnn_width`` to the CNN.
     """
     if name in ("lstm", "blstm"):
         return LSTMClassifier(input_size, hidden_size, num_layers, num_classes, bidirectional=name == "blstm",
-                              dropout=dropout, backend=backend, front_end=front_end)
+                              dropout=dropout, backend=backend, front_end=front_end, pooling=pooling)
     if name == "cnn":
-        if front_end is not None:
-            raise ValueError("the CNN reads the raw waveform: front_end applies to the LSTM models only")
+        if front_end is not None or pooling != "last":
+            raise ValueError("the CNN reads the raw waveform: front_end and pooling apply to the LSTM models only")
         return M5Classifier(num_classes, width=cnn_width)
     raise ValueError(f"unknown model {name!r}; expected one of {', '.join(MODEL_NAMES)}")

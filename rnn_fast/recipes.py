@@ -16,6 +16,8 @@ from typing import Optional, Tuple
 import numpy as np
 import torch
 
+from .training import Objective
+
 SCHEDULES = ("constant", "cosine")
 
 
@@ -30,6 +32,7 @@ class Recipe:
     noise_snr: Tuple[float, ...] = ()  # (low, high) dB of added white noise (training only); () = none
     freq_masks: int = 0                # SpecAugment masks (training only)
     time_masks: int = 0
+    pooling: str = "last"              # what the head reads (rnn_fast.models.LSTMClassifier): "last" or "mean"
     # Regularisation and optimisation.
     dropout: float = 0.0               # between the LSTM layers and before the head
     mixup: float = 0.0                 # Beta(a, a) mixup of waveforms and targets; 0 = off
@@ -62,6 +65,25 @@ class Recipe:
         plain = {"kind": "frames", "loudness": False, "max_delay": 0.0, "noise_snr": None, "freq_masks": 0,
                  "time_masks": 0}
         return None if config == plain else config
+
+    def model_options(self) -> dict:
+        """The recipe's keyword arguments of :func:`rnn_fast.models.build_model`."""
+        return {"dropout": self.dropout, "front_end": self.front_end_config(), "pooling": self.pooling}
+
+    def optimizer(self, parameters) -> torch.optim.Optimizer:
+        """Adam at the recipe's learning rate, with decoupled weight decay (AdamW) when there is any."""
+        return torch.optim.Adam(parameters, lr=self.lr, weight_decay=self.weight_decay, decoupled_weight_decay=True)
+
+    def scheduler(self, optimizer: torch.optim.Optimizer, epochs: int, steps_per_epoch: int):
+        """The per-step learning-rate schedule over ``epochs`` epochs, or ``None`` for a constant rate."""
+        if self.schedule == "constant":
+            return None
+        return cosine_schedule(optimizer, epochs * steps_per_epoch, warmup_steps=steps_per_epoch)
+
+    def objective(self, train_labels: np.ndarray, num_classes: int) -> Objective:
+        """The training loss, class-weighted from ``train_labels`` when the recipe balances classes."""
+        weights = class_weights(train_labels, num_classes) if self.class_balanced else None
+        return Objective(weights, self.mixup)
 
     def as_dict(self) -> dict:
         """Plain values (lists, not tuples), as stored in checkpoints and metrics.json."""

@@ -108,3 +108,18 @@ def test_m5_reads_the_frames_as_one_waveform(batch):
     # 16000 -> conv 80/4 -> 3981 -> pool 995 -> conv 993 -> 248 -> 246 -> 61 -> 59 -> 14
     assert feature_map.shape == (batch, 16, 14)
     torch.testing.assert_close(logits, model.head(feature_map.mean(dim=-1)))
+
+
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
+def test_mean_pooling_reads_the_average_of_the_last_layers_outputs(bidirectional):
+    torch.manual_seed(1)
+    classifier = LSTMClassifier(4, 3, num_layers=2, num_classes=5, bidirectional=bidirectional, backend="torch",
+                                pooling="mean")
+    frames = torch.randn(2, 6, 4)
+    output, _ = classifier.lstm(frames)
+    torch.testing.assert_close(classifier.features(frames), output.mean(dim=1))
+    torch.testing.assert_close(classifier(frames), classifier.head(output.mean(dim=1)))
+    with pytest.raises(ValueError, match="unknown pooling 'max'"):
+        LSTMClassifier(pooling="max")
+    with pytest.raises(ValueError, match="front_end and pooling apply to the LSTM models only"):
+        build_model("cnn", pooling="mean")

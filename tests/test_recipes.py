@@ -26,7 +26,7 @@ def test_robust_recipe_builds_its_front_end():
     robust = RECIPES["robust"]
     config = robust.front_end_config()
     assert config["kind"] == robust.front_end
-    model = build_model("lstm", front_end=config, dropout=robust.dropout)
+    model = build_model("lstm", **robust.model_options())
     assert isinstance(model.front_end, FrontEnd) and model.lstm.input_size == model.front_end.output_size
     assert model(torch.zeros(2, nsynth.FRAMES, nsynth.FRAME_SIZE)).shape == (2, len(nsynth.CLASSES))
 
