@@ -200,6 +200,85 @@ def time_epochs(data_dir: Path, rounds: int, threads: int, batch_size: int, mode
             "median_ratio_robust_to_seed": statistics.median(ratios), "ratios": ratios}
 
 
+def _mean_std(values: List[float]) -> str:
+    """``mean ± std`` in percent (sample standard deviation; a single value has none)."""
+    values = [100 * value for value in values]
+    spread = statistics.stdev(values) if len(values) > 1 else float("nan")
+    return f"{statistics.mean(values):.1f} ± {spread:.1f}"
+
+
+def final_runs(final_results: dict) -> Dict[str, List[dict]]:
+    """Recipe -> its final runs, in seed order."""
+    runs = {name: sorted((record for record in final_results.values() if record["name"] == f"final-{name}"),
+                         key=lambda record: record["seed"]) for name in FINAL}
+    return {name: records for name, records in runs.items() if records}
+
+
+def write_report(final_results: dict, ablation_results: dict, epoch_record: Optional[dict], out_dir: Path) -> Path:
+    """``out_dir/report.md`` with both recipes' test results side by side (overall, per seed, per family and the
+    confusion matrices summed over seeds) and the ablation table."""
+    import numpy as np
+
+    from rnn_fast.plots import plot_confusion_comparison
+
+    runs = final_runs(final_results)
+    classes = next(iter(runs.values()))[0]["classes"]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    confusions = {f"{name} recipe (test, {len(records)} seeds summed)":
+                  np.sum([record["confusion_matrix"] for record in records], axis=0) for name, records in runs.items()}
+    plot_confusion_comparison(confusions, classes, out_dir / "confusion_comparison.png")
+    names = list(runs)
+    lines = ["# NSynth development set: the seed and robust recipes side by side", "",
+             "Written by `python benchmarks/nsynth_dev.py report` from "
+             "`benchmarks/results/nsynth-dev-{final,ablation,epoch}.json`; how the set, the protocol and the "
+             "recipes are defined: [docs/nsynth.md](../nsynth.md#the-development-set).", "",
+             "## Both recipes", "",
+             "| recipe | validation (held-back notes, seen instruments) | test (unseen soundfont) | tested epoch | "
+             "median epoch seconds | command (seed 0) |", "|---|---|---|---|---|---|"]
+    for name, records in runs.items():
+        lines.append(f"| {name} | {_mean_std([r['val_accuracy'] for r in records])}% | "
+                     f"{_mean_std([r['test_accuracy'] for r in records])}% | "
+                     f"{', '.join(str(r['tested_epoch']) for r in records)} | "
+                     f"{statistics.median(r['median_epoch_seconds'] for r in records):.1f} | "
+                     f"`{records[0]['command']}` |")
+    lines += ["", f"Mean ± sample standard deviation over seeds {', '.join(str(r['seed']) for r in runs[names[0]])}.",
+              "", "### Per seed", "", "| recipe | seed | validation | test |", "|---|---|---|---|"]
+    lines += [f"| {name} | {r['seed']} | {100 * r['val_accuracy']:.1f}% | {100 * r['test_accuracy']:.1f}% |"
+              for name, records in runs.items() for r in records]
+    counts = np.sum(runs[names[0]][0]["confusion_matrix"], axis=1)
+    lines += ["", "## Per family (test accuracy, mean ± std over seeds)", "",
+              "| family | test notes | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+    for index, family in enumerate(classes):
+        cells = [_mean_std([r["per_class_accuracy"][family] for r in runs[name]]) + "%" for name in names]
+        lines.append(f"| {family} | {counts[index]} | " + " | ".join(cells) + " |")
+    lines += ["", "## Confusion matrices (test, rows = true family, row-normalised)", "",
+              "![confusion matrices](confusion_comparison.png)", ""]
+    if epoch_record is not None:
+        seconds = epoch_record["median_seconds"]
+        lines += ["## Epoch cost", "",
+                  f"`{epoch_record['command']}` ({epoch_record['date']}): {epoch_record['train_examples']} training "
+                  f"notes, batch {epoch_record['batch_size']} ({epoch_record['steps_per_epoch']} steps), "
+                  f"{epoch_record['threads']} threads, {len(epoch_record['ratios'])} rounds alternating the recipes: "
+                  f"seed {seconds['seed']:.2f} s, robust {seconds['robust']:.2f} s per epoch (medians), "
+                  f"robust / seed = **{epoch_record['median_ratio_robust_to_seed']:.2f}** "
+                  f"(median of the per-round ratios, {min(epoch_record['ratios']):.2f} to "
+                  f"{max(epoch_record['ratios']):.2f}).", ""]
+    if ablation_results:
+        lines += ["## Ablation (seed 0, choices made on these numbers only)", "", ablation_table(ablation_results), ""]
+    path = out_dir / "report.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def ablation_table(ablation_results: dict) -> str:
+    lines = ["| run | validation (seen) | unseen proxy | tested epoch | flags |", "|---|---|---|---|---|"]
+    for name, flags in ABLATIONS.items():
+        for record in (r for r in ablation_results.values() if r["name"] == _slug(name)):
+            lines.append(f"| {name} | {100 * record['val_accuracy']:.1f}% | {100 * record['test_accuracy']:.1f}% | "
+                         f"{record['tested_epoch']}/{record['epochs_run']} | `{shlex.join(flags)}` |")
+    return "\n".join(lines)
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -220,6 +299,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     timing.add_argument("--threads", type=int, default=2)
     timing.add_argument("--batch-size", type=int, default=int(COMMON[COMMON.index("--batch-size") + 1]))
     timing.add_argument("--model", default="lstm")
+    report = commands.add_parser("report", help="docs/nsynth-dev/report.md from the results files")
+    report.add_argument("--out", type=Path, default=REPO / "docs" / "nsynth-dev")
     for command, default in ((explore, "explore"), (ablation, "ablation"), (finals, "final"), (timing, "epoch")):
         command.add_argument("--data-dir", type=Path, required=True)
         command.add_argument("--results", type=Path, default=RESULTS / f"nsynth-dev-{default}.json")
@@ -241,6 +322,10 @@ def main(argv: Optional[List[str]] = None) -> None:
         args.results.write_text(json.dumps({"command": shlex.join(["python", *sys.argv]),
                                             "date": time.strftime("%Y-%m-%d"), **record}, indent=1) + "\n")
         print(json.dumps(record["median_seconds"]), f"ratio {record['median_ratio_robust_to_seed']:.2f}")
+    elif args.command == "report":
+        epoch = RESULTS / "nsynth-dev-epoch.json"
+        print(write_report(_load(RESULTS / "nsynth-dev-final.json"), _load(RESULTS / "nsynth-dev-ablation.json"),
+                           json.loads(epoch.read_text()) if epoch.exists() else None, args.out))
 
 
 if __name__ == "__main__":
