@@ -263,6 +263,22 @@ def test_robust_recipe_beats_chance_and_resumes_exactly(dataset, tmp_path, monke
     assert without_timings(resumed) == without_timings(metrics)
 
 
+def test_recipe_flags_override_the_chosen_recipe():
+    def recipe(*flags):
+        return train_nsynth.resolve_recipe(train_nsynth.parse_args(list(flags)))
+
+    assert recipe() == RECIPES["seed"]
+    assert recipe("--recipe", "robust") == RECIPES["robust"]
+    changed = recipe("--recipe", "robust", "--mixup", "0", "--noise-snr", "off", "--no-loudness", "--lr", "0.01")
+    assert changed == RECIPES["robust"].replace(mixup=0.0, noise_snr=(), loudness=False, lr=0.01)
+    assert recipe("--front-end", "logmel", "--noise-snr", "5,15").noise_snr == (5.0, 15.0)
+    with pytest.raises(SystemExit):
+        recipe("--noise-snr", "loud")
+    with pytest.raises(SystemExit, match="--model cnn reads the raw waveform"):
+        recipe("--model", "cnn", "--recipe", "robust")
+    assert recipe("--model", "cnn", "--weight-decay", "0.1").weight_decay == 0.1
+
+
 @pytest.mark.parametrize("model,size_flags", [("blstm", ["--hidden", "8"]), ("cnn", ["--cnn-width", "4"])])
 def test_other_models_train_end_to_end(model, size_flags, dataset, tmp_path):
     out = tmp_path / model
