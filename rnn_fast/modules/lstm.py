@@ -15,6 +15,7 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from ..ops.lstm import BACKENDS, auto_backend, load_backend, unavailable_reason
+from ..ops.lstm.common import input_projection
 
 _warned = set()
 
@@ -30,16 +31,6 @@ def _autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
     if torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type):
         return torch.get_autocast_dtype(device.type)
     return None
-
-
-def _project_parts(parts: torch.Tensor, w_ih: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """``xw [D, T, B, 4H]`` for ``parts [P, T, B, K]``: the parts side by side ``[T*B, P*K]``, times each
-    direction's ``w_ih [4H, P*K]``, in one batched GEMM."""
-    num_parts, seq_len, batch, width = parts.shape
-    flat = parts.permute(1, 2, 0, 3).reshape(1, seq_len * batch, num_parts * width).expand(w_ih.shape[0], -1, -1)
-    xw = (torch.bmm(flat, w_ih.transpose(1, 2)) if bias is None
-          else torch.baddbmm(bias.unsqueeze(1), flat, w_ih.transpose(1, 2)))
-    return xw.view(w_ih.shape[0], seq_len, batch, -1)
 
 
 class LSTM(nn.RNNBase):
@@ -188,7 +179,7 @@ class LSTM(nn.RNNBase):
         seq_len, batch = x.shape[:2]
         # A layer's input travels as parts [P, T, B, K]: x itself, then the previous layer's y [D, T, B, H] as is.
         # A backend may project the parts itself (the cpu backend does, in place and into cached memory).
-        project = getattr(backend, "input_projection", _project_parts)
+        project = getattr(backend, "input_projection", input_projection)
         parts = x.unsqueeze(0)
         h_n, c_n = [], []
         for layer in range(self.num_layers):

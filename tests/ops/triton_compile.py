@@ -7,6 +7,10 @@ at import.
 
     python tests/ops/triton_compile.py          # the resource table of the test's cases (sm_90, one tile)
     python tests/ops/triton_compile.py --all    # every tile the autotuner may pick at H=128, sm_90 and sm_80
+    python tests/ops/triton_compile.py --all --sm90
+
+It compiles with whichever triton it imports: put another version's folder first on PYTHONPATH to compile with that
+one (.ci/run does this for the GPU machine's Triton 3.6.0, see GPU_MACHINE_TRITON).
 """
 import json
 import os
@@ -14,10 +18,14 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Dict, List, NamedTuple
+from typing import Dict, List, NamedTuple, Optional
 
 ARCHITECTURES = (90, 80)
+# The Triton of the GPU machine that sessions are lent (its torch 2.11.0+cu130 bundles it).
+GPU_MACHINE_TRITON = "3.6.0"
 HIDDEN = 128
+# The forward kernel as a training forward (saving gates and cells), as the inference forward, and the backward.
+KERNELS = ("forward", "inference", "backward")
 # (label, input dtype, TF32 switch) as the backend's launchers see them.
 PRECISIONS = (("fp32", "float32", False), ("tf32", "float32", True), ("fp16", "float16", False),
               ("bf16", "bfloat16", False), ("fp64", "float64", False))
@@ -38,9 +46,9 @@ class Case(NamedTuple):
         return f"{self.kernel}-{self.precision}-sm{self.arch}-B{self.block_b}-w{self.num_warps}"
 
 
-ALL_CASES = [Case(kernel, precision, arch, block_b, warps) for kernel in ("forward", "backward")
+ALL_CASES = [Case(kernel, precision, arch, block_b, warps) for kernel in KERNELS
              for precision, _, _ in PRECISIONS for arch in ARCHITECTURES for block_b, warps in TILES]
-# What CI compiles (about 2 s each): both passes in every precision for the H100, at one tile.
+# What CI compiles (about 1.5 s each): every kernel in every precision for the H100, at one tile.
 CASES = [case for case in ALL_CASES if case.arch == 90 and (case.block_b, case.num_warps) == CI_TILE]
 
 
@@ -58,14 +66,15 @@ def _compile_case(case: Case) -> Dict:
     state = state_dtype(dtype)
     # The forward multiplies TF32 as fp16 weights with row scales (fused.py's module doc).
     forward_weights = torch.float16 if allow_tf32 else dtype
-    weights = forward_weights if case.kernel == "forward" else dtype
+    weights = dtype if case.kernel == "backward" else forward_weights
     plan = fused.kernel_plan(HIDDEN, weights, torch.device("cpu"))
-    if case.kernel == "forward":
+    if case.kernel != "backward":
         kernel = fused._lstm_forward_kernel
+        saved = state if case.kernel == "forward" else None
         pointers = {"p_xw": dtype, "p_w": weights, "p_w_scale": torch.float32 if allow_tf32 else None,
                     "p_h0": dtype, "p_c0": dtype, "p_lengths": torch.int64, "p_y": dtype, "p_h_n": dtype,
-                    "p_c_n": dtype, "p_gates": state, "p_cell": state}
-        constants = {"HAS_LENGTHS": True, "HAS_W_SCALE": allow_tf32}
+                    "p_c_n": dtype, "p_gates": saved, "p_cell": saved}
+        constants = {"HAS_LENGTHS": True, "HAS_W_SCALE": allow_tf32, "STORE_SAVED": saved is not None}
     else:
         kernel = fused._lstm_backward_kernel
         pointers = {"p_grad_y": dtype, "p_grad_h_n": dtype, "p_grad_c_n": dtype, "p_w": dtype, "p_c0": dtype,
@@ -89,7 +98,7 @@ def _compile_case(case: Case) -> Dict:
     compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
                               target=GPUTarget("cuda", case.arch, 32),
                               options={"num_warps": case.num_warps, "num_stages": 1})
-    return {"case": str(case), "resident": plan.resident, "block_k": plan.block_k,
+    return {"case": str(case), "triton": triton.__version__, "resident": plan.resident, "block_k": plan.block_k,
             "shared_bytes": compiled.metadata.shared, **_resource_usage(compiled.asm["cubin"])}
 
 
@@ -117,9 +126,11 @@ def compile_cases(cases: List[Case]) -> List[Dict]:
     return records
 
 
-def run_in_subprocess(cases: List[Case], timeout: float = 900) -> List[Dict]:
+def run_in_subprocess(cases: List[Case], timeout: float = 900, triton_folder: Optional[str] = None) -> List[Dict]:
+    """``compile_cases`` in a fresh process, with the triton found first in ``triton_folder`` if given."""
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[2]), env.get("PYTHONPATH", "")])
+    folders = [triton_folder] if triton_folder else []
+    env["PYTHONPATH"] = os.pathsep.join(folders + [str(Path(__file__).resolve().parents[2]), env.get("PYTHONPATH", "")])
     result = subprocess.run([sys.executable, __file__, "--json", *map(str, cases)], env=env, capture_output=True,
                             text=True, timeout=timeout)
     if result.returncode != 0:
@@ -130,10 +141,15 @@ def run_in_subprocess(cases: List[Case], timeout: float = 900) -> List[Dict]:
 def main(argv: List[str]) -> None:
     names = [arg for arg in argv if not arg.startswith("--")]
     cases = [case for case in ALL_CASES if str(case) in names] if names else ALL_CASES if "--all" in argv else CASES
+    if "--sm90" in argv:
+        cases = [case for case in cases if case.arch == 90]
     records = compile_cases(cases)
     if "--json" in argv:
         print(json.dumps(records))
         return
+    import triton
+
+    print(f"Triton {triton.__version__}\n")
     print("| case | weights on chip | registers | stack (B) | shared memory (KiB) |\n|---|---|---|---|---|")
     for record in records:
         if "error" in record:
