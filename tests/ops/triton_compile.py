@@ -7,7 +7,7 @@ at import.
 
     python tests/ops/triton_compile.py          # the resource table of the test's cases (sm_90, one tile)
     python tests/ops/triton_compile.py --all    # every tile the autotuner may pick at H=128, sm_90 and sm_80
-    python tests/ops/triton_compile.py --all --sm90
+    python tests/ops/triton_compile.py --all --sm90 [--lengths]   # only sm_90 [only with per-row lengths]
 
 It compiles with whichever triton it imports: put another version's folder first on PYTHONPATH to compile with that
 one (.ci/run does this for the GPU machine's Triton 3.6.0, see GPU_MACHINE_TRITON).
@@ -41,15 +41,20 @@ class Case(NamedTuple):
     arch: int
     block_b: int
     num_warps: int
+    # Per-row lengths (packed input) compile the step-skipping code; padded batches (no lengths) do not.
+    lengths: bool
 
     def __str__(self):
-        return f"{self.kernel}-{self.precision}-sm{self.arch}-B{self.block_b}-w{self.num_warps}"
+        return (f"{self.kernel}-{self.precision}-sm{self.arch}-B{self.block_b}-w{self.num_warps}"
+                f"{'-lengths' if self.lengths else ''}")
 
 
-ALL_CASES = [Case(kernel, precision, arch, block_b, warps) for kernel in KERNELS
+ALL_CASES = [Case(kernel, precision, arch, block_b, warps, lengths) for lengths in (False, True) for kernel in KERNELS
              for precision, _, _ in PRECISIONS for arch in ARCHITECTURES for block_b, warps in TILES]
-# What CI compiles (about 1.5 s each): every kernel in every precision for the H100, at one tile.
-CASES = [case for case in ALL_CASES if case.arch == 90 and (case.block_b, case.num_warps) == CI_TILE]
+# What CI compiles (about 1.5 s each): every kernel in every precision for the H100, at one tile, with lengths
+# (the superset of the code).
+CASES = [case for case in ALL_CASES
+         if case.arch == 90 and (case.block_b, case.num_warps) == CI_TILE and case.lengths]
 
 
 def _compile_case(case: Case) -> Dict:
@@ -74,13 +79,14 @@ def _compile_case(case: Case) -> Dict:
         pointers = {"p_xw": dtype, "p_w": weights, "p_w_scale": torch.float32 if allow_tf32 else None,
                     "p_h0": dtype, "p_c0": dtype, "p_lengths": torch.int64, "p_y": dtype, "p_h_n": dtype,
                     "p_c_n": dtype, "p_gates": saved, "p_cell": saved}
-        constants = {"HAS_LENGTHS": True, "HAS_W_SCALE": allow_tf32, "STORE_SAVED": saved is not None}
+        constants = {"HAS_LENGTHS": case.lengths, "HAS_W_SCALE": allow_tf32, "STORE_SAVED": saved is not None}
     else:
         kernel = fused._lstm_backward_kernel
         pointers = {"p_grad_y": dtype, "p_grad_h_n": dtype, "p_grad_c_n": dtype, "p_w": dtype, "p_c0": dtype,
                     "p_gates": state, "p_cell": state, "p_lengths": torch.int64, "p_grad_xw": dtype,
                     "p_grad_h0": dtype, "p_grad_c0": dtype}
-        constants = {"HAS_LENGTHS": True, "INPUT_PRECISION": fused._backward_precision(dtype, allow_tf32)}
+        constants = {"HAS_LENGTHS": case.lengths,
+                     "INPUT_PRECISION": fused._backward_precision(dtype, allow_tf32)}
     constants.update(BLOCK_H=plan.block_h, BLOCK_K=plan.block_k, BLOCK_B=case.block_b, RESIDENT=plan.resident)
     while not isinstance(kernel, triton.runtime.jit.JITFunction):  # under @autotune and @heuristics
         kernel = kernel.fn
@@ -143,6 +149,8 @@ def main(argv: List[str]) -> None:
     cases = [case for case in ALL_CASES if str(case) in names] if names else ALL_CASES if "--all" in argv else CASES
     if "--sm90" in argv:
         cases = [case for case in cases if case.arch == 90]
+    if "--lengths" in argv:
+        cases = [case for case in cases if case.lengths]
     records = compile_cases(cases)
     if "--json" in argv:
         print(json.dumps(records))
@@ -166,15 +174,16 @@ def spill_summary(cases: List[Case], records: List[Dict]) -> str:
     groups: Dict[tuple, List[tuple]] = {}
     for case, record in zip(cases, records):
         if "error" not in record:
-            groups.setdefault((case.kernel, case.precision, case.arch), []).append((case, record))
-    lines = ["| pass | precision | arch | tiles without spills (rows x warps: registers) | least stack otherwise |",
-             "|---|---|---|---|---|"]
-    for (kernel, precision, arch), entries in groups.items():
+            groups.setdefault((case.kernel, case.precision, case.arch, case.lengths), []).append((case, record))
+    lines = ["| pass | precision | arch | lengths | tiles without spills (rows x warps: registers) | "
+             "least stack otherwise |", "|---|---|---|---|---|---|"]
+    for (kernel, precision, arch, lengths), entries in groups.items():
         clean = [f"{case.block_b}x{case.num_warps}: {record['registers']}" for case, record in entries
                  if record["stack_bytes"] == 0]
         case, record = min(entries, key=lambda entry: entry[1]["stack_bytes"])
         least = "-" if clean else f"{case.block_b}x{case.num_warps}: {record['registers']} + {record['stack_bytes']} B"
-        lines.append(f"| {kernel} | {precision} | sm_{arch} | {', '.join(clean) or 'none'} | {least} |")
+        lines.append(f"| {kernel} | {precision} | sm_{arch} | {'yes' if lengths else 'no'} | "
+                     f"{', '.join(clean) or 'none'} | {least} |")
     return "\n".join(lines)
 
 if __name__ == "__main__":

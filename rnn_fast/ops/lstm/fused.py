@@ -256,13 +256,23 @@ if _TRITON_IMPORT_ERROR is None:
 
     @triton.jit
     def _program_steps(b_len, T, HAS_LENGTHS: tl.constexpr):
-        """The steps this program computes: up to its longest row's end. Forward-direction passes stop there;
-        reverse-direction passes start there. The steps past it (all padding) only get the contract's zeros."""
+        """How far this program's rows reach: its longest row's length (``T`` without lengths)."""
         if HAS_LENGTHS:
-            n_steps = tl.max(b_len)
+            n_steps = tl.max(b_len).to(tl.int32)
         else:
             n_steps = T
         return n_steps
+
+    @triton.jit
+    def _step_has_rows(s, n_steps, HAS_LENGTHS: tl.constexpr):
+        """Whether step ``s`` is inside any of this program's rows. The steps past its longest row are all padding:
+        its forward direction stops computing there and its reverse direction starts computing there, in both
+        passes, and the steps in between get only the contract's zeros."""
+        if HAS_LENGTHS:
+            has_rows = s < n_steps
+        else:
+            has_rows = True
+        return has_rows
 
     @triton.jit
     def _step_rows(p_steps, i_d, s, T, B, i_b, row_size, BLOCK_B: tl.constexpr):
@@ -328,66 +338,67 @@ if _TRITON_IMPORT_ERROR is None:
         if RESIDENT:
             b_w_i, b_w_f, b_w_g, b_w_o = _all_gate_weights(p_w_d, H, o_h[:, None], o_h[None, :])
 
-        for t in range(n_steps):
-            # Direction 1 walks the sequence backwards, from this program's longest row's last step.
-            s = t + i_d * (n_steps - 1 - 2 * t)
-            b_active = s < b_len
-            if RESIDENT:
-                b_h_op = b_h.to(operand_ty)
-                b_a_i = tl.dot(b_w_i, b_h_op, input_precision="ieee", out_dtype=state_ty)
-                b_a_f = tl.dot(b_w_f, b_h_op, input_precision="ieee", out_dtype=state_ty)
-                b_a_g = tl.dot(b_w_g, b_h_op, input_precision="ieee", out_dtype=state_ty)
-                b_a_o = tl.dot(b_w_o, b_h_op, input_precision="ieee", out_dtype=state_ty)
+        for t in range(T):
+            # Direction 1 walks the sequence backwards.
+            s = t + i_d * (T - 1 - 2 * t)
+            if _step_has_rows(s, n_steps, HAS_LENGTHS):
+                b_active = s < b_len
+                if RESIDENT:
+                    b_h_op = b_h.to(operand_ty)
+                    b_a_i = tl.dot(b_w_i, b_h_op, input_precision="ieee", out_dtype=state_ty)
+                    b_a_f = tl.dot(b_w_f, b_h_op, input_precision="ieee", out_dtype=state_ty)
+                    b_a_g = tl.dot(b_w_g, b_h_op, input_precision="ieee", out_dtype=state_ty)
+                    b_a_o = tl.dot(b_w_o, b_h_op, input_precision="ieee", out_dtype=state_ty)
+                else:
+                    # h_{t-1} comes back from y (or h0), which this program's threads wrote: wait for all of them.
+                    # Padded steps are masked: their previous step may lie outside the sequence.
+                    tl.debug_barrier()
+                    b_first = s == i_d * (b_len - 1)
+                    b_a_i = tl.zeros([BLOCK_H, BLOCK_B], dtype=state_ty)
+                    b_a_f = tl.zeros([BLOCK_H, BLOCK_B], dtype=state_ty)
+                    b_a_g = tl.zeros([BLOCK_H, BLOCK_B], dtype=state_ty)
+                    b_a_o = tl.zeros([BLOCK_H, BLOCK_B], dtype=state_ty)
+                    for k0 in range(0, BLOCK_H, BLOCK_K):
+                        o_k = k0 + tl.arange(0, BLOCK_K)
+                        p_h_prev = _entering_state_ptrs(p_y, p_h0, i_d, s, b_first, T, B, H, i_b,
+                                                        i_rows[None, :] * H + o_k[:, None], BLOCK_B)
+                        # .cg reads through L2, where this program's own writes are sure to be.
+                        b_h_op = tl.load(p_h_prev, mask=(o_k < H)[:, None] & m_b[None, :] & b_active, other=0,
+                                         cache_modifier=".cg").to(operand_ty)
+                        # out_dtype: Triton 3.6 requires it to match an fp64 accumulator (its default is fp32).
+                        b_a_i = tl.dot(_gate_weights(p_w_d, 0, H, o_h[:, None], o_k[None, :]), b_h_op, b_a_i,
+                                       input_precision="ieee", out_dtype=state_ty)
+                        b_a_f = tl.dot(_gate_weights(p_w_d, 1, H, o_h[:, None], o_k[None, :]), b_h_op, b_a_f,
+                                       input_precision="ieee", out_dtype=state_ty)
+                        b_a_g = tl.dot(_gate_weights(p_w_d, 2, H, o_h[:, None], o_k[None, :]), b_h_op, b_a_g,
+                                       input_precision="ieee", out_dtype=state_ty)
+                        b_a_o = tl.dot(_gate_weights(p_w_d, 3, H, o_h[:, None], o_k[None, :]), b_h_op, b_a_o,
+                                       input_precision="ieee", out_dtype=state_ty)
+                if HAS_W_SCALE:
+                    b_a_i *= b_scale_i
+                    b_a_f *= b_scale_f
+                    b_a_g *= b_scale_g
+                    b_a_o *= b_scale_o
+                # Padded steps compute on whatever is there, then carry the state and write zeros.
+                p_xw_t = _step_rows(p_xw, i_d, s, T, B, i_b, 4 * H, BLOCK_B) + o_gb
+                b_i = tl.sigmoid(tl.load(p_xw_t, mask=m_hb, other=0).to(state_ty) + b_a_i)
+                b_f = tl.sigmoid(tl.load(p_xw_t + H, mask=m_hb, other=0).to(state_ty) + b_a_f)
+                b_g = _tanh(tl.load(p_xw_t + 2 * H, mask=m_hb, other=0).to(state_ty) + b_a_g)
+                b_o = tl.sigmoid(tl.load(p_xw_t + 3 * H, mask=m_hb, other=0).to(state_ty) + b_a_o)
+                b_c_new = b_f * b_c + b_i * b_g
+                b_h_new = b_o * _tanh(b_c_new)
+                b_c = tl.where(b_active, b_c_new, b_c)
+                b_h = tl.where(b_active, b_h_new, b_h)
+                _store_forward_step(p_y, p_cell, p_gates, i_d, s, T, B, H, i_b, o_hb, o_gb, m_hb,
+                                    tl.where(b_active, b_h_new, 0), tl.where(b_active, b_c_new, 0),
+                                    tl.where(b_active, b_i, 0), tl.where(b_active, b_f, 0), tl.where(b_active, b_g, 0),
+                                    tl.where(b_active, b_o, 0), BLOCK_B, STORE_SAVED)
             else:
-                # h_{t-1} comes back from y (or h0), which this program's threads wrote: wait for all of them.
-                # Padded steps are masked: their previous step may lie outside the sequence.
-                tl.debug_barrier()
-                b_first = s == i_d * (b_len - 1)
-                b_a_i = tl.zeros([BLOCK_H, BLOCK_B], dtype=state_ty)
-                b_a_f = tl.zeros([BLOCK_H, BLOCK_B], dtype=state_ty)
-                b_a_g = tl.zeros([BLOCK_H, BLOCK_B], dtype=state_ty)
-                b_a_o = tl.zeros([BLOCK_H, BLOCK_B], dtype=state_ty)
-                for k0 in range(0, BLOCK_H, BLOCK_K):
-                    o_k = k0 + tl.arange(0, BLOCK_K)
-                    p_h_prev = _entering_state_ptrs(p_y, p_h0, i_d, s, b_first, T, B, H, i_b,
-                                                    i_rows[None, :] * H + o_k[:, None], BLOCK_B)
-                    # .cg reads through L2, where this program's own writes are sure to be.
-                    b_h_op = tl.load(p_h_prev, mask=(o_k < H)[:, None] & m_b[None, :] & b_active, other=0,
-                                     cache_modifier=".cg").to(operand_ty)
-                    # out_dtype: Triton 3.6 requires it to match an fp64 accumulator (its default is fp32).
-                    b_a_i = tl.dot(_gate_weights(p_w_d, 0, H, o_h[:, None], o_k[None, :]), b_h_op, b_a_i,
-                                   input_precision="ieee", out_dtype=state_ty)
-                    b_a_f = tl.dot(_gate_weights(p_w_d, 1, H, o_h[:, None], o_k[None, :]), b_h_op, b_a_f,
-                                   input_precision="ieee", out_dtype=state_ty)
-                    b_a_g = tl.dot(_gate_weights(p_w_d, 2, H, o_h[:, None], o_k[None, :]), b_h_op, b_a_g,
-                                   input_precision="ieee", out_dtype=state_ty)
-                    b_a_o = tl.dot(_gate_weights(p_w_d, 3, H, o_h[:, None], o_k[None, :]), b_h_op, b_a_o,
-                                   input_precision="ieee", out_dtype=state_ty)
-            if HAS_W_SCALE:
-                b_a_i *= b_scale_i
-                b_a_f *= b_scale_f
-                b_a_g *= b_scale_g
-                b_a_o *= b_scale_o
-            # Padded steps compute on whatever is there, then carry the state and write zeros.
-            p_xw_t = _step_rows(p_xw, i_d, s, T, B, i_b, 4 * H, BLOCK_B) + o_gb
-            b_i = tl.sigmoid(tl.load(p_xw_t, mask=m_hb, other=0).to(state_ty) + b_a_i)
-            b_f = tl.sigmoid(tl.load(p_xw_t + H, mask=m_hb, other=0).to(state_ty) + b_a_f)
-            b_g = _tanh(tl.load(p_xw_t + 2 * H, mask=m_hb, other=0).to(state_ty) + b_a_g)
-            b_o = tl.sigmoid(tl.load(p_xw_t + 3 * H, mask=m_hb, other=0).to(state_ty) + b_a_o)
-            b_c_new = b_f * b_c + b_i * b_g
-            b_h_new = b_o * _tanh(b_c_new)
-            b_c = tl.where(b_active, b_c_new, b_c)
-            b_h = tl.where(b_active, b_h_new, b_h)
-            _store_forward_step(p_y, p_cell, p_gates, i_d, s, T, B, H, i_b, o_hb, o_gb, m_hb,
-                                tl.where(b_active, b_h_new, 0), tl.where(b_active, b_c_new, 0),
-                                tl.where(b_active, b_i, 0), tl.where(b_active, b_f, 0), tl.where(b_active, b_g, 0),
-                                tl.where(b_active, b_o, 0), BLOCK_B, STORE_SAVED)
-
-        if HAS_LENGTHS:
-            b_zero = tl.zeros([BLOCK_H, BLOCK_B], dtype=state_ty)
-            for s in range(n_steps, T):
+                # Past all of this program's rows: no compute, only the contract's zeros.
+                b_zero = tl.zeros([BLOCK_H, BLOCK_B], dtype=state_ty)
                 _store_forward_step(p_y, p_cell, p_gates, i_d, s, T, B, H, i_b, o_hb, o_gb, m_hb,
                                     b_zero, b_zero, b_zero, b_zero, b_zero, b_zero, BLOCK_B, STORE_SAVED)
+
         tl.store(p_h_n + o_state + o_hb, b_h, mask=m_hb)
         tl.store(p_c_n + o_state + o_hb, b_c, mask=m_hb)
 
@@ -415,63 +426,63 @@ if _TRITON_IMPORT_ERROR is None:
             # Transposed gate blocks, [input unit, gate unit]: dh = sum_gate W_gate^T @ dgate.
             b_wt_i, b_wt_f, b_wt_g, b_wt_o = _all_gate_weights(p_w_d, H, o_h[None, :], o_h[:, None])
 
-        for t in range(n_steps):
-            # Steps in reverse processing order: direction 0 from this program's longest row's last step down,
-            # direction 1 from 0 up to it.
-            s = n_steps - 1 - t + i_d * (2 * t + 1 - n_steps)
-            b_active = s < b_len
-            b_first = s == i_d * (b_len - 1)
-            p_gates_t = _step_rows(p_gates, i_d, s, T, B, i_b, 4 * H, BLOCK_B) + o_gb
-            b_i = tl.load(p_gates_t, mask=m_hb, other=0)
-            b_f = tl.load(p_gates_t + H, mask=m_hb, other=0)
-            b_g = tl.load(p_gates_t + 2 * H, mask=m_hb, other=0)
-            b_o = tl.load(p_gates_t + 3 * H, mask=m_hb, other=0)
-            b_c_t = tl.load(_step_rows(p_cell, i_d, s, T, B, i_b, H, BLOCK_B) + o_hb, mask=m_hb, other=0)
-            # c_{t-1}: the previous processed step's cell, or c0 at a row's first step. The previous step of a
-            # first or padded step may lie outside the sequence, hence the mask.
-            p_c_prev = _step_rows(p_cell, i_d, s - 1 + 2 * i_d, T, B, i_b, H, BLOCK_B) + o_hb
-            b_c_prev = tl.where(b_first, b_c0, tl.load(p_c_prev, mask=m_hb & b_active & ~b_first, other=0))
-            b_grad_y = tl.load(_step_rows(p_grad_y, i_d, s, T, B, i_b, H, BLOCK_B) + o_hb, mask=m_hb, other=0)
-            b_dh_t = b_grad_y.to(state_ty) + b_dh
-            b_tanh_c = _tanh(b_c_t)
-            b_dc_t = b_dc + b_dh_t * b_o * (1 - b_tanh_c * b_tanh_c)
-            # Padded steps may read anything from grad_y; their gate gradients are zero.
-            b_di = tl.where(b_active, b_dc_t * b_g * b_i * (1 - b_i), 0)
-            b_df = tl.where(b_active, b_dc_t * b_c_prev * b_f * (1 - b_f), 0)
-            b_dg = tl.where(b_active, b_dc_t * b_i * (1 - b_g * b_g), 0)
-            b_do = tl.where(b_active, b_dh_t * b_tanh_c * b_o * (1 - b_o), 0)
-            p_grad_xw_t = _step_rows(p_grad_xw, i_d, s, T, B, i_b, 4 * H, BLOCK_B)
-            _store_gates(p_grad_xw_t + o_gb, b_di, b_df, b_dg, b_do, H, m_hb)
-            if RESIDENT:
-                b_dh_new = tl.dot(b_wt_i, b_di.to(operand_ty), input_precision=INPUT_PRECISION, out_dtype=state_ty)
-                b_dh_new = tl.dot(b_wt_f, b_df.to(operand_ty), b_dh_new, input_precision=INPUT_PRECISION,
-                                  out_dtype=state_ty)
-                b_dh_new = tl.dot(b_wt_g, b_dg.to(operand_ty), b_dh_new, input_precision=INPUT_PRECISION,
-                                  out_dtype=state_ty)
-                b_dh_new = tl.dot(b_wt_o, b_do.to(operand_ty), b_dh_new, input_precision=INPUT_PRECISION,
-                                  out_dtype=state_ty)
+        for t in range(T):
+            # Steps in reverse processing order: direction 0 from T-1 down, direction 1 from 0 up.
+            s = T - 1 - t + i_d * (2 * t + 1 - T)
+            if _step_has_rows(s, n_steps, HAS_LENGTHS):
+                b_active = s < b_len
+                b_first = s == i_d * (b_len - 1)
+                p_gates_t = _step_rows(p_gates, i_d, s, T, B, i_b, 4 * H, BLOCK_B) + o_gb
+                b_i = tl.load(p_gates_t, mask=m_hb, other=0)
+                b_f = tl.load(p_gates_t + H, mask=m_hb, other=0)
+                b_g = tl.load(p_gates_t + 2 * H, mask=m_hb, other=0)
+                b_o = tl.load(p_gates_t + 3 * H, mask=m_hb, other=0)
+                b_c_t = tl.load(_step_rows(p_cell, i_d, s, T, B, i_b, H, BLOCK_B) + o_hb, mask=m_hb, other=0)
+                # c_{t-1}: the previous processed step's cell, or c0 at a row's first step. The previous step of a
+                # first or padded step may lie outside the sequence, hence the mask.
+                p_c_prev = _step_rows(p_cell, i_d, s - 1 + 2 * i_d, T, B, i_b, H, BLOCK_B) + o_hb
+                b_c_prev = tl.where(b_first, b_c0, tl.load(p_c_prev, mask=m_hb & b_active & ~b_first, other=0))
+                b_grad_y = tl.load(_step_rows(p_grad_y, i_d, s, T, B, i_b, H, BLOCK_B) + o_hb, mask=m_hb, other=0)
+                b_dh_t = b_grad_y.to(state_ty) + b_dh
+                b_tanh_c = _tanh(b_c_t)
+                b_dc_t = b_dc + b_dh_t * b_o * (1 - b_tanh_c * b_tanh_c)
+                # Padded steps may read anything from grad_y; their gate gradients are zero.
+                b_di = tl.where(b_active, b_dc_t * b_g * b_i * (1 - b_i), 0)
+                b_df = tl.where(b_active, b_dc_t * b_c_prev * b_f * (1 - b_f), 0)
+                b_dg = tl.where(b_active, b_dc_t * b_i * (1 - b_g * b_g), 0)
+                b_do = tl.where(b_active, b_dh_t * b_tanh_c * b_o * (1 - b_o), 0)
+                p_grad_xw_t = _step_rows(p_grad_xw, i_d, s, T, B, i_b, 4 * H, BLOCK_B)
+                _store_gates(p_grad_xw_t + o_gb, b_di, b_df, b_dg, b_do, H, m_hb)
+                if RESIDENT:
+                    b_dh_new = tl.dot(b_wt_i, b_di.to(operand_ty), input_precision=INPUT_PRECISION, out_dtype=state_ty)
+                    b_dh_new = tl.dot(b_wt_f, b_df.to(operand_ty), b_dh_new, input_precision=INPUT_PRECISION,
+                                      out_dtype=state_ty)
+                    b_dh_new = tl.dot(b_wt_g, b_dg.to(operand_ty), b_dh_new, input_precision=INPUT_PRECISION,
+                                      out_dtype=state_ty)
+                    b_dh_new = tl.dot(b_wt_o, b_do.to(operand_ty), b_dh_new, input_precision=INPUT_PRECISION,
+                                      out_dtype=state_ty)
+                else:
+                    # The gate gradients come back in chunks from grad_xw, just written by all of this program's threads.
+                    tl.debug_barrier()
+                    b_dh_new = tl.zeros([BLOCK_H, BLOCK_B], dtype=state_ty)
+                    for k0 in range(0, BLOCK_H, BLOCK_K):
+                        o_k = k0 + tl.arange(0, BLOCK_K)
+                        p_dgates = p_grad_xw_t + i_rows[None, :] * 4 * H + o_k[:, None]
+                        m_kb = (o_k < H)[:, None] & m_b[None, :]
+                        for gate in tl.static_range(4):
+                            b_dgate = tl.load(p_dgates + gate * H, mask=m_kb, other=0, cache_modifier=".cg")
+                            b_dh_new = tl.dot(_gate_weights(p_w_d, gate, H, o_k[None, :], o_h[:, None]),
+                                              b_dgate.to(operand_ty), b_dh_new, input_precision=INPUT_PRECISION,
+                                              out_dtype=state_ty)
+                # Padded steps pass dh and dc through.
+                b_dh = tl.where(b_active, b_dh_new, b_dh)
+                b_dc = tl.where(b_active, b_dc_t * b_f, b_dc)
             else:
-                # The gate gradients come back in chunks from grad_xw, just written by all of this program's threads.
-                tl.debug_barrier()
-                b_dh_new = tl.zeros([BLOCK_H, BLOCK_B], dtype=state_ty)
-                for k0 in range(0, BLOCK_H, BLOCK_K):
-                    o_k = k0 + tl.arange(0, BLOCK_K)
-                    p_dgates = p_grad_xw_t + i_rows[None, :] * 4 * H + o_k[:, None]
-                    m_kb = (o_k < H)[:, None] & m_b[None, :]
-                    for gate in tl.static_range(4):
-                        b_dgate = tl.load(p_dgates + gate * H, mask=m_kb, other=0, cache_modifier=".cg")
-                        b_dh_new = tl.dot(_gate_weights(p_w_d, gate, H, o_k[None, :], o_h[:, None]),
-                                          b_dgate.to(operand_ty), b_dh_new, input_precision=INPUT_PRECISION,
-                                          out_dtype=state_ty)
-            # Padded steps pass dh and dc through.
-            b_dh = tl.where(b_active, b_dh_new, b_dh)
-            b_dc = tl.where(b_active, b_dc_t * b_f, b_dc)
-
-        if HAS_LENGTHS:
-            b_zero = tl.zeros([BLOCK_H, BLOCK_B], dtype=state_ty)
-            for s in range(n_steps, T):
+                # Past all of this program's rows: dh and dc pass through, grad_xw is zero.
+                b_zero = tl.zeros([BLOCK_H, BLOCK_B], dtype=state_ty)
                 _store_gates(_step_rows(p_grad_xw, i_d, s, T, B, i_b, 4 * H, BLOCK_B) + o_gb,
                              b_zero, b_zero, b_zero, b_zero, H, m_hb)
+
         tl.store(p_grad_h0 + o_state + o_hb, b_dh, mask=m_hb)
         tl.store(p_grad_c0 + o_state + o_hb, b_dc, mask=m_hb)
 
