@@ -7,8 +7,8 @@
 B in {256, 768, 2048}; Triton unidirectional and bidirectional, the CUDA backend bidirectional (its target), in
 two precisions:
 
-- ``tf32``: float32 with TF32 allowed for cuDNN (its default, which both fused recurrences follow) and for the
-  driver's matmuls (``torch.backends.cuda.matmul.allow_tf32``), so that both sides use tensor cores throughout;
+- ``tf32``: float32 with TF32 allowed for cuDNN's RNNs (its default), which both fused recurrences and the driver's
+  GEMMs follow (``rnn_fast.ops.lstm.common.cudnn_fp32_precision``), so that both sides use tensor cores throughout;
 - ``bf16``: parameters and input in bfloat16 (state in fp32 on both sides).
 
 Passes: ``forward`` (a training forward, building the autograd graph), ``backward`` (of a forward run in the
@@ -83,13 +83,11 @@ def results_files():
 
 @pytest.fixture
 def precision_flags(precision):
-    """TF32 for cuDNN and for matmuls in the ``tf32`` cases; the previous flags come back afterwards."""
-    allow_tf32 = precision == "tf32"
-    previous = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = allow_tf32
-    with torch.backends.cudnn.flags(enabled=True, allow_tf32=allow_tf32):
-        yield
-    torch.backends.cuda.matmul.allow_tf32 = previous
+    """cuDNN's RNN precision: TF32 in the ``tf32`` cases, IEEE otherwise; the previous setting comes back after."""
+    previous = torch.backends.cudnn.rnn.fp32_precision
+    torch.backends.cudnn.rnn.fp32_precision = "tf32" if precision == "tf32" else "ieee"
+    yield
+    torch.backends.cudnn.rnn.fp32_precision = previous
 
 
 def _stack(implementation: str, bidirectional: bool, dtype: torch.dtype) -> nn.Module:
