@@ -133,6 +133,7 @@ class Problem:
         from torch import nn
 
         self.shape, self.bidirectional, self.device, self.lengths = shape, bidirectional, device, lengths
+        self._torch_results: Dict[tuple, Dict] = {}
         torch.manual_seed(seed)
         self.reference = nn.LSTM(shape.input_size, shape.hidden, shape.layers, batch_first=True,
                                  bidirectional=bidirectional, dtype=torch.float64)
@@ -151,6 +152,19 @@ class Problem:
                    draw(shape.layers * directions, shape.batch, shape.hidden))
         self.output_weight = draw(shape.batch, shape.seq_len, directions * shape.hidden)
         self.state_weight = draw(*self.hx[0].shape)
+
+    def results(self, implementation: str, dtype, allow_tf32: bool) -> Dict:
+        """:meth:`run` of ``implementation`` in ``dtype`` and cuDNN's precision; nn.LSTM's are kept for reuse."""
+        key = (implementation, dtype, allow_tf32)
+        if implementation == "torch" and key in self._torch_results:
+            return self._torch_results[key]
+        module = self.reference if implementation == "torch" and dtype == self.reference.weight_ih_l0.dtype \
+            else self.module(implementation, dtype)
+        with precision_flags(allow_tf32):
+            result = self.run(module, dtype)
+        if implementation == "torch":
+            self._torch_results[key] = result
+        return result
 
     def module(self, implementation: str, dtype):
         """``nn.LSTM`` (implementation "torch") or ``rnn_fast.LSTM`` with the reference's weights in ``dtype``."""
@@ -217,11 +231,11 @@ def implementation_reason(backend: str, device, dtype, hidden: int) -> Optional[
 
 def smoke(problem: Problem, backend: str, label: str, precisions, case: str) -> List[Dict]:
     """One record per precision: ours and nn.LSTM's error against float64 per tensor, ours against nn.LSTM, and
-    whether ours passes: every tensor within twice nn.LSTM's own error against float64, or within ERROR_FLOOR."""
+    whether ours passes: every tensor within twice nn.LSTM's own error against float64, or within ERROR_FLOOR (if
+    nn.LSTM itself cannot run the case, within the repo's tolerance for the precision)."""
     import torch
 
-    with precision_flags(False):
-        reference = problem.run(problem.reference, torch.float64)
+    reference = problem.results("torch", torch.float64, allow_tf32=False)
     records = []
     for precision in precisions:
         dtype_name, allow_tf32, tolerance = PRECISIONS[precision]
@@ -232,25 +246,28 @@ def smoke(problem: Problem, backend: str, label: str, precisions, case: str) -> 
             records.append({**record, "ok": False, "status": f"unsupported: {reason}"})
             continue
         try:
-            with precision_flags(allow_tf32):
-                theirs = problem.run(problem.module("torch", dtype), dtype)
-                with poisoned_allocations():
-                    ours = problem.run(problem.module(backend, dtype), dtype)
+            with poisoned_allocations():
+                ours = problem.results(backend, dtype, allow_tf32)
         except Exception as error:  # reported, and the next precision still runs
             records.append({**record, "ok": False, "status": f"error: {type(error).__name__}: {error}"[:2000]})
             continue
-        ours_error, torch_error = relative_errors(ours, reference), relative_errors(theirs, reference)
-        versus_torch = relative_errors(ours, theirs)
-        failing = [name for name in reference if not ours_error[name] <= max(2 * torch_error[name], ERROR_FLOOR)]
+        ours_error = relative_errors(ours, reference)
+        try:
+            torch_error = relative_errors(problem.results("torch", dtype, allow_tf32), reference)
+            bounds = {name: max(2 * torch_error[name], ERROR_FLOOR) for name in reference}
+            note = ""
+        except Exception as error:
+            torch_error, bounds = {}, dict.fromkeys(reference, tolerance)
+            note = f" (nn.LSTM failed, {type(error).__name__}: {error}; judged by the tolerance {tolerance:g})"[:500]
+        failing = [name for name in reference if not ours_error[name] <= bounds[name]]
         worst_name, worst = _worst(ours_error)
-        records.append({**record, "ok": not failing, "status": "ok" if not failing else f"fails: {failing}",
+        records.append({**record, "ok": not failing, "status": ("ok" if not failing else f"fails: {failing}") + note,
                         "tolerance": tolerance, "within_tolerance": worst <= tolerance,
                         "worst_tensor": worst_name, "worst_error": worst,
-                        "torch_error_same_tensor": torch_error[worst_name],
-                        "max_error_vs_torch": _worst(versus_torch)[1],
-                        "errors": ours_error, "torch_errors": torch_error})
+                        "torch_error_same_tensor": torch_error.get(worst_name), "errors": ours_error,
+                        "torch_errors": torch_error})
         print(f"smoke {label} {current_variant()} {case} {precision}: {records[-1]['status']} "
-              f"(worst {worst_name} {worst:.2e}, torch {torch_error[worst_name]:.2e})", flush=True)
+              f"(worst {worst_name} {worst:.2e}, torch {torch_error.get(worst_name, float('nan')):.2e})", flush=True)
     return records
 
 
@@ -487,21 +504,26 @@ def command_run(args) -> Dict:
             problem = Problem(shape, bidirectional, device, seed=3)
             for label, backend in smoked.items():
                 result["smoke"] += smoke(problem, backend, label, precisions, "L2-bi" if bidirectional else "L2-uni")
+                save(args, result)
         generator = torch.Generator().manual_seed(4)
         lengths = torch.randint(max(1, shape.seq_len // 10), shape.seq_len + 1, (shape.batch,), generator=generator)
         packed = Problem(shape, True, device, seed=5, lengths=lengths)
         for label, backend in smoked.items():
             result["smoke"] += smoke(packed, backend, label, ["fp32"], "L2-bi-packed")
+            save(args, result)
             if hasattr(load_backend(backend), "lstm_recurrence_inference"):
                 result["smoke"] += inference_check(load_backend(backend), label, shape, device, precisions)
-    passed = {(record["backend"], record["precision"]) for record in result["smoke"]
-              if record["ok"] and record["case"].startswith("L2-")}
+    checked = [record for record in result["smoke"] if record["case"].startswith("L2-")]
+    passed = ({(r["backend"], r["precision"]) for r in checked}
+              - {(r["backend"], r["precision"]) for r in checked if not r["ok"]})
     # The recurrence precisions that matter for speed; IEEE fp32 is checked, not timed.
     timed_precisions = [precision for precision in precisions if precision != "fp32"]
     for label, backend in benched.items():
         allowed = [precision for precision in timed_precisions if label not in smoked or (label, precision) in passed]
         result["benchmarks"] += bench_stacks(shape, device, {label: backend}, args.directions, allowed)
+        save(args, result)
         result["benchmarks"] += bench_recurrence(shape, device, {label: backend}, allowed)
+        save(args, result)
     if "triton" in {**smoked, **benched}:
         from rnn_fast.ops.lstm import fused
 
@@ -541,15 +563,20 @@ def command_sanitize(args) -> Dict:
             inferred = inference(xw, w_hh, h0, c0, lengths) if inference is not None else ()
             if device.type == "cuda":
                 torch.cuda.synchronize()
-        expected = naive.lstm_recurrence_forward(*(t.double() for t in (xw, w_hh, h0, c0)), lengths)
-        expected_grads = naive.lstm_recurrence_backward(*(t.double() for t in (*grads, w_hh, c0)),
-                                                        expected[3], expected[4], lengths)
+        # The reference on the CPU: the sanitizer then instruments only the ops under test.
+        def host(tensors):
+            return [tensor.double().cpu() for tensor in tensors]
+
+        host_lengths = None if lengths is None else lengths.cpu()
+        expected = naive.lstm_recurrence_forward(*host((xw, w_hh, h0, c0)), host_lengths)
+        expected_grads = naive.lstm_recurrence_backward(*host((*grads, w_hh, c0)), expected[3], expected[4],
+                                                        host_lengths)
         state_names, grad_names = ("y", "h_n", "c_n"), ("grad_xw", "grad_h0", "grad_c0")
         actual = {**dict(zip(state_names, outputs)), **dict(zip(grad_names, grad_inputs)),
                   **{f"{name}_inference": value for name, value in zip(state_names, inferred)}}
         want = {**dict(zip(state_names, expected)), **dict(zip(grad_names, expected_grads)),
                 **{f"{name}_inference": value for name, value in zip(state_names, expected) if inferred}}
-        errors = relative_errors({k: v.double() for k, v in actual.items()}, want)
+        errors = relative_errors({name: value.double().cpu() for name, value in actual.items()}, want)
         bad = {name: error for name, error in errors.items() if not error <= 2 * tolerance}
         print(f"sanitize {label} {current_variant()} {precision}: worst {_worst(errors)[0]} "
               f"{_worst(errors)[1]:.2e}{' FAILS ' + str(bad) if bad else ''}", flush=True)
@@ -594,12 +621,14 @@ def command_sweep(args) -> Dict:
     shape = Shape(args.dry_run)
     forward, backward, _ = recurrence_ops("triton")
     sweeps = []
-    for precision in args.precisions.split(","):
-        dtype_name, allow_tf32, _ = PRECISIONS[precision]
-        dtype = getattr(torch, dtype_name)
-        if implementation_reason("triton", device, dtype, shape.hidden):
-            continue
-        for directions in (2, 1):
+    result = {"sweeps": sweeps}
+    # The BLSTM's two directions first: the case the next session most needs a tile for.
+    for directions in (2, 1):
+        for precision in args.precisions.split(","):
+            dtype_name, allow_tf32, _ = PRECISIONS[precision]
+            dtype = getattr(torch, dtype_name)
+            if implementation_reason("triton", device, dtype, shape.hidden):
+                continue
             xw, w_hh, h0, c0, lengths = recurrence_inputs(shape, directions, dtype, device)
             with torch.no_grad(), precision_flags(allow_tf32):
                 y, h_n, c_n, gates, cell = forward(xw, w_hh, h0, c0, lengths)
@@ -612,12 +641,22 @@ def command_sweep(args) -> Dict:
                                "ms_by_tile": {fused._tile_name(config): _first(value)
                                               for config, value in timings.items()}})
                 print(f"sweep {kernel} {precision} D={directions}: {sweeps[-1]['ms_by_tile']}", flush=True)
-    return {"sweeps": sweeps, "triton_tiles": fused.tile_choices()}
+            result["triton_tiles"] = fused.tile_choices()
+            save(args, result)
+    return result
 
 
 def _first(value):
     """do_bench returns a number or a list of quantiles, depending on the Triton version."""
     return value[0] if isinstance(value, (list, tuple)) else value
+
+
+def save(args, record: Dict) -> None:
+    """Writes what a command has so far, so that a step cut by its timeout still leaves its results."""
+    if args.json:
+        partial = args.json.with_suffix(".partial")
+        partial.write_text(json.dumps(record, indent=1, default=str) + "\n")
+        partial.replace(args.json)
 
 
 COMMANDS = {"env": command_env, "run": command_run, "sanitize": command_sanitize, "profile": command_profile,
@@ -637,9 +676,7 @@ def main(argv=None) -> int:
     parser.add_argument("--directions", default="bi,uni",
                         type=lambda text: [part == "bi" for part in text.split(",")])
     args = parser.parse_args(argv)
-    record = COMMANDS[args.command](args)
-    if args.json:
-        args.json.write_text(json.dumps(record, indent=1, default=str) + "\n")
+    save(args, COMMANDS[args.command](args))
     return 0
 
 

@@ -15,9 +15,12 @@ time is skipped and says so):
 3. ``baseline``: correctness of the CUDA backend, then every backend against cuDNN with CUDA events.
 4. ``variant-<name>``: the same for each CUDA kernel variant (``RNN_FAST_CUDA_VARIANTS``), one process each;
    a variant is timed only in the precisions where its smoke check passed.
-5. ``cuda-pytest`` alongside ``compute-sanitizer`` memcheck / racecheck / synccheck on a tiny shape.
-6. ``ncu``: one profile of every recurrence kernel at the classifier's shape.
-7. ``triton-sweep``: the Triton autotuner over its candidate tiles (no pin), for the next session's pin.
+5. ``ncu``: one profile of every recurrence kernel at the classifier's shape.
+6. ``triton-sweep``: the Triton autotuner over its candidate tiles (no pin), for the next session's pin.
+7. ``cuda-pytest`` alongside ``compute-sanitizer`` memcheck / racecheck / synccheck on a tiny shape (six at a
+   time: correctness only, so they may share the GPU, unlike the timed steps before them).
+
+Every child writes its JSON as it goes, so a step cut by its timeout still reports what it finished.
 
 The budget of each step and what it is based on is in benchmarks/NOTES.md ("GPU session").
 """
@@ -271,6 +274,11 @@ class Session:
             self.run(self.checks(f"variant-{variant}", BUDGETS["variant"], "run", "--smoke", "cuda", "--bench",
                                  "cuda", "--directions", "bi", env={VARIANT_ENV: variant}))
 
+        # Timing-sensitive steps run alone; the correctness checks after them share the machine.
+        self.run(self.ncu_step())
+        self.run(self.checks("triton-sweep", BUDGETS["triton-sweep"], "sweep", "--precisions", "tf32,bf16",
+                             env={"RNN_FAST_TRITON_TILE": ""}))
+
         checks = [self.pytest_step("cuda-pytest", BUDGETS["cuda-pytest"],
                                    ["tests/ops/test_cuda_recurrence.py", "tests/ops/test_gemm_precision.py",
                                     "tests/modules/test_lstm.py"], "not triton")]
@@ -290,9 +298,6 @@ class Session:
                 else:
                     self.skip(step.name, step.budget, "no build")
 
-        self.run(self.ncu_step())
-        self.run(self.checks("triton-sweep", BUDGETS["triton-sweep"], "sweep", "--precisions", "tf32,bf16",
-                             env={"RNN_FAST_TRITON_TILE": ""}))
         return self.finish()
 
     def _status(self, name: str) -> Optional[str]:
@@ -362,10 +367,13 @@ def variant_verdicts(runs: List[dict]) -> List[dict]:
         ratios = {f"{'bi' if r['bidirectional'] else 'uni'}-{r['precision']}": round(r["speedup_vs_cudnn"], 3)
                   for r in run["benchmarks"] if r.get("kind") == "stack" and r.get("backend") == "cuda"
                   and r.get("pass") == "forward+backward"}
+        failing = {r["precision"] for r in cuda_smoke if not r["ok"]}
+        steps = {f"{r['precision']}-{r['op']}": round(r["us_per_step"], 2) for r in run["benchmarks"]
+                 if r.get("kind") == "recurrence" and r.get("backend") == "cuda" and "us_per_step" in r}
         verdicts.append({"variant": run["variant"],
-                         "correct": sorted({r["precision"] for r in cuda_smoke if r["ok"]}),
-                         "incorrect": sorted({r["precision"] for r in cuda_smoke if not r["ok"]}),
-                         "fwd_bwd_speedup_vs_cudnn": ratios})
+                         "correct": sorted({r["precision"] for r in cuda_smoke} - failing),
+                         "incorrect": sorted(failing),
+                         "fwd_bwd_speedup_vs_cudnn": ratios, "recurrence_us_per_step": steps})
     return verdicts
 
 
@@ -453,10 +461,13 @@ def render_summary(results: dict, outcomes: List[Outcome], logs: Path) -> str:
     errors = [r for r in results["benchmarks"] if "error" in r]
     lines += [f"- benchmark error: {r.get('backend', '')} {r.get('precision', '')} {r.get('pass', '')}: "
               f"{r['error'][:200]}" for r in errors]
-    lines += ["", "## CUDA kernel variants", "", "| variant | correct in | incorrect in | fwd+bwd speedup vs cuDNN |",
-              "|---|---|---|---|"]
+    lines += ["", "## CUDA kernel variants", "",
+              "Correct in: every case (uni, bi, and in fp32 packed) passed in that precision. Timed only where correct.",
+              "", "| variant | correct in | incorrect in | fwd+bwd speedup vs cuDNN | recurrence µs / step |",
+              "|---|---|---|---|---|"]
     lines += [f"| {v['variant']} | {', '.join(v['correct']) or '-'} | {', '.join(v['incorrect']) or '-'} | "
-              f"{', '.join(f'{k}: {x:.2f}x' for k, x in v['fwd_bwd_speedup_vs_cudnn'].items()) or '-'} |"
+              f"{', '.join(f'{k}: {x:.2f}x' for k, x in v['fwd_bwd_speedup_vs_cudnn'].items()) or '-'} | "
+              f"{', '.join(f'{k}: {x:.2f}' for k, x in v['recurrence_us_per_step'].items()) or '-'} |"
               for v in results["variants"]]
     lines += ["", "## Triton tiles", "", f"```\n{json.dumps(results['triton_tiles'], indent=1)}\n```"]
     sweep = results.get("triton_sweep") or {}
