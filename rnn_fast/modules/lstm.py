@@ -235,6 +235,14 @@ def from_torch(module: nn.Module, backend: str = "auto") -> nn.Module:
     return _swapped(module, lambda m: type(m) is nn.LSTM, lambda m: _rebuilt(m, LSTM, backend=backend))
 
 
+def model_backend(model: nn.Module) -> str:
+    """What runs the recurrences of ``model``'s :class:`rnn_fast.LSTM` layers on their own parameters' device and
+    dtype: one backend name (``"torch"`` where they fall back to nn.LSTM's implementation), several joined by
+    ``"+"``, or ``"none"`` when the model has no rnn_fast.LSTM."""
+    names = sorted({m.resolved_backend() for m in model.modules() if isinstance(m, LSTM)})
+    return "+".join(names) or "none"
+
+
 # A pickled model holding rnn_fast.LSTM loads with torch.load's weights_only default wherever one holding nn.LSTM
 # does: the class is as safe to rebuild as nn.LSTM, whose state it shares.
 torch.serialization.add_safe_globals([LSTM])
