@@ -2,6 +2,7 @@
 torch.load, conversion to and from nn.LSTM (quantization), and reports of the backend that really runs."""
 import io
 import os
+import warnings
 
 import pytest
 import torch
@@ -120,6 +121,7 @@ def test_first_order_backward_stays_on_the_fused_op():
         assert ("rnn_fast::lstm_recurrence_backward" in names) == kernel_runs
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.:DeprecationWarning")
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_torchscript_scripts_through_nn_lstm(backend):
     model = Tagger(rnn_fast.LSTM(2, 3, 2, bidirectional=True, backend=backend))
@@ -134,6 +136,8 @@ def test_torchscript_scripts_through_nn_lstm(backend):
     torch.testing.assert_close(torch.jit.load(buffer)(input), scripted(input), atol=0, rtol=0)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.:DeprecationWarning",
+                            "ignore:Converting a tensor to a Python boolean:torch.jit.TracerWarning")
 def test_torchscript_tracing_records_nn_lstm():
     model = Tagger(rnn_fast.LSTM(2, 3, 2, backend=BACKENDS[-1]))
     input = torch.randn(5, 2, 2, device=DEVICE)
@@ -152,10 +156,13 @@ def test_torch_export_keeps_the_fused_ops(backend):
     torch.testing.assert_close(exported.module()(input), model(input))
 
 
+# Both are torch's, for nn.LSTM's own export too.
+@pytest.mark.filterwarnings("ignore:The tensor attributes self.lstm._flat_weights:UserWarning",
+                            "ignore:`isinstance\\(treespec, LeafSpec\\)` is deprecated:FutureWarning")
 def test_onnx_export_writes_lstm_nodes():
     onnxruntime = pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
-    model = Tagger(rnn_fast.LSTM(2, 3, 2, bidirectional=True, backend=BACKENDS[-1]).cpu()).cpu()
+    model = Tagger(rnn_fast.LSTM(2, 3, 2, bidirectional=True, backend=BACKENDS[-1]).cpu()).cpu().eval()
     input = torch.randn(5, 2, 2)
     program = torch.onnx.export(model, (input,), dynamo=True, verbose=False)
     assert [node.op_type for node in program.model.graph].count("LSTM") == 2
@@ -200,6 +207,8 @@ def test_to_torch_and_back_share_the_parameters():
     assert type(lone) is nn.LSTM
 
 
+@pytest.mark.filterwarnings("ignore:torch.ao.quantization is deprecated:DeprecationWarning",
+                            "ignore:torch.quantize_per_tensor:UserWarning")
 def test_dynamic_quantization_through_to_torch():
     model = Tagger(rnn_fast.LSTM(4, 8, backend="naive"))
     input = torch.randn(6, 2, 4)
@@ -233,11 +242,16 @@ def test_reports_name_the_backend_that_runs():
     fused = BACKENDS[-1]
     model = Tagger(rnn_fast.LSTM(2, 3, backend=fused))
     assert model.lstm.resolved_backend() == fused and rnn_fast.model_backend(model) == fused
-    fallback = Tagger(rnn_fast.LSTM(2, 3, proj_size=2, backend=fused))
+    fallback = Tagger(rnn_fast.LSTM(2, 3, backend=fused, dtype=torch.bfloat16))
     assert rnn_fast.model_backend(fallback) == "torch"
     assert rnn_fast.model_backend(nn.Sequential(nn.Linear(2, 2))) == "none"
     # What the profiler sees run is what the report names.
+    rnn_fast.modules.lstm._warned.clear()
     for lstm, op in ((model.lstm, "rnn_fast::"), (fallback.lstm, "aten::lstm")):
-        with torch.profiler.profile() as profile:
-            lstm(torch.randn(4, 2, 2, device=DEVICE))
+        with torch.profiler.profile() as profile, warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            lstm(torch.randn(4, 2, 2, device=DEVICE, dtype=lstm.weight_ih_l0.dtype))
+        assert [str(w.message) for w in caught if "rnn_fast" in str(w.message)] == (
+            [] if lstm is model.lstm else [f"rnn_fast.LSTM: {fallback.lstm._backend_choice(None).fallback_reason}; "
+                                           "using torch.nn.LSTM's implementation"])
         assert any(event.name.startswith(op) for event in profile.events()), op
