@@ -90,7 +90,7 @@ def test_every_driver_gemm_runs_in_cudnns_precision(monkeypatch, rnn_precision):
     before = torch.backends.cuda.matmul.fp32_precision
     parts, w_ih, bias = _projection_inputs(torch.float32)
     with GemmPrecisions() as gemms:
-        xw = common.input_projection(parts, w_ih, bias)
+        xw = common.project_parts(parts, w_ih, bias)
         xw.backward(torch.randn_like(xw))
         y, h0 = torch.randn(2, 5, 3, 3), torch.randn(2, 3, 3)
         common.recurrent_weight_grad(torch.randn(2, 5, 3, 12), y, h0, torch.tensor([5, 2, 4]))
@@ -105,13 +105,13 @@ def test_every_driver_gemm_runs_in_cudnns_precision(monkeypatch, rnn_precision):
 def test_projection_backward_is_autograds(monkeypatch):
     """The projection's own backward (used on CUDA fp32) against autograd through the plain GEMM, in float64."""
     expected_inputs = _projection_inputs(torch.float64)
-    expected = common.input_projection(*expected_inputs)
+    expected = common.project_parts(*expected_inputs)
     grad = torch.randn_like(expected)
     expected_grads = torch.autograd.grad(expected, expected_inputs, grad)
 
     monkeypatch.setattr(common, "cudnn_fp32_precision", lambda device, dtype: "ieee")
     inputs = _projection_inputs(torch.float64)
-    actual = common.input_projection(*inputs)
+    actual = common.project_parts(*inputs)
     (projection, _), = actual.grad_fn.next_functions  # under the view to [D, T, B, 4H]
     assert "ProjectionInPrecision" in type(projection).__name__
     torch.testing.assert_close(actual, expected, atol=1e-12, rtol=1e-12)

@@ -1,5 +1,5 @@
-"""What every backend of the recurrence contract (docs/contract.md) shares: state dtypes, the state
-entering each step, the input projection and the one-GEMM ``grad_w_hh`` (in cuDNN's GEMM precision), and the
+"""What every backend of the recurrence contract (docs/contract.md) shares: state dtypes, the default input
+projection, the state entering each step, the one-GEMM ``grad_w_hh`` (both in cuDNN's GEMM precision), and the
 autograd / fake registration of an op pair."""
 import contextlib
 from typing import Iterator, Optional
@@ -88,10 +88,11 @@ class _ProjectionInPrecision(torch.autograd.Function):
         return grad_flat, grad_w_ih, grad_bias, None
 
 
-def input_projection(parts: torch.Tensor, w_ih: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+def project_parts(parts: torch.Tensor, w_ih: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """``xw [D, T, B, 4H]`` for ``parts [P, T, B, K]``: the parts side by side ``[T*B, P*K]``, times each
-    direction's ``w_ih [4H, P*K]``, in one batched GEMM. On CUDA in fp32, it and its backward GEMMs run in the
-    precision of :func:`cudnn_fp32_precision`, as nn.LSTM's cuDNN path does."""
+    direction's ``w_ih [4H, P*K]``, in one batched GEMM. The input projection of every backend without its own.
+    On CUDA in fp32, it and its backward GEMMs run in the precision of :func:`cudnn_fp32_precision`, as nn.LSTM's
+    cuDNN path does."""
     _num_parts, seq_len, batch, _width = parts.shape
     flat = _side_by_side(parts)
     precision = cudnn_fp32_precision(parts.device, parts.dtype)
@@ -204,12 +205,19 @@ def register_recurrence_autograd(forward_op, backward_op) -> None:
         # Unused outputs (always gates and cell) would otherwise get zero-filled gradients allocated for them.
         ctx.set_materialize_grads(False)
 
-    def backward(ctx, grad_y, grad_h_n, grad_c_n, _grad_gates, _grad_cell):
+    def backward(ctx, grad_y, grad_h_n, grad_c_n, grad_gates, grad_cell):
         w_hh, h0, c0, y, gates, cell, lengths = ctx.saved_tensors
         grad_y, grad_h_n, grad_c_n = (_dense_grad(g, like) for g, like in
                                       ((grad_y, y), (grad_h_n, h0), (grad_c_n, c0)))
-        grad_xw, grad_h0, grad_c0 = backward_op(grad_y, grad_h_n, grad_c_n, w_hh, c0, gates, cell, lengths,
-                                                *ctx.extra)
+        if torch.is_grad_enabled() or grad_gates is not None or grad_cell is not None:
+            # create_graph=True wants a backward autograd can differentiate, and a double backward that reaches the
+            # saved gates and cell brings gradients for them: both are the reference's, in differentiable ops.
+            from .naive import differentiable_backward  # naive.py imports this module
+            grad_xw, grad_h0, grad_c0 = differentiable_backward(grad_y, grad_h_n, grad_c_n, w_hh, c0, gates, cell,
+                                                                lengths, grad_gates, grad_cell)
+        else:
+            grad_xw, grad_h0, grad_c0 = backward_op(grad_y, grad_h_n, grad_c_n, w_hh, c0, gates, cell, lengths,
+                                                    *ctx.extra)
         grad_w_hh = recurrent_weight_grad(grad_xw, y, h0, lengths).to(w_hh.dtype) if ctx.needs_input_grad[1] else None
         return (grad_xw, grad_w_hh, grad_h0, grad_c0, None) + (None,) * len(ctx.extra)
 

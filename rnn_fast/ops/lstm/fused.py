@@ -32,8 +32,8 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from rnn_fast.ops.lstm.common import (cudnn_fp32_precision, register_inference_fake, register_recurrence_autograd,
-                                     register_recurrence_fake, state_dtype)
+from rnn_fast.ops.lstm.common import (cudnn_fp32_precision, project_parts, register_inference_fake,
+                                     register_recurrence_autograd, register_recurrence_fake, state_dtype)
 
 try:
     import triton
@@ -93,6 +93,9 @@ def unsupported_reason(device: torch.device, dtype: torch.dtype, hidden_size: in
         return f"the Triton kernels keep a whole hidden state per program, up to hidden_size={MAX_HIDDEN}, " \
                f"not {hidden_size}"
     return None
+
+
+input_projection = project_parts
 
 
 def _allows_tf32(xw: torch.Tensor) -> bool:
