@@ -28,12 +28,12 @@ from torch import nn
 import rnn_fast
 from rnn_fast.ops.lstm import unavailable_reason
 
-from _timing import report, summary, synchronize, synchronized, write_results
+from _timing import (TRAINING_PASSES, report, summary, synchronize, synchronized, training_passes,
+                     write_results)
 
 INPUT_SIZE, HIDDEN, LAYERS, SEQ_LEN = 160, 128, 2, 100
 BATCHES = (256, 768, 2048)
 PRECISIONS = {"tf32": torch.float32, "bf16": torch.bfloat16}
-PASSES = ("forward", "backward", "forward+backward")
 # fused backend -> the directions it is benchmarked with
 FUSED = {"triton": (False, True), "cuda": (True,)}
 ROUNDS = int(os.environ.get("RNN_FAST_BENCH_ROUNDS", "30"))
@@ -99,21 +99,9 @@ def _stack(implementation: str, bidirectional: bool, dtype: torch.dtype) -> nn.M
 
 
 def _rounds(module: nn.Module, x: torch.Tensor, weight: torch.Tensor, pass_name: str):
-    """``(timed call, untimed setup)`` of one pass; every call ends synchronised."""
-
-    def loss():
-        output, _ = module(x)
-        return (output * weight).float().sum()
-
-    def backward(value):
-        value.backward()
-        module.zero_grad(set_to_none=True)
-
-    if pass_name == "forward":
-        return synchronized(loss, DEVICE), None
-    if pass_name == "backward":
-        return synchronized(backward, DEVICE), synchronized(lambda: ((loss(),), {}), DEVICE)
-    return synchronized(lambda: backward(loss()), DEVICE), None
+    """``(timed call, untimed setup)`` of one pass, as pytest-benchmark takes them; every call ends synchronised."""
+    call, setup = training_passes(module, x, weight)[pass_name]
+    return synchronized(call, DEVICE), None if setup is None else synchronized(lambda: (setup(), {}), DEVICE)
 
 
 def _implementations():
@@ -129,7 +117,7 @@ def _implementations():
 
 
 @pytest.mark.parametrize("implementation, bidirectional", list(_implementations()))
-@pytest.mark.parametrize("pass_name", PASSES)
+@pytest.mark.parametrize("pass_name", TRAINING_PASSES)
 @pytest.mark.parametrize("precision", list(PRECISIONS))
 @pytest.mark.parametrize("batch", BATCHES, ids=lambda batch: f"B{batch}")
 def test_lstm_stack(benchmark, precision_flags, batch, precision, pass_name, implementation, bidirectional):

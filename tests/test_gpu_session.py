@@ -16,8 +16,7 @@ sys.path.insert(0, str(ROOT / "tools"))
 from gpu_session import OUT_FILES  # noqa: E402
 
 STEPS = ["env", "build", "triton-smoke", "triton-pytest", "baseline", "variant-cluster_mbarrier", "cuda-pytest",
-         "sanitize-memcheck-cuda", "sanitize-memcheck-triton", "sanitize-memcheck-cuda-cluster_mbarrier", "ncu",
-         "triton-sweep"]
+         "sanitize-memcheck-cuda", "sanitize-memcheck-triton", "ncu", "triton-sweep"]
 
 
 def run_session(out: Path, work: Path, *extra: str) -> subprocess.CompletedProcess:

@@ -32,8 +32,7 @@ PRECISIONS = {"fp32": ("float32", False, 2e-5), "tf32": ("float32", True, 1e-3),
 # An error this small against float64 passes in any precision: IEEE fp32's tolerance.
 ERROR_FLOOR = 2e-5
 # rnn_fast.LSTM's warning when it falls back to nn.LSTM: an error here, or nn.LSTM's time would pass as ours.
-FALLBACK_WARNING = "rnn_fast.LSTM: backend"
-PASSES = ("forward", "backward", "forward+backward")
+FALLBACK_WARNING = "rnn_fast.LSTM: "
 # In the dry run a CPU backend stands in for one that needs a GPU (same ops, same driver).
 DRY_RUN_STANDINS = {"cuda": "cpu"}
 
@@ -42,7 +41,7 @@ class Shape:
     def __init__(self, dry_run: bool):
         # The classifier's stack, or a tiny one for the dry run.
         self.batch, self.seq_len, self.input_size, self.hidden, self.layers = \
-            (6, 5, 7, 8, 2) if dry_run else (768, 100, 160, 128, 2)
+            (4, 3, 5, 4, 2) if dry_run else (768, 100, 160, 128, 2)
         self.rounds, self.warmup = (1, 0) if dry_run else (20, 3)
 
     def as_dict(self):
@@ -173,8 +172,13 @@ class Problem:
 
         shape = self.shape
         kwargs = dict(batch_first=True, bidirectional=self.bidirectional, device=self.device, dtype=dtype)
-        module = (nn.LSTM(shape.input_size, shape.hidden, shape.layers, **kwargs) if implementation == "torch"
-                  else rnn_fast.LSTM(shape.input_size, shape.hidden, shape.layers, backend=implementation, **kwargs))
+        if implementation == "torch":
+            module = nn.LSTM(shape.input_size, shape.hidden, shape.layers, **kwargs)
+        else:
+            module = rnn_fast.LSTM(shape.input_size, shape.hidden, shape.layers, backend=implementation, **kwargs)
+            if module.resolved_backend() != implementation:
+                raise RuntimeError(f"rnn_fast.LSTM(backend={implementation!r}) would run "
+                                   f"{module.resolved_backend()!r} here")
         module.load_state_dict(self.reference.state_dict())
         return module
 
@@ -221,12 +225,9 @@ def _worst(errors: Dict[str, float]):
 
 def implementation_reason(backend: str, device, dtype, hidden: int) -> Optional[str]:
     """Why ``backend`` would not run this case itself (a fallback to nn.LSTM would time the wrong thing)."""
-    from rnn_fast.ops.lstm import load_backend, unavailable_reason
+    from rnn_fast.ops.lstm import resolve_backend
 
-    reason = unavailable_reason(backend)
-    if reason is None:
-        reason = load_backend(backend).unsupported_reason(device, dtype, hidden)
-    return reason
+    return resolve_backend(backend, device, dtype, hidden).fallback_reason
 
 
 def smoke(problem: Problem, backend: str, label: str, precisions, case: str) -> List[Dict]:
@@ -356,24 +357,10 @@ def time_alternating(clock: Clock, calls: Dict[str, tuple], rounds: int, warmup:
     return {name: summarize(values) for name, values in times.items()}
 
 
-def stack_passes(module, x, weight):
-    """``pass -> (timed fn, untimed setup)`` for a training forward, its backward, and both."""
-
-    def loss():
-        output, _ = module(x)
-        return (output * weight).float().sum()
-
-    def backward(value):
-        value.backward()
-        module.zero_grad(set_to_none=True)
-
-    return {"forward": (loss, None), "backward": (backward, lambda: (loss(),)),
-            "forward+backward": (lambda: backward(loss()), None)}
-
-
 def bench_stacks(problem_shape: Shape, device, backends: Dict[str, str], directions, precisions) -> List[Dict]:
     """Each backend against cuDNN (nn.LSTM) in the same process, per direction, precision and pass."""
     import torch
+    from _timing import TRAINING_PASSES, training_passes
 
     records = []
     clock = Clock(device)
@@ -390,8 +377,8 @@ def bench_stacks(problem_shape: Shape, device, backends: Dict[str, str], directi
                     modules[label] = problem.module(backend, dtype)
             with precision_flags(allow_tf32), warnings.catch_warnings():
                 warnings.filterwarnings("error", message=FALLBACK_WARNING)
-                for pass_name in PASSES:
-                    calls = {label: stack_passes(module, x, weight)[pass_name] for label, module in modules.items()}
+                for pass_name in TRAINING_PASSES:
+                    calls = {label: training_passes(module, x, weight)[pass_name] for label, module in modules.items()}
                     try:
                         timings = time_alternating(clock, calls, problem_shape.rounds, problem_shape.warmup)
                     except Exception as error:

@@ -194,7 +194,8 @@ class Session:
         tools = "; ".join(f"echo '$ {tool}'; {tool} 2>&1 | head -40 || true" for tool in (
             "nvidia-smi", "nvcc --version", "ncu --version", "compute-sanitizer --version", "ninja --version",
             "nproc", "free -g", "git -C . log -1 --oneline"))
-        pip_list = f"{shlex.quote(self.python)} -m pip list 2>/dev/null | grep -iE '^(torch|triton|pytest|numpy)' || true"
+        pip_list = (f"{shlex.quote(self.python)} -m pip list 2>/dev/null "
+                    "| grep -iE '^(torch|triton|pytest|numpy)' || true")
         checks = self.checks("env", BUDGETS["env"], "env")
         script = f"{tools}; echo '$ pip list'; {pip_list}; {shlex.join(checks.command)}"
         return Step("env", ["bash", "-c", script], BUDGETS["env"], json=checks.json)
@@ -261,8 +262,10 @@ class Session:
         built = self._status("build") == "ok"
 
         if built:
+            # (The dry run times one direction: the flow is the same, and the interpreter is slow.)
+            directions = "bi" if self.dry_run else "bi,uni"
             baseline = self.run(self.checks("baseline", BUDGETS["baseline"], "run", "--smoke", "cuda",
-                                            "--bench", "triton,cuda"))
+                                            "--bench", "triton,cuda", "--directions", directions))
         else:
             baseline = self.skip("baseline", BUDGETS["baseline"], "no build")
         variants = self.args.variants.split(",") if self.args.variants else \
@@ -282,13 +285,13 @@ class Session:
         checks = [self.pytest_step("cuda-pytest", BUDGETS["cuda-pytest"],
                                    ["tests/ops/test_cuda_recurrence.py", "tests/ops/test_gemm_precision.py",
                                     "tests/modules/test_lstm.py"], "not triton")]
-        # Without the sanitizer (the dry run) every tool would run the same program: once per target is enough.
+        # Without the sanitizer (the dry run) every tool and variant would run the same program: once per backend.
         tools = ("memcheck",) if self.dry_run else SANITIZER_TOOLS
         checks += [self.sanitizer_step(tool, backend) for backend in ("cuda", "triton") for tool in tools]
-        # The variants: all three tools on the first (the cluster exchange, where a race would be), memcheck on all.
-        checks += [self.sanitizer_step(tool, "cuda", variant) for variant in variants[:1] for tool in tools]
-        checks += [self.sanitizer_step("memcheck", "cuda", variant) for variant in variants[1:]
-                   if not self.dry_run]
+        if not self.dry_run:
+            # The variants: every tool on the first (the cluster exchange, where a race would be), memcheck on all.
+            checks += [self.sanitizer_step(tool, "cuda", variants[0]) for tool in tools[1:] if variants]
+            checks += [self.sanitizer_step("memcheck", "cuda", variant) for variant in variants]
         if built:
             self.pool(checks, workers=2 if self.dry_run else 6)
         else:
@@ -462,7 +465,8 @@ def render_summary(results: dict, outcomes: List[Outcome], logs: Path) -> str:
     lines += [f"- benchmark error: {r.get('backend', '')} {r.get('precision', '')} {r.get('pass', '')}: "
               f"{r['error'][:200]}" for r in errors]
     lines += ["", "## CUDA kernel variants", "",
-              "Correct in: every case (uni, bi, and in fp32 packed) passed in that precision. Timed only where correct.",
+              "Correct in: every case (uni, bi, and in fp32 packed) passed in that precision. Timed only where "
+              "correct.",
               "", "| variant | correct in | incorrect in | fwd+bwd speedup vs cuDNN | recurrence µs / step |",
               "|---|---|---|---|---|"]
     lines += [f"| {v['variant']} | {', '.join(v['correct']) or '-'} | {', '.join(v['incorrect']) or '-'} | "

@@ -21,7 +21,8 @@ def records():
     """Per Triton, case name -> record. Both compile at once, in two processes: the machine has two cores."""
     folders = {name: folder for name, folder in TRITONS.items() if name == "installed" or folder}
     with ThreadPoolExecutor(len(folders)) as pool:
-        futures = {name: pool.submit(run_in_subprocess, CASES, triton_folder=folder) for name, folder in folders.items()}
+        futures = {name: pool.submit(run_in_subprocess, CASES, triton_folder=folder)
+                   for name, folder in folders.items()}
         return {name: {record["case"]: record for record in future.result()} for name, future in futures.items()}
 
 

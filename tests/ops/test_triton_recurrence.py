@@ -264,7 +264,8 @@ def test_pinned_tile_is_the_only_config():
 import torch
 from rnn_fast.ops.lstm import fused, naive
 from recurrence_cases import Shape, assert_all_close, contract_inputs, FORWARD_NAMES
-assert fused.tile_choices() == {"forward": {"every key": "32x8"}, "backward": {"every key": "32x8"}}, fused.tile_choices()
+pinned = {"every key": "32x8"}
+assert fused.tile_choices() == {"forward": pinned, "backward": pinned}, fused.tile_choices()
 for kernel in (fused._lstm_forward_kernel, fused._lstm_backward_kernel):
     (config,) = kernel.configs
     assert (config.kwargs["BLOCK_B"], config.num_warps) == (32, 8)

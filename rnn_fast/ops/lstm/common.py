@@ -33,11 +33,18 @@ def cudnn_fp32_precision(device: torch.device, dtype: torch.dtype) -> Optional[s
     return "tf32" if cudnn_rnn_allows_tf32() else "ieee"
 
 
+def _driver_gemm_precision(tensor: torch.Tensor) -> Optional[str]:
+    """:func:`cudnn_fp32_precision` for the driver's GEMMs on ``tensor``; None under torch.compile, where Inductor
+    fixes GEMM precision from torch's own setting when it compiles (and no flag is read while tracing)."""
+    if torch.compiler.is_compiling():
+        return None
+    return cudnn_fp32_precision(tensor.device, tensor.dtype)
+
+
 @contextlib.contextmanager
 def matmul_precision(precision: Optional[str]) -> Iterator[None]:
-    """cuBLAS's fp32 precision set to ``precision`` for the body, then restored; None leaves it alone. Under
-    torch.compile it is left alone too: Inductor fixes GEMM precision from torch's setting when it compiles."""
-    if precision is None or torch.compiler.is_compiling():
+    """cuBLAS's fp32 precision set to ``precision`` for the body, then restored; None leaves it alone."""
+    if precision is None:
         yield
         return
     matmul = torch.backends.cuda.matmul
@@ -95,8 +102,8 @@ def project_parts(parts: torch.Tensor, w_ih: torch.Tensor, bias: Optional[torch.
     cuDNN path does."""
     _num_parts, seq_len, batch, _width = parts.shape
     flat = _side_by_side(parts)
-    precision = cudnn_fp32_precision(parts.device, parts.dtype)
-    if precision is None or torch.compiler.is_compiling():
+    precision = _driver_gemm_precision(parts)
+    if precision is None:
         xw = _project(flat, w_ih, bias)
     else:
         xw = _ProjectionInPrecision.apply(flat, w_ih, bias, precision)
@@ -131,7 +138,7 @@ def recurrent_weight_grad(grad_xw: torch.Tensor, y: torch.Tensor, h0: torch.Tens
     that starts from ``h0`` is added separately. Padded steps have zero ``grad_xw`` and zero ``y``, so they add
     nothing. fp32 on CUDA runs in :func:`cudnn_fp32_precision`.
     """
-    with matmul_precision(cudnn_fp32_precision(grad_xw.device, grad_xw.dtype)):
+    with matmul_precision(_driver_gemm_precision(grad_xw)):
         return _recurrent_weight_grad(grad_xw, y, h0, lengths)
 
 

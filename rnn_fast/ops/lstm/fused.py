@@ -465,7 +465,8 @@ if _TRITON_IMPORT_ERROR is None:
                     b_dh_new = tl.dot(b_wt_o, b_do.to(operand_ty), b_dh_new, input_precision=INPUT_PRECISION,
                                       out_dtype=state_ty)
                 else:
-                    # The gate gradients come back in chunks from grad_xw, just written by all of this program's threads.
+                    # The gate gradients come back in chunks from grad_xw, just written by all of this
+                    # program's threads.
                     tl.debug_barrier()
                     b_dh_new = tl.zeros([BLOCK_H, BLOCK_B], dtype=state_ty)
                     for k0 in range(0, BLOCK_H, BLOCK_K):
