@@ -61,6 +61,7 @@ BUDGETS = {"env": 30, "build": 200, "triton-smoke": 100, "triton-pytest": 100, "
            "cuda-pytest": 120, "sanitizer": 100, "ncu": 60, "triton-sweep": 90}
 SANITIZER_TOOLS = ("memcheck", "racecheck", "synccheck")
 NCU_KERNELS = "regex:lstm_(forward|backward)_kernel"
+NCU_SECTIONS = ("SpeedOfLight", "LaunchStats", "Occupancy", "MemoryWorkloadAnalysis_Tables", "WarpStateStats")
 # Files in $OUT (at most 8 come back): these four, everything else in the archive.
 OUT_FILES = ("summary.md", "session.log", "failures.log", "session-archive.tar.gz")
 
@@ -240,12 +241,13 @@ class Session:
             return Step("ncu", profile + (["--dry-run"] if self.dry_run else []), BUDGETS["ncu"],
                         note=f"{note}: the target without ncu")
         capture = ["ncu", "--clock-control", "none", "--target-processes", "all", "--kernel-name", NCU_KERNELS,
-                   "--section", "SpeedOfLight", "--section", "LaunchStats", "--section", "Occupancy",
-                   "--section", "MemoryWorkloadAnalysis_Tables", "--export", str(report), "--force-overwrite",
-                   *profile]
+                   "--export", str(report), "--force-overwrite"]
+        sections = [arg for name in NCU_SECTIONS for arg in ("--section", name)]
         details = ["ncu", "--import", f"{report}.ncu-rep", "--csv", "--page", "details"]
-        script = (f"{shlex.join(capture)}; status=$?; {shlex.join(details)} > {shlex.quote(str(self.logs / 'ncu.csv'))}"
-                  f"; exit $status")
+        # If this ncu does not know a section, its default set still gives durations, registers and occupancy.
+        script = (f"{shlex.join(capture + sections + profile)} || {{ echo 'retrying with the default sections'; "
+                  f"{shlex.join(capture + profile)}; }}; status=$?; "
+                  f"{shlex.join(details)} > {shlex.quote(str(self.logs / 'ncu.csv'))}; exit $status")
         return Step("ncu", ["bash", "-c", script], BUDGETS["ncu"], note="details in ncu.csv")
 
     # --------------------------------------------------------------------------------------------- the session
