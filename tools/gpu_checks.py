@@ -63,18 +63,19 @@ def current_variant() -> str:
 
 # ---------------------------------------------------------------------------------------------------------- env
 
-def environment_record(device) -> Dict:
+def environment_record(device, backends=("cpu", "triton", "cuda")) -> Dict:
+    """Versions, device and which of ``backends`` this install can run (asking loads them: triton's import alone
+    takes seconds, so a process asks only about those it uses)."""
     import torch
 
-    import rnn_fast
     from rnn_fast.ops.lstm import unavailable_reason
     from _timing import environment
 
     record = environment(device)
+    reasons = {name: unavailable_reason(name) for name in backends}
     record.update(python=sys.version.split()[0], cudnn=torch.backends.cudnn.version(),
-                  backends=rnn_fast.available_backends(),
-                  unavailable={name: unavailable_reason(name) for name in ("cpu", "triton", "cuda")
-                               if unavailable_reason(name)},
+                  backends=[name for name, reason in reasons.items() if reason is None],
+                  unavailable={name: reason for name, reason in reasons.items() if reason},
                   triton_tile_pin=os.environ.get("RNN_FAST_TRITON_TILE"), cuda_variant=current_variant(),
                   cuda_variants=cuda_variants())
     if device.type == "cuda":
@@ -484,7 +485,8 @@ def command_run(args) -> Dict:
     smoked = _backend_map(_names(args.smoke), args.dry_run)
     benched = _backend_map(_names(args.bench), args.dry_run)
     precisions = args.precisions.split(",")
-    result = {"environment": environment_record(device), "shape": shape.as_dict(), "variant": current_variant(),
+    result = {"environment": environment_record(device, sorted({*smoked.values(), *benched.values()})),
+              "shape": shape.as_dict(), "variant": current_variant(),
               "smoke": [], "benchmarks": []}
     if smoked:
         for bidirectional in (False, True):
