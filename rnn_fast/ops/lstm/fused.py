@@ -320,7 +320,8 @@ if _TRITON_IMPORT_ERROR is None:
                              RESIDENT: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_W_SCALE: tl.constexpr,
                              STORE_SAVED: tl.constexpr):
         # fp32 operands mean IEEE here; TF32 comes as fp16 operands with row scales (module doc). Without
-        # STORE_SAVED (inference) gates and cell are not written, and p_gates / p_cell are None.
+        # STORE_SAVED (inference) gates and cell are not written, and p_gates / p_cell are None. D (the directions,
+        # the grid's second axis) is an argument only for the autotune key, in both kernels.
         i_b = tl.program_id(0).to(tl.int64)
         i_d = tl.program_id(1).to(tl.int64)
         # common.state_dtype: fp64 stays fp64, everything else runs in fp32.
