@@ -79,7 +79,7 @@ def test_summary_has_every_section(dry_run):
     result, out = dry_run
     summary = (out / "summary.md").read_text()
     assert "DRY RUN" in summary
-    for section in ("## Steps", "## Correctness", "## Speed against cuDNN", "## Recurrence ops alone",
+    for section in ("## Steps", "## Correctness (batch", "## Speed against cuDNN", "## Recurrence ops alone",
                     "## CUDA kernel variants", "## Triton tiles", "## compute-sanitizer", "## pytest", "## ncu"):
         assert section in summary
     for step in STEPS:

@@ -438,7 +438,10 @@ def render_summary(results: dict, outcomes: List[Outcome], logs: Path) -> str:
              f"command: `{results['command']}`", "", "## Steps", "",
              "| step | status | seconds | budget | note |", "|---|---|---:|---:|---|"]
     lines += [f"| {o.name} | {o.status} | {o.seconds:.0f} | {o.budget:.0f} | {o.note} |" for o in outcomes]
-    lines += ["", "## Correctness at the classifier's shape", "",
+    shape = results.get("config") or {}
+    lines += ["", "## Correctness (" + ", ".join(f"{key} {shape[key]}" for key in
+                                                 ("batch", "seq_len", "input_size", "hidden", "layers") if key in shape)
+              + ")", "",
               "Relative error (Frobenius) of the worst tensor against float64, nn.LSTM's own error on that tensor in "
               "brackets. Pass: every tensor within 2x nn.LSTM's own error, or within 2e-5.", "",
               "| backend | variant | case | precision | pass | worst tensor | ours [nn.LSTM] | status |",
