@@ -62,8 +62,11 @@ BUDGETS = {"env": 30, "build": 200, "triton-smoke": 100, "triton-pytest": 100, "
 SANITIZER_TOOLS = ("memcheck", "racecheck", "synccheck")
 NCU_KERNELS = "regex:lstm_(forward|backward)_kernel"
 NCU_SECTIONS = ("SpeedOfLight", "LaunchStats", "Occupancy", "MemoryWorkloadAnalysis_Tables", "WarpStateStats")
-# Files in $OUT (at most 8 come back): these four, everything else in the archive.
+# Files in $OUT (at most 8 come back, 16 MiB each): these four and the results JSON; everything else goes into the
+# archive, but for files over ARCHIVE_FILE_LIMIT (an outsized ncu report or log would keep the archive from coming
+# back), which are listed in session.log instead.
 OUT_FILES = ("summary.md", "session.log", "failures.log", "session-archive.tar.gz")
+ARCHIVE_FILE_LIMIT = 6 * 2 ** 20
 
 
 @dataclass
@@ -325,12 +328,18 @@ class Session:
                 failures.append(f"===== {outcome.name}: {outcome.status} (rc {outcome.returncode})\n{tail}\n")
         (self.out / "failures.log").write_text("".join(failures) or "no step failed\n")
         self.log(f"wrote {results_path.name}, summary.md, failures.log; packing the archive")
+        packed = [path for path in sorted(self.work.rglob("*")) if path.is_file()
+                  and "triton-cache" not in path.relative_to(self.work).parts]
+        for path in packed:
+            if path.stat().st_size > ARCHIVE_FILE_LIMIT:
+                self.log(f"left out of the archive (over {ARCHIVE_FILE_LIMIT >> 20} MiB): {path.name}, "
+                         f"{path.stat().st_size >> 20} MiB")
         self.session_log.close()
         shutil.copy(self.logs / "session.log", self.out / "session.log")
         with tarfile.open(self.out / "session-archive.tar.gz", "w:gz") as archive:
-            for path in sorted(self.work.iterdir()):
-                if path.name != "triton-cache":
-                    archive.add(path, arcname=path.name)
+            for path in packed:
+                if path.stat().st_size <= ARCHIVE_FILE_LIMIT:
+                    archive.add(path, arcname=str(path.relative_to(self.work)))
         print(summary, flush=True)
         return 0 if all(outcome.status == "ok" for outcome in self.outcomes) else 1
 
