@@ -381,12 +381,13 @@ def variant_verdicts(runs: List[dict]) -> List[dict]:
         ratios = {f"{'bi' if r['bidirectional'] else 'uni'}-{r['precision']}": round(r["speedup_vs_cudnn"], 3)
                   for r in run["benchmarks"] if r.get("kind") == "stack" and r.get("backend") == "cuda"
                   and r.get("pass") == "forward+backward"}
-        failing = {r["precision"] for r in cuda_smoke if not r["ok"]}
+        unsupported = {r["precision"] for r in cuda_smoke if str(r["status"]).startswith("unsupported")}
+        failing = {r["precision"] for r in cuda_smoke if not r["ok"]} - unsupported
         steps = {f"{r['precision']}-{r['op']}": round(r["us_per_step"], 2) for r in run["benchmarks"]
                  if r.get("kind") == "recurrence" and r.get("backend") == "cuda" and "us_per_step" in r}
         verdicts.append({"variant": run["variant"],
-                         "correct": sorted({r["precision"] for r in cuda_smoke} - failing),
-                         "incorrect": sorted(failing),
+                         "correct": sorted({r["precision"] for r in cuda_smoke} - failing - unsupported),
+                         "incorrect": sorted(failing), "unsupported": sorted(unsupported),
                          "fwd_bwd_speedup_vs_cudnn": ratios, "recurrence_us_per_step": steps})
     return verdicts
 
@@ -481,9 +482,11 @@ def render_summary(results: dict, outcomes: List[Outcome], logs: Path) -> str:
     lines += ["", "## CUDA kernel variants", "",
               "Correct in: every case (uni, bi, and in fp32 packed) passed in that precision. Timed only where "
               "correct.",
-              "", "| variant | correct in | incorrect in | fwd+bwd speedup vs cuDNN | recurrence µs / step |",
-              "|---|---|---|---|---|"]
+              "", "| variant | correct in | incorrect in | unsupported | fwd+bwd speedup vs cuDNN "
+              "| recurrence µs / step |",
+              "|---|---|---|---|---|---|"]
     lines += [f"| {v['variant']} | {', '.join(v['correct']) or '-'} | {', '.join(v['incorrect']) or '-'} | "
+              f"{', '.join(v['unsupported']) or '-'} | "
               f"{', '.join(f'{k}: {x:.2f}x' for k, x in v['fwd_bwd_speedup_vs_cudnn'].items()) or '-'} | "
               f"{', '.join(f'{k}: {x:.2f}' for k, x in v['recurrence_us_per_step'].items()) or '-'} |"
               for v in results["variants"]]
