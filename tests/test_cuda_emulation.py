@@ -55,8 +55,8 @@ def build_emulator(folder: Path) -> Optional[Path]:
     subprocess.run([compiler, "-std=c++17", "-O1", "-w", f"-I{ROOT / 'tests' / 'cuda_emulation'}",
                     f"-I{ROOT / 'csrc' / 'cuda'}", "-isystem", str(include),
                     '-DRNN_FAST_PRIMITIVES_HEADER="emulated_primitives.h"',
-                    str(ROOT / "tests" / "cuda_emulation" / "run_kernels.cpp"), "-o", str(binary)],
-                   check=True, timeout=600)
+                    str(ROOT / "tests" / "cuda_emulation" / "run_kernels.cpp"), "-o", str(binary), "-pthread"],
+                   check=True, timeout=900)
     return binary
 
 
@@ -77,12 +77,15 @@ def _read(folder: Path, name: str, like: torch.Tensor) -> torch.Tensor:
     return raw.view(like.dtype).reshape(like.shape)
 
 
-def _emulate(binary: Path, folder: Path, precision: str, direction: str, tiles: int, major: int,
-             inputs: Dict[str, torch.Tensor], shape, has_lengths: bool) -> subprocess.CompletedProcess:
+def _emulate(binary: Path, folder: Path, precision: str, kernel: str, tiles: int, major: int,
+             inputs: Dict[str, torch.Tensor], shape, has_lengths: bool, variants: str = "-"
+             ) -> subprocess.CompletedProcess:
+    """Runs one kernel (``forward``, ``inference`` or ``backward``) under ``variants`` (RNN_FAST_CUDA_VARIANTS's
+    names, or "-" for the baseline)."""
     for name, tensor in inputs.items():
         _write(folder, name, tensor)
-    args = [str(binary), precision, direction, str(tiles), str(major), str(folder), *map(str, shape),
-            str(int(has_lengths))]
+    args = [str(binary), precision, kernel, str(tiles), str(major), str(folder), *map(str, shape),
+            str(int(has_lengths)), variants]
     result = subprocess.run(args, capture_output=True, text=True, timeout=600)
     (folder / "launch.txt").write_text(result.stdout)
     return result
