@@ -58,14 +58,15 @@ def recurrent_weight_grad(grad_xw: torch.Tensor, y: torch.Tensor, h0: torch.Tens
     return torch.stack([forward, reverse])
 
 
-def register_recurrence_fake(forward_op, backward_op) -> None:
-    """Shapes and dtypes of a contract op pair, for FakeTensor / torch.compile."""
+def register_recurrence_fake(forward_op, backward_op, saved_dtype=None) -> None:
+    """Shapes and dtypes of a contract op pair, for FakeTensor / torch.compile. ``saved_dtype(xw)`` is the dtype of
+    the saved gates and cells, ``state_dtype(xw.dtype)`` unless a backend says otherwise."""
 
     @torch.library.register_fake(forward_op)
     def _forward_fake(xw, w_hh, h0, c0, lengths, *extra):
         num_directions, seq_len, batch, gate_size = xw.shape
         hidden = gate_size // 4
-        saved = state_dtype(xw.dtype)
+        saved = state_dtype(xw.dtype) if saved_dtype is None else saved_dtype(xw)
         return (xw.new_empty(num_directions, seq_len, batch, hidden),
                 xw.new_empty(num_directions, batch, hidden),
                 xw.new_empty(num_directions, batch, hidden),
