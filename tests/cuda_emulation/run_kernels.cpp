@@ -14,6 +14,9 @@
 //   run_kernels cache
 //
 // checks detail::LaunchCache with a stand-in runtime that counts its queries, from several threads at once.
+//
+// The kernels' instantiations take most of the build, so the file compiles as two objects in parallel:
+// -DRUN_KERNELS_PART=0 (bf16, fp16, main) and -DRUN_KERNELS_PART=1 (tf32, fp32, fp64).
 #include <atomic>
 #include <cstdio>
 #include <fstream>
@@ -24,10 +27,10 @@
 
 #include "lstm_recurrence.cuh"
 
-namespace {
-
 namespace rc = rnn_fast::cuda;
 namespace detail = rnn_fast::cuda::detail;
+
+namespace emulation_driver {
 
 struct Options {
   std::string folder;  // "-": plan only
@@ -141,6 +144,23 @@ int run_pass(const std::string& pass, int tiles, const Options& o) {
   return run_variants<P, rc::Pass::kBackward>(tiles, o);
 }
 
+#define RUN_KERNELS_INSTANTIATE(PRECISION, PART)                                                  \
+  RUN_KERNELS_##PART template int run_pass<rc::Precision::PRECISION>(const std::string&, int, const Options&);
+#if RUN_KERNELS_PART == 0
+#define RUN_KERNELS_OWN
+#define RUN_KERNELS_OTHER extern
+#else
+#define RUN_KERNELS_OWN extern
+#define RUN_KERNELS_OTHER
+#endif
+RUN_KERNELS_INSTANTIATE(kBfloat16, OWN)
+RUN_KERNELS_INSTANTIATE(kFloat16, OWN)
+RUN_KERNELS_INSTANTIATE(kTf32, OTHER)
+RUN_KERNELS_INSTANTIATE(kFloat32, OTHER)
+RUN_KERNELS_INSTANTIATE(kFloat64, OTHER)
+
+#if RUN_KERNELS_PART == 0
+
 // A runtime whose queries count themselves and take a while, so that racing threads overlap.
 struct CountingRuntime {
   static std::atomic<int> device_queries, attribute_sets, occupancy_queries;
@@ -209,9 +229,13 @@ int cache_selftest() {
              : 1;
 }
 
-}  // namespace
+#endif  // RUN_KERNELS_PART == 0
 
+}  // namespace emulation_driver
+
+#if RUN_KERNELS_PART == 0
 int main(int argc, char** argv) {
+  using namespace emulation_driver;
   if (argc == 2 && std::string(argv[1]) == "cache") return cache_selftest();
   if (argc != 12) {
     std::fprintf(stderr, "usage: %s precision pass tiles major folder D T B H lengths variants\n", argv[0]);
@@ -236,3 +260,4 @@ int main(int argc, char** argv) {
   std::fprintf(stderr, "unknown precision %s\n", precision.c_str());
   return 2;
 }
+#endif  // RUN_KERNELS_PART == 0
