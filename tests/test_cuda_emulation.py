@@ -276,6 +276,7 @@ def _variant_params():
 
 
 def _max_tiles(precision: str, kernel: str, variants: str) -> int:
+    """The largest batch tile (in 16-row m-tiles) of a kernel: the only one its variants are compiled for."""
     if kernel == "backward" and precision == "tf32":
         return 2 if "bwd_tf32_wide" in variants.split(",") else 1
     return 2 if precision in TENSOR_CORE_PRECISIONS else 1
@@ -348,32 +349,33 @@ LENGTH_PATTERNS = {
 
 
 def _tile_steps(lengths: torch.Tensor, tile_rows: int) -> int:
-    """The steps all tiles of 16-row m-tiles run in total: each its longest row's."""
+    """The steps all tiles of `tile_rows` rows run in total: each its longest row's."""
     return sum(int(lengths[start:start + tile_rows].max()) for start in range(0, len(lengths), tile_rows))
 
 
-@pytest.mark.parametrize("variants", ["-", ALL_VARIANTS], ids=["baseline", "all"])
+@pytest.mark.parametrize("variants, tiles", [("-", 1), (ALL_VARIANTS, 2)], ids=["baseline", "all"])
 @pytest.mark.parametrize("pattern", list(LENGTH_PATTERNS))
-def test_tiles_stop_at_their_longest_row(emulator, tmp_path, pattern, variants):
+def test_tiles_stop_at_their_longest_row(emulator, tmp_path, pattern, variants, tiles):
     """Outputs and every gradient with odd length patterns, and the tensor-core work in proportion to each tile's
     longest row: the mma.sync count over a run of full-length rows, times the tiles' steps over T x tiles."""
-    case = Case(2, 6, 40, 40, lengths=True)  # three 16-row tiles, the last half past the batch
+    case = Case(2, 6, 72, 24, lengths=True)  # 16-row tiles: 5, the last half past the batch; 32-row tiles: 3
     lengths = LENGTH_PATTERNS[pattern](case.batch, case.seq_len)
     full = torch.full((case.batch,), case.seq_len, dtype=torch.int64)
     counts = {}
     for name, row_lengths in (("full", full), (pattern, lengths)):
-        outputs, reference, inputs, _ = _run_forward(emulator, tmp_path, "bf16", case, variants=variants,
-                                                     lengths=row_lengths)
+        outputs, reference, inputs, _ = _run_forward(emulator, tmp_path, "bf16", case, tiles=tiles,
+                                                     variants=variants, lengths=row_lengths)
         _check(outputs, reference, PRECISIONS["bf16"][2])
         forward_mma = _mma_count(tmp_path)
         backward, expected = _run_backward(emulator, tmp_path, "bf16", case, reference, inputs, row_lengths,
-                                           variants=variants)
+                                           tiles=tiles, variants=variants)
         _check(backward, expected, SAVED_16BIT_TOLERANCE["bf16"])
         counts[name] = forward_mma, _mma_count(tmp_path)
-    tiles = -(-case.batch // 16)
+    rows = 16 * tiles
+    batch_tiles = -(-case.batch // rows)
     for forward_or_backward in range(2):
-        assert counts[pattern][forward_or_backward] * tiles * case.seq_len == \
-            counts["full"][forward_or_backward] * _tile_steps(lengths, 16)
+        assert counts[pattern][forward_or_backward] * batch_tiles * case.seq_len == \
+            counts["full"][forward_or_backward] * _tile_steps(lengths, rows)
 
 
 def test_fma_kernels_stop_at_their_longest_row(emulator, tmp_path):
@@ -415,10 +417,12 @@ def test_saved_16bit_gradient_cost(emulator, tmp_path):
     for precision in TENSOR_CORE_PRECISIONS:
         errors = {}
         for variants in ("-", "saved_16bit"):
-            outputs, reference, inputs, lengths = _run_forward(emulator, tmp_path, precision, case, variants=variants)
+            outputs, reference, inputs, lengths = _run_forward(emulator, tmp_path, precision, case, variants=variants,
+                                                               tiles=_max_tiles(precision, "forward", variants))
             saved = {name: outputs[name] for name in ("gates", "cell")}
             grads, expected = _run_backward(emulator, tmp_path, precision, case, reference, inputs, lengths,
-                                            variants=variants, saved=saved)
+                                            variants=variants, saved=saved,
+                                            tiles=_max_tiles(precision, "backward", variants))
             errors[variants] = max(_error(grads[name], expected[name]) for name in BACKWARD_OUTPUTS)
         assert errors["-"] <= PRECISIONS[precision][2]
         assert errors["saved_16bit"] <= SAVED_16BIT_TOLERANCE[precision], (precision, errors)
@@ -454,9 +458,10 @@ def test_tanh_approx_within_tolerance(emulator, tmp_path):
     for precision in TENSOR_CORE_PRECISIONS:
         results = {}
         for variants in ("-", "tanh_approx"):
-            outputs, reference, inputs, lengths = _run_forward(emulator, tmp_path, precision, case, variants=variants)
+            outputs, reference, inputs, lengths = _run_forward(emulator, tmp_path, precision, case, variants=variants,
+                                                               tiles=_max_tiles(precision, "forward", variants))
             grads_out, expected = _run_backward(emulator, tmp_path, precision, case, reference, inputs, lengths,
-                                                variants=variants)
+                                                variants=variants, tiles=_max_tiles(precision, "backward", variants))
             results[variants] = {**outputs, **grads_out}
         if precision == "tf32":
             assert all(torch.equal(value, results["-"][name]) for name, value in results["tanh_approx"].items())

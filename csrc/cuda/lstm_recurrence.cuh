@@ -1453,6 +1453,9 @@ struct KernelFor {
     }
   }
   static constexpr int kMaxTiles = kBackward ? C::kBackwardTiles : C::kForwardTiles;
+  // Variant kernels exist at the largest batch tile only, the one B=768 runs: every kernel costs seconds of nvcc
+  // time, and the variants are there to be timed at that shape. The baseline has every tile.
+  static constexpr int kMinTiles = V == 0 ? 1 : kMaxTiles;
   template <int MT>
   static LaunchShape shape_of(int hidden, const DeviceLimits& device) {
     if constexpr (kBackward) {
@@ -1467,7 +1470,7 @@ struct KernelFor {
     if constexpr (kMaxTiles >= 2) {
       if (tiles == 2) return shape_of<2>(hidden, device);
     }
-    return tiles == 1 ? shape_of<1>(hidden, device) : LaunchShape{};
+    return tiles == 1 && kMinTiles == 1 ? shape_of<1>(hidden, device) : LaunchShape{};
   }
 };
 
@@ -1671,8 +1674,10 @@ inline cudaError_t launch_variant(const Args& args, int device_index, const Devi
     return cudaErrorNotSupported;  // V's saved-state type is not the args' (dispatch never gets here)
   } else {
     TileChoice best{};
-    cudaError_t error =
-        consider(K::template get<1>(), K::shape(args.hidden, 1, device), 1, args, device_index, device, best);
+    cudaError_t error = cudaSuccess;
+    if constexpr (K::kMinTiles == 1) {
+      error = consider(K::template get<1>(), K::shape(args.hidden, 1, device), 1, args, device_index, device, best);
+    }
     if constexpr (K::kMaxTiles >= 2) {
       if (error == cudaSuccess) {
         error = consider(K::template get<2>(), K::shape(args.hidden, 2, device), 2, args, device_index, device, best);
@@ -1683,7 +1688,11 @@ inline cudaError_t launch_variant(const Args& args, int device_index, const Devi
     if constexpr (K::kMaxTiles >= 2) {
       if (best.tiles == 2) return launch_kernel(K::template get<2>(), best.shape, 2, args, stream);
     }
-    return launch_kernel(K::template get<1>(), best.shape, 1, args, stream);
+    if constexpr (K::kMinTiles == 1) {
+      return launch_kernel(K::template get<1>(), best.shape, 1, args, stream);
+    } else {
+      return cudaErrorInvalidConfiguration;
+    }
   }
 }
 

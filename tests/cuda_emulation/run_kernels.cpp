@@ -117,8 +117,11 @@ int run(const Options& o) {
 
 template <rc::Precision P, rc::Pass kPass, unsigned V>
 int run_tiles(int tiles, const Options& o) {
-  if (tiles == 1) return run<P, kPass, V, 1>(o);
-  if constexpr (detail::KernelFor<P, kPass, V>::kMaxTiles >= 2) {
+  using K = detail::KernelFor<P, kPass, V>;
+  if constexpr (K::kMinTiles == 1) {
+    if (tiles == 1) return run<P, kPass, V, 1>(o);
+  }
+  if constexpr (K::kMaxTiles >= 2) {
     if (tiles == 2) return run<P, kPass, V, 2>(o);
   }
   std::printf("unsupported\n");
