@@ -12,6 +12,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <map>
 #include <mutex>
 #include <optional>
 #include <string>
@@ -119,9 +120,16 @@ unsigned requested_variants() {
   return parsed;
 }
 
+// The device's compute capability major, asked once per device.
 int compute_major(const at::Device& device) {
+  static std::mutex mutex;
+  static std::map<int, int> majors;
+  const std::lock_guard<std::mutex> lock(mutex);
+  const auto found = majors.find(device.index());
+  if (found != majors.end()) return found->second;
   int major = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device.index()));
+  majors.emplace(device.index(), major);
   return major;
 }
 

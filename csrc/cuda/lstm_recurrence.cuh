@@ -282,8 +282,9 @@ struct MbarrierExchange {
     if (cluster == 1) return;
 #if RNN_FAST_HAS_CLUSTERS
     const uint32_t addr = shared_address(local), barrier = barriers + 8 * buffer;
-    for (int peer = 1; peer < cluster; ++peer) {
-      const int target = (rank + peer) % cluster;  // staggered: the CTAs do not all write to one peer first
+    // Staggered, rank+1 first, so that the CTAs do not all write to one peer first (no % : an integer division).
+    for (int peer = 1, target = rank + 1; peer < cluster; ++peer, ++target) {
+      if (target == cluster) target = 0;
       store_async(cluster_address(addr, target), v, cluster_address(barrier, target));
     }
 #else
