@@ -413,6 +413,17 @@ def test_inference_kernel_equals_forward_without_saving(emulator, tmp_path, prec
 # ---------------------------------------------------------------------------------------------------------
 # What saved_16bit and tanh_approx cost in accuracy.
 
+def _forward_then_backward(emulator, folder, precision, case, variants, own_saved_state=False):
+    """Outputs and gradients of the emulated kernels at their largest tile under `variants`, and the float64
+    reference's; the backward gets the forward's own saved state, or the reference's rounded to the kernel's."""
+    outputs, reference, inputs, lengths = _run_forward(emulator, folder, precision, case, variants=variants,
+                                                       tiles=_max_tiles(precision, "forward", variants))
+    saved = {name: outputs[name] for name in ("gates", "cell")} if own_saved_state else None
+    grads, expected = _run_backward(emulator, folder, precision, case, reference, inputs, lengths, variants=variants,
+                                    saved=saved, tiles=_max_tiles(precision, "backward", variants))
+    return {**outputs, **grads}, {**reference, **expected}, inputs
+
+
 def test_saved_16bit_gradient_cost(emulator, tmp_path):
     """The forward's own 16-bit saved state fed to the backward, against the float64 backward from exact saved
     state: within SAVED_16BIT_TOLERANCE. Measured here (T=16, B=16, H=64, bi), the gradients' largest error with
@@ -421,21 +432,17 @@ def test_saved_16bit_gradient_cost(emulator, tmp_path):
     for precision in TENSOR_CORE_PRECISIONS:
         errors = {}
         for variants in ("-", "saved_16bit"):
-            outputs, reference, inputs, lengths = _run_forward(emulator, tmp_path, precision, case, variants=variants,
-                                                               tiles=_max_tiles(precision, "forward", variants))
-            saved = {name: outputs[name] for name in ("gates", "cell")}
-            grads, expected = _run_backward(emulator, tmp_path, precision, case, reference, inputs, lengths,
-                                            variants=variants, saved=saved,
-                                            tiles=_max_tiles(precision, "backward", variants))
-            errors[variants] = max(_error(grads[name], expected[name]) for name in BACKWARD_OUTPUTS)
+            results, exact, _ = _forward_then_backward(emulator, tmp_path, precision, case, variants,
+                                                       own_saved_state=True)
+            errors[variants] = max(_error(results[name], exact[name]) for name in BACKWARD_OUTPUTS)
         assert errors["-"] <= PRECISIONS[precision][2]
         assert errors["saved_16bit"] <= SAVED_16BIT_TOLERANCE[precision], (precision, errors)
 
 
-def _torch_lstm_errors(inputs, grads, reference, expected, dtype):
-    """nn.LSTM's own error in `dtype` against the float64 recurrence (one direction, no lengths): a layer whose
-    input projection is the identity, so that its input is xw and its input gradient grad_xw."""
-    hidden = inputs["w_hh"].shape[-1]
+def _torch_lstm_errors(inputs, grads, exact):
+    """nn.LSTM's own error in the inputs' dtype against the float64 recurrence `exact` (one direction, no lengths):
+    a layer whose input projection is the identity, so that its input is xw and its input gradient grad_xw."""
+    hidden, dtype = inputs["w_hh"].shape[-1], inputs["w_hh"].dtype
     module = torch.nn.LSTM(4 * hidden, hidden, dtype=dtype)
     with torch.no_grad():
         module.weight_ih_l0.copy_(torch.eye(4 * hidden))
@@ -449,7 +456,6 @@ def _torch_lstm_errors(inputs, grads, reference, expected, dtype):
      + (c_n * grads["grad_c_n"].to(dtype)).sum()).backward()
     ours = {"y": y.unsqueeze(0), "h_n": h_n, "c_n": c_n, "grad_xw": xw.grad.unsqueeze(0), "grad_h0": h0.grad,
             "grad_c0": c0.grad}
-    exact = dict(reference, **expected)
     return {name: _error(value.detach(), exact[name]) for name, value in ours.items()}
 
 
@@ -462,21 +468,15 @@ def test_tanh_approx_within_tolerance(emulator, tmp_path):
     for precision in TENSOR_CORE_PRECISIONS:
         results = {}
         for variants in ("-", "tanh_approx"):
-            outputs, reference, inputs, lengths = _run_forward(emulator, tmp_path, precision, case, variants=variants,
-                                                               tiles=_max_tiles(precision, "forward", variants))
-            grads_out, expected = _run_backward(emulator, tmp_path, precision, case, reference, inputs, lengths,
-                                                variants=variants, tiles=_max_tiles(precision, "backward", variants))
-            results[variants] = {**outputs, **grads_out}
+            results[variants], exact, inputs = _forward_then_backward(emulator, tmp_path, precision, case, variants)
         if precision == "tf32":
             assert all(torch.equal(value, results["-"][name]) for name, value in results["tanh_approx"].items())
             continue
         dtype = PRECISIONS[precision][0]
         generator = torch.Generator().manual_seed(1)  # _run_backward's output gradients
         grads = {name: torch.randn(*like.shape, generator=generator, dtype=torch.float64).to(dtype)
-                 for name, like in (("grad_y", reference["y"]), ("grad_h_n", inputs["h0"]),
-                                    ("grad_c_n", inputs["c0"]))}
-        torch_errors = _torch_lstm_errors(inputs, grads, reference, expected, dtype)
-        exact = dict(reference, **expected)
+                 for name, like in (("grad_y", exact["y"]), ("grad_h_n", inputs["h0"]), ("grad_c_n", inputs["c0"]))}
+        torch_errors = _torch_lstm_errors(inputs, grads, exact)
         for name, torch_error in torch_errors.items():
             error = _error(results["tanh_approx"][name], exact[name])
             assert error <= 2 * torch_error + 1e-6, (precision, name, error, torch_error)

@@ -191,15 +191,23 @@ const int64_t* lengths_ptr(const std::optional<at::Tensor>& lengths) {
   return lengths.has_value() ? lengths->data_ptr<int64_t>() : nullptr;
 }
 
-// `body(tag)` with `tag` an rc::PrecisionTag<P>-like type that also carries the saved-state type: State or
-// rc::SavedHalf<P>::type.
-template <Precision P, class Body>
-void dispatch_saved(bool saves_half, Body&& body) {
-  using Half = typename rc::SavedHalf<P>::type;
-  if constexpr (!std::is_void<Half>::value) {
-    if (saves_half) return body(static_cast<Half*>(nullptr));
-  }
-  body(static_cast<typename Entry<P>::State*>(nullptr));
+template <typename T>
+struct TypeTag {
+  using type = T;
+};
+
+// `body(Entry<P>{}, TypeTag<Saved>{})` for the runtime precision and the saved-state type: the precision's State,
+// or its SavedHalf when `saves_half`.
+template <class Body>
+void dispatch_entry(Precision precision, bool saves_half, Body&& body) {
+  rc::dispatch_precision(precision, [&](auto tag) {
+    constexpr Precision P = decltype(tag)::value;
+    using Half = typename rc::SavedHalf<P>::type;
+    if constexpr (!std::is_void<Half>::value) {
+      if (saves_half) return body(Entry<P>{}, TypeTag<Half>{});
+    }
+    body(Entry<P>{}, TypeTag<typename Entry<P>::State>{});
+  });
 }
 
 // The forward op's launch, with or without saved gates and cells (the inference op).
@@ -212,23 +220,20 @@ void run_forward(const at::Tensor& xw, const at::Tensor& w_hh, const at::Tensor&
   const rc::Pass pass = kSaves ? rc::Pass::kForward : rc::Pass::kInference;
   const unsigned variants = variants_for(precision, pass, saves_half, xw.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(xw.device().index()).stream();
-  rc::dispatch_precision(precision, [&](auto tag) {
-    constexpr Precision P = decltype(tag)::value;
-    using E = Entry<P>;
+  dispatch_entry(precision, saves_half, [&](auto entry, auto saved) {
+    using E = decltype(entry);
     using Elem = typename E::Elem;
-    dispatch_saved<P>(saves_half, [&](auto* saved_tag) {
-      using Saved = std::remove_pointer_t<decltype(saved_tag)>;
-      const rc::RecurrenceForwardArgs<Elem, Saved> args{
-          in<Elem>(xw), in<Elem>(w_hh), in<Elem>(h0), in<Elem>(c0), lengths_ptr(lengths),
-          out<Elem>(y), out<Elem>(h_n), out<Elem>(c_n),
-          kSaves ? out<Saved>(*gates) : nullptr, kSaves ? out<Saved>(*cell) : nullptr,
-          static_cast<int>(D), static_cast<int>(T), static_cast<int>(B), static_cast<int>(H)};
-      if constexpr (kSaves) {
-        C10_CUDA_CHECK(E::forward(args, variants, stream));
-      } else if constexpr (std::is_same<Saved, typename E::State>::value) {
-        C10_CUDA_CHECK(E::inference(args, variants, stream));
-      }
-    });
+    using Saved = typename decltype(saved)::type;
+    const rc::RecurrenceForwardArgs<Elem, Saved> args{
+        in<Elem>(xw), in<Elem>(w_hh), in<Elem>(h0), in<Elem>(c0), lengths_ptr(lengths),
+        out<Elem>(y), out<Elem>(h_n), out<Elem>(c_n),
+        kSaves ? out<Saved>(*gates) : nullptr, kSaves ? out<Saved>(*cell) : nullptr,
+        static_cast<int>(D), static_cast<int>(T), static_cast<int>(B), static_cast<int>(H)};
+    if constexpr (kSaves) {
+      C10_CUDA_CHECK(E::forward(args, variants, stream));
+    } else if constexpr (std::is_same<Saved, typename E::State>::value) {
+      C10_CUDA_CHECK(E::inference(args, variants, stream));
+    }
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -295,19 +300,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_recurrence_backward_cuda(
   at::Tensor grad_c0 = at::empty({D, B, H}, w_hh.options());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
 
-  rc::dispatch_precision(precision, [&](auto tag) {
-    constexpr Precision P = decltype(tag)::value;
-    using E = Entry<P>;
+  dispatch_entry(precision, saves_half, [&](auto entry, auto saved) {
+    using E = decltype(entry);
     using Elem = typename E::Elem;
-    dispatch_saved<P>(saves_half, [&](auto* saved_tag) {
-      using Saved = std::remove_pointer_t<decltype(saved_tag)>;
-      const rc::RecurrenceBackwardArgs<Elem, Saved> args{
-          in<Elem>(grad_y), in<Elem>(grad_h_n), in<Elem>(grad_c_n), in<Elem>(w_hh), in<Elem>(c0),
-          in<Saved>(gates), in<Saved>(cell), lengths_ptr(lengths),
-          out<Elem>(grad_xw), out<Elem>(grad_h0), out<Elem>(grad_c0),
-          static_cast<int>(D), static_cast<int>(T), static_cast<int>(B), static_cast<int>(H)};
-      C10_CUDA_CHECK(E::backward(args, variants, stream));
-    });
+    using Saved = typename decltype(saved)::type;
+    const rc::RecurrenceBackwardArgs<Elem, Saved> args{
+        in<Elem>(grad_y), in<Elem>(grad_h_n), in<Elem>(grad_c_n), in<Elem>(w_hh), in<Elem>(c0),
+        in<Saved>(gates), in<Saved>(cell), lengths_ptr(lengths),
+        out<Elem>(grad_xw), out<Elem>(grad_h0), out<Elem>(grad_c0),
+        static_cast<int>(D), static_cast<int>(T), static_cast<int>(B), static_cast<int>(H)};
+    C10_CUDA_CHECK(E::backward(args, variants, stream));
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {grad_xw, grad_h0, grad_c0};

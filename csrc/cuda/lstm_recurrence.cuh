@@ -772,32 +772,40 @@ struct ThreadRows {
 // ---------------------------------------------------------------------------------------------------------
 // Which policy runs which precision, and what a variant set changes.
 
+// bf16 and fp16 multiply in their own type, forward and backward.
+template <class Op>
+struct HalfTraits {
+  using Elem = typename Op::Operand;
+  template <bool kApprox>
+  using Forward = MmaPolicy<Op, ReducedActivations<kApprox>, false>;
+  template <bool kApprox>
+  using Backward = Forward<kApprox>;
+  template <bool kApprox>
+  using BackwardWide = Backward<kApprox>;
+  static constexpr int kForwardTiles = 2;
+  static constexpr int kBackwardTiles = 2;
+};
+
+// IEEE float32 and float64: FMAs, exact activations, no variant of the arithmetic.
+template <typename S>
+struct FmaTraits {
+  using Elem = S;
+  template <bool>
+  using Forward = FmaPolicy<S>;
+  template <bool>
+  using Backward = FmaPolicy<S>;
+  template <bool>
+  using BackwardWide = FmaPolicy<S>;
+  static constexpr int kForwardTiles = 1;
+  static constexpr int kBackwardTiles = 1;
+};
+
 template <Precision P>
 struct PrecisionTraits;
 template <>
-struct PrecisionTraits<Precision::kBfloat16> {
-  using Elem = __nv_bfloat16;
-  template <bool kApprox>
-  using Forward = MmaPolicy<Bf16Mma, ReducedActivations<kApprox>, false>;
-  template <bool kApprox>
-  using Backward = Forward<kApprox>;
-  template <bool kApprox>
-  using BackwardWide = Backward<kApprox>;
-  static constexpr int kForwardTiles = 2;
-  static constexpr int kBackwardTiles = 2;
-};
+struct PrecisionTraits<Precision::kBfloat16> : HalfTraits<Bf16Mma> {};
 template <>
-struct PrecisionTraits<Precision::kFloat16> {
-  using Elem = __half;
-  template <bool kApprox>
-  using Forward = MmaPolicy<Fp16Mma, ReducedActivations<kApprox>, false>;
-  template <bool kApprox>
-  using Backward = Forward<kApprox>;
-  template <bool kApprox>
-  using BackwardWide = Backward<kApprox>;
-  static constexpr int kForwardTiles = 2;
-  static constexpr int kBackwardTiles = 2;
-};
+struct PrecisionTraits<Precision::kFloat16> : HalfTraits<Fp16Mma> {};
 template <>
 struct PrecisionTraits<Precision::kTf32> {
   using Elem = float;
@@ -813,29 +821,9 @@ struct PrecisionTraits<Precision::kTf32> {
   static constexpr int kBackwardTiles = 1;  // 128 weight registers leave no room for a second m-tile
 };
 template <>
-struct PrecisionTraits<Precision::kFloat32> {
-  using Elem = float;
-  template <bool>
-  using Forward = FmaPolicy<float>;
-  template <bool>
-  using Backward = FmaPolicy<float>;
-  template <bool>
-  using BackwardWide = FmaPolicy<float>;
-  static constexpr int kForwardTiles = 1;
-  static constexpr int kBackwardTiles = 1;
-};
+struct PrecisionTraits<Precision::kFloat32> : FmaTraits<float> {};
 template <>
-struct PrecisionTraits<Precision::kFloat64> {
-  using Elem = double;
-  template <bool>
-  using Forward = FmaPolicy<double>;
-  template <bool>
-  using Backward = FmaPolicy<double>;
-  template <bool>
-  using BackwardWide = FmaPolicy<double>;
-  static constexpr int kForwardTiles = 1;
-  static constexpr int kBackwardTiles = 1;
-};
+struct PrecisionTraits<Precision::kFloat64> : FmaTraits<double> {};
 
 // The kernels of precision P under variant set V (cut down to applicable_variants).
 template <Precision P, unsigned V>
@@ -1555,6 +1543,16 @@ class LaunchCache {
   std::map<ShapeKey, int> resident_;
 };
 
+// Makes `config` launch clusters of `cluster` CTAs along x, through `attribute` (which must outlive it).
+inline void set_cluster_dimension(cudaLaunchConfig_t& config, cudaLaunchAttribute& attribute, int cluster) {
+  attribute.id = cudaLaunchAttributeClusterDimension;
+  attribute.val.clusterDim.x = cluster;
+  attribute.val.clusterDim.y = 1;
+  attribute.val.clusterDim.z = 1;
+  config.attrs = &attribute;
+  config.numAttrs = 1;
+}
+
 struct CudaRuntime {
   static cudaError_t query_device(int index, DeviceLimits& limits) { return detail::query_device(index, limits); }
 
@@ -1579,12 +1577,7 @@ struct CudaRuntime {
     config.blockDim = dim3(threads, 1, 1);
     config.dynamicSmemBytes = shape.shared_bytes;
     cudaLaunchAttribute attribute = {};
-    attribute.id = cudaLaunchAttributeClusterDimension;
-    attribute.val.clusterDim.x = shape.layout.cluster;
-    attribute.val.clusterDim.y = 1;
-    attribute.val.clusterDim.z = 1;
-    config.attrs = &attribute;
-    config.numAttrs = 1;
+    set_cluster_dimension(config, attribute, shape.layout.cluster);
     return cudaOccupancyMaxActiveClusters(&clusters, kernel, &config);
   }
 };
@@ -1631,14 +1624,7 @@ inline cudaError_t launch_kernel(Kernel kernel, const LaunchShape& shape, int ti
   config.dynamicSmemBytes = shape.shared_bytes;
   config.stream = stream;
   cudaLaunchAttribute attribute = {};
-  if (shape.layout.cluster > 1) {
-    attribute.id = cudaLaunchAttributeClusterDimension;
-    attribute.val.clusterDim.x = shape.layout.cluster;
-    attribute.val.clusterDim.y = 1;
-    attribute.val.clusterDim.z = 1;
-    config.attrs = &attribute;
-    config.numAttrs = 1;
-  }
+  if (shape.layout.cluster > 1) set_cluster_dimension(config, attribute, shape.layout.cluster);
   return cudaLaunchKernelEx(&config, kernel, Problem<Args>{args, shape.layout, paired_io(args)});
 }
 
