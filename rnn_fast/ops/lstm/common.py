@@ -1,5 +1,6 @@
-"""What every backend of the recurrence contract (docs/contract.md) shares: state dtypes, the state
-entering each step, the one-GEMM ``grad_w_hh``, and the autograd / fake registration of an op pair."""
+"""What every backend of the recurrence contract (docs/contract.md) shares: state dtypes, the default input
+projection, the state entering each step, the one-GEMM ``grad_w_hh``, and the autograd / fake registration of an
+op pair."""
 from typing import Optional
 
 import torch
@@ -8,6 +9,16 @@ import torch
 def state_dtype(dtype: torch.dtype) -> torch.dtype:
     """Recurrent state is kept in at least fp32: float64 stays float64, everything else becomes float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def project_parts(parts: torch.Tensor, w_ih: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """``xw [D, T, B, 4H]`` for ``parts [P, T, B, K]``: the parts side by side ``[T*B, P*K]``, times each
+    direction's ``w_ih [4H, P*K]``, in one batched GEMM. The input projection of every backend without its own."""
+    num_parts, seq_len, batch, width = parts.shape
+    flat = parts.permute(1, 2, 0, 3).reshape(1, seq_len * batch, num_parts * width).expand(w_ih.shape[0], -1, -1)
+    xw = (torch.bmm(flat, w_ih.transpose(1, 2)) if bias is None
+          else torch.baddbmm(bias.unsqueeze(1), flat, w_ih.transpose(1, 2)))
+    return xw.view(w_ih.shape[0], seq_len, batch, -1)
 
 
 def previous_steps(seq: torch.Tensor, init: torch.Tensor, lengths: Optional[torch.Tensor]) -> torch.Tensor:
@@ -93,12 +104,19 @@ def register_recurrence_autograd(forward_op, backward_op) -> None:
         # Unused outputs (always gates and cell) would otherwise get zero-filled gradients allocated for them.
         ctx.set_materialize_grads(False)
 
-    def backward(ctx, grad_y, grad_h_n, grad_c_n, _grad_gates, _grad_cell):
+    def backward(ctx, grad_y, grad_h_n, grad_c_n, grad_gates, grad_cell):
         w_hh, h0, c0, y, gates, cell, lengths = ctx.saved_tensors
         grad_y, grad_h_n, grad_c_n = (_dense_grad(g, like) for g, like in
                                       ((grad_y, y), (grad_h_n, h0), (grad_c_n, c0)))
-        grad_xw, grad_h0, grad_c0 = backward_op(grad_y, grad_h_n, grad_c_n, w_hh, c0, gates, cell, lengths,
-                                                *ctx.extra)
+        if torch.is_grad_enabled() or grad_gates is not None or grad_cell is not None:
+            # create_graph=True wants a backward autograd can differentiate, and a double backward that reaches the
+            # saved gates and cell brings gradients for them: both are the reference's, in differentiable ops.
+            from .naive import differentiable_backward  # naive.py imports this module
+            grad_xw, grad_h0, grad_c0 = differentiable_backward(grad_y, grad_h_n, grad_c_n, w_hh, c0, gates, cell,
+                                                                lengths, grad_gates, grad_cell)
+        else:
+            grad_xw, grad_h0, grad_c0 = backward_op(grad_y, grad_h_n, grad_c_n, w_hh, c0, gates, cell, lengths,
+                                                    *ctx.extra)
         grad_w_hh = recurrent_weight_grad(grad_xw, y, h0, lengths).to(w_hh.dtype) if ctx.needs_input_grad[1] else None
         return (grad_xw, grad_w_hh, grad_h0, grad_c0, None) + (None,) * len(ctx.extra)
 
