@@ -8,6 +8,7 @@ compile it. Needs nvcc, not a GPU.
 csrc/cuda/README.md (shared memory from the launch planner at the classifier's hidden size, through the CPU
 emulation's driver), and the step loop's synchronisation instructions per kernel.
 """
+import bisect
 import re
 import shutil
 import subprocess
@@ -256,14 +257,15 @@ def step_loops(cuobjdump: str, object_file: Path) -> Dict[str, StepLoop]:
     for name, body in re.findall(r"Function : (\S+)\n(.*?)(?=\n\s+Function : |\Z)", sass, re.S):
         instructions = [(int(address, 16), text.strip())
                         for address, text in re.findall(r"/\*([0-9a-f]{4,})\*/\s+(.*?);", body)]
+        multiplies = [address for address, text in instructions if re.search(r"MMA|FFMA|DFMA", text)]
         widest = None
         for address, text in instructions:
             branch = re.search(r"BRA (0x[0-9a-f]+)", text)
-            if branch and int(branch.group(1), 16) < address:
-                start = int(branch.group(1), 16)
-                if any(re.search(r"MMA|FFMA|DFMA", t) for a, t in instructions if start <= a <= address) and (
-                        widest is None or address - start > widest[1] - widest[0]):
-                    widest = (start, address)
+            start = int(branch.group(1), 16) if branch else address
+            first_multiply = bisect.bisect_left(multiplies, start)
+            if start < address and first_multiply < len(multiplies) and multiplies[first_multiply] <= address and (
+                    widest is None or address - start > widest[1] - widest[0]):
+                widest = (start, address)
         loop = [text for address, text in instructions if widest and widest[0] <= address <= widest[1]]
         count = lambda pattern: sum(1 for text in loop if re.search(pattern, text))
         loops[name] = StepLoop(len(loop), count(r"\bMEMBAR"), count(r"UCGABAR"), count(r"\bSTAS\b"),
@@ -271,7 +273,8 @@ def step_loops(cuobjdump: str, object_file: Path) -> Dict[str, StepLoop]:
     return loops
 
 
-@pytest.mark.parametrize("source", [source.name for source in RECURRENCE_SOURCES])
+# cuobjdump takes seconds per source; the inference kernels are the forward's code without its stores.
+@pytest.mark.parametrize("source", [source.name for source in RECURRENCE_SOURCES if "inference" not in source.name])
 def test_mbarrier_exchange_has_no_fence_in_the_step_loop(compiled, source):
     """cluster_mbarrier's step loop exchanges through st.async and one mbarrier wait, with no MEMBAR and no
     cluster barrier; the baseline's has barrier.cluster's MEMBAR.ALL.GPU and UCGABAR arrive/wait. The prefetching

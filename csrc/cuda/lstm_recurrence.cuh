@@ -282,7 +282,8 @@ struct MbarrierExchange {
     if (cluster == 1) return;
 #if RNN_FAST_HAS_CLUSTERS
     const uint32_t addr = shared_address(local), barrier = barriers + 8 * buffer;
-    // Staggered, rank+1 first, so that the CTAs do not all write to one peer first (no % : an integer division).
+    // Staggered, rank+1 first, so that the CTAs do not all write to one peer first; counted without %, which
+    // would be an integer division per store.
     for (int peer = 1, target = rank + 1; peer < cluster; ++peer, ++target) {
       if (target == cluster) target = 0;
       store_async(cluster_address(addr, target), v, cluster_address(barrier, target));
@@ -462,6 +463,7 @@ struct MmaPolicy {
     int shared_stride;    // uint4s from one n-tile's shared chunks to the next's
     float column_scale[NT][2];
     __device__ __forceinline__ float scale(int nt, int e) const { return kScaledRows ? column_scale[nt][e] : 1.0f; }
+    // j is a compile-time constant in the unrolled loops; the clamped index only keeps the dead branch in bounds.
     __device__ __forceinline__ uint4 fragment(int nt, int j) const {
       if (j < kRegisterChunks) return frag[nt][j < kRegisterChunks ? j : 0];
       return shared[nt * shared_stride + (j - kRegisterChunks) * kWarpSize];
