@@ -164,12 +164,13 @@ def _recurrent_weight_grad(grad_xw: torch.Tensor, y: torch.Tensor, h0: torch.Ten
     return torch.stack([forward, reverse])
 
 
-def register_recurrence_fake(forward_op, backward_op) -> None:
-    """Shapes and dtypes of a contract op pair, for FakeTensor / torch.compile."""
+def register_recurrence_fake(forward_op, backward_op, saved_dtype=None) -> None:
+    """Shapes and dtypes of a contract op pair, for FakeTensor / torch.compile. ``saved_dtype(xw)`` is the dtype of
+    the saved gates and cells, ``state_dtype(xw.dtype)`` unless a backend says otherwise."""
 
     @torch.library.register_fake(forward_op)
     def _forward_fake(xw, w_hh, h0, c0, lengths, *extra):
-        return _empty_forward_outputs(xw, saved=True)
+        return _empty_forward_outputs(xw, state_dtype(xw.dtype) if saved_dtype is None else saved_dtype(xw))
 
     @torch.library.register_fake(backward_op)
     def _backward_fake(grad_y, grad_h_n, grad_c_n, w_hh, c0, gates, cell, lengths, *extra):
@@ -181,20 +182,20 @@ def register_inference_fake(inference_op) -> None:
 
     @torch.library.register_fake(inference_op)
     def _inference_fake(xw, w_hh, h0, c0, lengths, *extra):
-        return _empty_forward_outputs(xw, saved=False)
+        return _empty_forward_outputs(xw, saved_dtype=None)
 
 
-def _empty_forward_outputs(xw: torch.Tensor, saved: bool):
-    """``(y, h_n, c_n)``, then ``gates, cell`` when ``saved``, for ``xw [D, T, B, 4H]``."""
+def _empty_forward_outputs(xw: torch.Tensor, saved_dtype: Optional[torch.dtype]):
+    """``(y, h_n, c_n)``, then ``gates, cell`` of ``saved_dtype`` unless it is None, for ``xw [D, T, B, 4H]``."""
     num_directions, seq_len, batch, gate_size = xw.shape
     hidden = gate_size // 4
     outputs = (xw.new_empty(num_directions, seq_len, batch, hidden),
                xw.new_empty(num_directions, batch, hidden),
                xw.new_empty(num_directions, batch, hidden))
-    if not saved:
+    if saved_dtype is None:
         return outputs
-    return outputs + (xw.new_empty(num_directions, seq_len, batch, gate_size, dtype=state_dtype(xw.dtype)),
-                      xw.new_empty(num_directions, seq_len, batch, hidden, dtype=state_dtype(xw.dtype)))
+    return outputs + (xw.new_empty(num_directions, seq_len, batch, gate_size, dtype=saved_dtype),
+                      xw.new_empty(num_directions, seq_len, batch, hidden, dtype=saved_dtype))
 
 
 def register_recurrence_autograd(forward_op, backward_op) -> None:
