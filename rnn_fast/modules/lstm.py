@@ -2,9 +2,12 @@
 
 It is built on nn.LSTM's own base class and methods, so the constructor, parameter names, initialisation,
 ``state_dict``, input checks and error messages are nn.LSTM's. It derives from ``nn.RNNBase`` rather than
-``nn.LSTM`` because torch.compile refuses to trace instances of ``nn.LSTM``. Only ``forward`` differs: one batched GEMM per layer for the input projection, then the
-backend's recurrence op (docs/contract.md). Everything a fused backend cannot do goes to nn.LSTM's own
-implementation, with a one-time warning.
+``nn.LSTM``: torch.compile refuses to trace any instance of ``nn.LSTM``, subclasses included
+(tests/modules/test_interop.py pins this), so ``isinstance(m, nn.LSTM)`` is False and :func:`to_torch` converts
+for code that dispatches on nn.LSTM (dynamic quantization, for one). Only ``forward`` differs: one batched GEMM per
+layer for the input projection, then the backend's recurrence op (docs/contract.md). Everything a fused backend
+cannot do goes to nn.LSTM's own implementation, with a one-time warning; so do ONNX export and TorchScript, which
+record nn.LSTM's own op.
 """
 import warnings
 from typing import Optional, Tuple
@@ -14,7 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from ..ops.lstm import BACKENDS, auto_backend, load_backend, unavailable_reason
+from ..ops.lstm import BACKENDS, BackendChoice, resolve_backend, unavailable_reason
+from ..ops.lstm.common import project_parts
 
 _warned = set()
 
@@ -30,16 +34,6 @@ def _autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
     if torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type):
         return torch.get_autocast_dtype(device.type)
     return None
-
-
-def _project_parts(parts: torch.Tensor, w_ih: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """``xw [D, T, B, 4H]`` for ``parts [P, T, B, K]``: the parts side by side ``[T*B, P*K]``, times each
-    direction's ``w_ih [4H, P*K]``, in one batched GEMM."""
-    num_parts, seq_len, batch, width = parts.shape
-    flat = parts.permute(1, 2, 0, 3).reshape(1, seq_len * batch, num_parts * width).expand(w_ih.shape[0], -1, -1)
-    xw = (torch.bmm(flat, w_ih.transpose(1, 2)) if bias is None
-          else torch.baddbmm(bias.unsqueeze(1), flat, w_ih.transpose(1, 2)))
-    return xw.view(w_ih.shape[0], seq_len, batch, -1)
 
 
 class LSTM(nn.RNNBase):
@@ -71,33 +65,33 @@ class LSTM(nn.RNNBase):
     def extra_repr(self) -> str:
         return super().extra_repr() + f", backend={self.backend!r}"
 
-    def _fused_backend(self, input):
-        """The backend module to run ``input`` with, or None for nn.LSTM's own implementation."""
-        if self.backend == "torch":
-            return None
-        if self.proj_size > 0:
-            _warn_once("rnn_fast.LSTM: proj_size > 0 is not fused; using torch.nn.LSTM's implementation")
-            return None
+    def __prepare_scriptable__(self) -> nn.LSTM:
+        # torch.jit.script cannot compile the fused dispatch; it scripts nn.LSTM over the same parameters instead.
+        return to_torch(self)
+
+    def resolved_backend(self, input=None) -> str:
+        """The backend ``forward`` runs ``input`` with (``"torch"``: nn.LSTM's implementation); without an input,
+        the backend a non-empty input on the parameters' device would get."""
+        return self._backend_choice(input).name
+
+    def _backend_choice(self, input) -> BackendChoice:
         data = input.data if isinstance(input, PackedSequence) else input
-        if data.numel() == 0:
+        if data is not None and data.numel() == 0:
             # Empty batches and the error for empty sequences are nn.LSTM's to handle.
-            return None
+            return BackendChoice("torch", None, None)
         # The parameters' device decides: an input elsewhere is an error (_check_devices), not a reason to fall back.
         device = self.weight_ih_l0.device
-        name = self.backend if self.backend != "auto" else auto_backend(device)
-        if name == "torch":
-            return None
-        module = load_backend(name)
         dtype = _autocast_dtype(device) or self.weight_ih_l0.dtype
-        reason = module.unsupported_reason(device, dtype, self.hidden_size)
-        if reason is not None:
-            _warn_once(f"rnn_fast.LSTM: backend {name!r} cannot run this input ({reason}); "
-                       "using torch.nn.LSTM's implementation")
-            return None
-        return module
+        return resolve_backend(self.backend, device, dtype, self.hidden_size, self.proj_size)
 
     def forward(self, input, hx: Optional[Tuple[torch.Tensor, torch.Tensor]] = None):
-        backend = self._fused_backend(input)
+        if torch.onnx.is_in_onnx_export() or torch.jit.is_tracing():
+            # ONNX and TorchScript graphs record nn.LSTM's own op, which they know (ONNX gets its LSTM nodes).
+            return nn.LSTM.forward(self, input, hx)
+        choice = self._backend_choice(input)
+        if choice.fallback_reason is not None:
+            _warn_once(f"rnn_fast.LSTM: {choice.fallback_reason}; using torch.nn.LSTM's implementation")
+        backend = choice.module
         if backend is None:
             return nn.LSTM.forward(self, input, hx)
 
@@ -187,13 +181,11 @@ class LSTM(nn.RNNBase):
         num_directions = 2 if self.bidirectional else 1
         seq_len, batch = x.shape[:2]
         # A layer's input travels as parts [P, T, B, K]: x itself, then the previous layer's y [D, T, B, H] as is.
-        # A backend may project the parts itself (the cpu backend does, in place and into cached memory).
-        project = getattr(backend, "input_projection", _project_parts)
         parts = x.unsqueeze(0)
         h_n, c_n = [], []
         for layer in range(self.num_layers):
             w_ih, w_hh, bias = self._layer_weights(layer)
-            xw = project(parts, w_ih, bias)
+            xw = backend.input_projection(parts, w_ih, bias)
             states = slice(layer * num_directions, (layer + 1) * num_directions)
             y, layer_h_n, layer_c_n, _, _ = backend.lstm_recurrence(
                 xw, w_hh.to(xw.dtype), h0[states].to(xw.dtype).contiguous(), c0[states].to(xw.dtype).contiguous(),
@@ -207,3 +199,50 @@ class LSTM(nn.RNNBase):
         output = (y.reshape(seq_len, batch, -1) if num_directions == 1
                   else y.permute(1, 2, 0, 3).reshape(seq_len, batch, -1))
         return output, torch.cat(h_n), torch.cat(c_n)
+
+
+def _rebuilt(source: nn.RNNBase, cls, **kwargs) -> nn.RNNBase:
+    """A ``cls`` LSTM with ``source``'s configuration, training mode and parameter objects (shared, not copied)."""
+    weight = source.weight_ih_l0
+    target = cls(source.input_size, source.hidden_size, source.num_layers, source.bias, source.batch_first,
+                 source.dropout, source.bidirectional, source.proj_size, device="meta", dtype=weight.dtype, **kwargs)
+    for name, parameter in source.named_parameters(recurse=False):
+        setattr(target, name, parameter)
+    target.flatten_parameters()
+    return target.train(source.training)
+
+
+def _swapped(module: nn.Module, should_swap, convert) -> nn.Module:
+    if should_swap(module):
+        return convert(module)
+    for name, child in module.named_children():
+        swapped = _swapped(child, should_swap, convert)
+        if swapped is not child:
+            setattr(module, name, swapped)
+    return module
+
+
+def to_torch(module: nn.Module) -> nn.Module:
+    """Every :class:`rnn_fast.LSTM` in ``module`` (or ``module`` itself) replaced by a ``torch.nn.LSTM`` that shares
+    its parameters, e.g. before ``torch.ao.quantization.quantize_dynamic(model, {nn.LSTM})``. Containers are
+    changed in place and returned."""
+    return _swapped(module, lambda m: isinstance(m, LSTM), lambda m: _rebuilt(m, nn.LSTM))
+
+
+def from_torch(module: nn.Module, backend: str = "auto") -> nn.Module:
+    """Every ``torch.nn.LSTM`` in ``module`` (exactly that type) replaced by an :class:`rnn_fast.LSTM` with
+    ``backend`` that shares its parameters. Containers are changed in place and returned."""
+    return _swapped(module, lambda m: type(m) is nn.LSTM, lambda m: _rebuilt(m, LSTM, backend=backend))
+
+
+def model_backend(model: nn.Module) -> str:
+    """What runs the recurrences of ``model``'s :class:`rnn_fast.LSTM` layers on their own parameters' device and
+    dtype: one backend name (``"torch"`` where they fall back to nn.LSTM's implementation), several joined by
+    ``"+"``, or ``"none"`` when the model has no rnn_fast.LSTM."""
+    names = sorted({m.resolved_backend() for m in model.modules() if isinstance(m, LSTM)})
+    return "+".join(names) or "none"
+
+
+# A pickled model holding rnn_fast.LSTM loads with torch.load's weights_only default wherever one holding nn.LSTM
+# does: the class is as safe to rebuild as nn.LSTM, whose state it shares.
+torch.serialization.add_safe_globals([LSTM])

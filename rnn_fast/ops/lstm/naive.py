@@ -7,7 +7,8 @@ from typing import Optional, Tuple
 
 import torch
 
-from .common import previous_steps, register_recurrence_autograd, register_recurrence_fake, state_dtype
+from .common import (previous_steps, project_parts, register_recurrence_autograd, register_recurrence_fake,
+                     state_dtype)
 
 
 def _step_order(direction: int, seq_len: int) -> range:
@@ -54,8 +55,21 @@ def lstm_recurrence_backward(grad_y: torch.Tensor, grad_h_n: torch.Tensor, grad_
                              w_hh: torch.Tensor, c0: torch.Tensor, gates: torch.Tensor, cell: torch.Tensor,
                              lengths: Optional[torch.Tensor]
                              ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return differentiable_backward(grad_y, grad_h_n, grad_c_n, w_hh, c0, gates, cell, lengths)
+
+
+def differentiable_backward(grad_y: torch.Tensor, grad_h_n: torch.Tensor, grad_c_n: torch.Tensor,
+                            w_hh: torch.Tensor, c0: torch.Tensor, gates: torch.Tensor, cell: torch.Tensor,
+                            lengths: Optional[torch.Tensor], grad_gates: Optional[torch.Tensor] = None,
+                            grad_cell: Optional[torch.Tensor] = None
+                            ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The contract's backward in differentiable torch ops, for every backend's gradients of gradients.
+
+    ``grad_gates`` / ``grad_cell`` are gradients reaching the saved ``gates`` / ``cell`` themselves, which happens
+    when a double backward differentiates a first backward that read them.
+    """
     num_directions, seq_len, batch, gate_size = gates.shape
-    acc = gates.dtype
+    acc = torch.promote_types(gates.dtype, torch.float32)  # 16-bit saved state (CUDA's saved_16bit) counts in fp32
     grad_xw = grad_y.new_zeros(num_directions, seq_len, batch, gate_size)
     grad_h0, grad_c0 = torch.empty_like(grad_h_n), torch.empty_like(grad_c_n)
     cell_prev = previous_steps(cell, c0, lengths)
@@ -63,14 +77,19 @@ def lstm_recurrence_backward(grad_y: torch.Tensor, grad_h_n: torch.Tensor, grad_
         dh, dc = grad_h_n[d].to(acc), grad_c_n[d].to(acc)
         w = w_hh[d].to(acc)
         for t in reversed(_step_order(d, seq_len)):
-            i, f, g, o = gates[d, t].chunk(4, dim=1)
+            i, f, g, o = gates[d, t].to(acc).chunk(4, dim=1)
             dh_t = dh + grad_y[d, t].to(acc)
-            tanh_c = torch.tanh(cell[d, t])
+            tanh_c = torch.tanh(cell[d, t].to(acc))
             dc_t = dc + dh_t * o * (1 - tanh_c * tanh_c)
+            if grad_cell is not None:
+                dc_t = dc_t + grad_cell[d, t].to(acc)
             grad_pre = torch.cat([dc_t * g * i * (1 - i),
                                   dc_t * cell_prev[d, t] * f * (1 - f),
                                   dc_t * i * (1 - g * g),
                                   dh_t * tanh_c * o * (1 - o)], dim=1)
+            if grad_gates is not None:
+                grad_pre = grad_pre + grad_gates[d, t].to(acc) * torch.cat([i * (1 - i), f * (1 - f), 1 - g * g,
+                                                                            o * (1 - o)], dim=1)
             valid = _valid_rows(lengths, t, dh)
             grad_pre = grad_pre * valid
             dh = torch.where(valid, grad_pre @ w, dh)
@@ -96,6 +115,9 @@ def unavailable_reason() -> Optional[str]:
 
 def unsupported_reason(device: torch.device, dtype: torch.dtype, hidden_size: int) -> Optional[str]:
     return None
+
+
+input_projection = project_parts
 
 
 def lstm_recurrence(xw, w_hh, h0, c0, lengths):
