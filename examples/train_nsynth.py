@@ -99,8 +99,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                         help="white noise at a random SNR (dB) on half the training examples")
     recipe.add_argument("--freq-masks", type=int, help="SpecAugment frequency masks (up to 8 bands each)")
     recipe.add_argument("--time-masks", type=int, help="SpecAugment time masks (up to 10 frames each)")
-    recipe.add_argument("--pooling", choices=POOLINGS, help="the head reads the LSTM's last step or its mean over "
-                                                            "the steps")
+    recipe.add_argument("--pooling", choices=POOLINGS, help="the head reads the LSTM's last step, its mean over "
+                                                            "the steps, or that mean and the maximum")
     recipe.add_argument("--dropout", type=float, help="dropout between LSTM layers and before the head")
     recipe.add_argument("--mixup", type=float, metavar="ALPHA", help="mixup with Beta(ALPHA, ALPHA); 0 = off")
     recipe.add_argument("--class-balanced", action=argparse.BooleanOptionalAction,

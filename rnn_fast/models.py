@@ -21,7 +21,7 @@ from .audio import FrontEnd
 from .modules.lstm import LSTM
 
 MODEL_NAMES = ("lstm", "blstm", "cnn")
-POOLINGS = ("last", "mean")
+POOLINGS = ("last", "mean", "meanmax")
 
 
 class LSTMClassifier(nn.Module):
@@ -31,7 +31,8 @@ class LSTMClassifier(nn.Module):
     a :class:`~rnn_fast.audio.FrontEnd` that the frames go through first (its ``output_size`` then replaces
     ``input_size``; it needs ``[B, 100, 160]`` frames); ``None`` feeds the frames to the LSTM as they are.
     ``pooling`` is what the head reads: ``"last"`` the final states, ``"mean"`` the last layer's outputs (both
-    directions) averaged over the steps.
+    directions) averaged over the steps, ``"meanmax"`` that average and the outputs' maximum over the steps side by
+    side (the head then takes twice as many inputs).
     """
 
     def __init__(self, input_size: int = 160, hidden_size: int = 128, num_layers: int = 2, num_classes: int = 10,
@@ -48,15 +49,18 @@ class LSTMClassifier(nn.Module):
                          bidirectional=bidirectional, backend=backend)
         self.num_directions = 2 if bidirectional else 1
         self.dropout = nn.Dropout(dropout)
-        self.head = nn.Linear(hidden_size * self.num_directions, num_classes)
+        self.head = nn.Linear(hidden_size * self.num_directions * (2 if pooling == "meanmax" else 1), num_classes)
 
     def features(self, frames: torch.Tensor) -> torch.Tensor:
         """``[B, D*H]``: the last layer's final state of each direction, forward first (nn.LSTM's output order),
-        or with ``pooling="mean"`` its outputs' mean over the steps."""
+        or its outputs' mean over the steps (``pooling="mean"``), or ``[B, 2*D*H]``: that mean and the outputs'
+        maximum over the steps (``"meanmax"``)."""
         inputs = frames if self.front_end is None else self.front_end(frames)
         output, (h_n, _) = self.lstm(inputs)
         if self.pooling == "mean":
             return output.mean(dim=1)
+        if self.pooling == "meanmax":
+            return torch.cat([output.mean(dim=1), output.amax(dim=1)], dim=1)
         last_layer = h_n[-self.num_directions:]
         return last_layer.transpose(0, 1).reshape(frames.shape[0], -1)
 

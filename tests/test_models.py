@@ -111,7 +111,7 @@ def test_m5_reads_the_frames_as_one_waveform(batch):
 
 
 @pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
-def test_mean_pooling_reads_the_average_of_the_last_layers_outputs(bidirectional):
+def test_mean_pooling_reads_the_average_and_maximum_of_the_last_layers_outputs(bidirectional):
     torch.manual_seed(1)
     classifier = LSTMClassifier(4, 3, num_layers=2, num_classes=5, bidirectional=bidirectional, backend="torch",
                                 pooling="mean")
@@ -119,6 +119,11 @@ def test_mean_pooling_reads_the_average_of_the_last_layers_outputs(bidirectional
     output, _ = classifier.lstm(frames)
     torch.testing.assert_close(classifier.features(frames), output.mean(dim=1))
     torch.testing.assert_close(classifier(frames), classifier.head(output.mean(dim=1)))
+    both = LSTMClassifier(4, 3, num_layers=2, num_classes=5, bidirectional=bidirectional, backend="torch",
+                          pooling="meanmax")
+    both.lstm.load_state_dict(classifier.lstm.state_dict())
+    torch.testing.assert_close(both.features(frames), torch.cat([output.mean(dim=1), output.amax(dim=1)], dim=1))
+    assert both.head.in_features == 2 * classifier.head.in_features
     with pytest.raises(ValueError, match="unknown pooling 'max'"):
         LSTMClassifier(pooling="max")
     with pytest.raises(ValueError, match="front_end and pooling apply to the LSTM models only"):
