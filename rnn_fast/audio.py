@@ -113,14 +113,18 @@ class WaveformAugment(nn.Module):
 
 
 class SpecAugment(nn.Module):
-    """Training only: per example, ``freq_masks`` bands of up to ``freq_width`` features and ``time_masks`` spans of
-    up to ``time_width`` frames set to zero (Park et al., 2019; the features are standardised, so zero is their
-    mean)."""
+    """Training only: per example, the features shifted along the feature (frequency) axis by a random whole
+    number of bands in ``[-freq_shift, freq_shift]`` (what slides off is dropped, what comes in is zero; a shift of
+    mel bands is a pitch and formant shift), then ``freq_masks`` bands of up to ``freq_width`` features and
+    ``time_masks`` spans of up to ``time_width`` frames set to zero (Park et al., 2019). The features are
+    standardised, so zero is their mean."""
 
-    def __init__(self, freq_masks: int = 0, freq_width: int = 8, time_masks: int = 0, time_width: int = 10):
+    def __init__(self, freq_masks: int = 0, freq_width: int = 8, time_masks: int = 0, time_width: int = 10,
+                 freq_shift: int = 0):
         super().__init__()
         self.freq_masks, self.freq_width = freq_masks, freq_width
         self.time_masks, self.time_width = time_masks, time_width
+        self.freq_shift = freq_shift
 
     @staticmethod
     def _masks(batch: int, length: int, count: int, width: int, device) -> torch.Tensor:
@@ -131,9 +135,15 @@ class SpecAugment(nn.Module):
         return ((position >= starts) & (position < starts + widths)).any(dim=1)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        if not self.training or not (self.freq_masks or self.time_masks):
+        if not self.training or not (self.freq_masks or self.time_masks or self.freq_shift):
             return features
         batch, steps, size = features.shape
+        if self.freq_shift:
+            shifts = torch.randint(-self.freq_shift, self.freq_shift + 1, (batch, 1, 1), device=features.device)
+            source = torch.arange(size, device=features.device) - shifts
+            inside = (source >= 0) & (source < size)
+            features = torch.where(inside, features.gather(2, source.clamp(0, size - 1).expand(batch, steps, size)),
+                                   0.0)
         masked = torch.zeros(batch, steps, size, dtype=torch.bool, device=features.device)
         if self.freq_masks:
             masked |= self._masks(batch, size, self.freq_masks, self.freq_width, features.device)[:, None, :]
@@ -153,7 +163,7 @@ class FrontEnd(nn.Module):
 
     def __init__(self, kind: str = "frames", loudness: bool = False, n_mels: int = 64, max_delay: float = 0.0,
                  noise_snr: Optional[Sequence[float]] = None, freq_masks: int = 0, freq_width: int = 8,
-                 time_masks: int = 0, time_width: int = 10):
+                 time_masks: int = 0, time_width: int = 10, freq_shift: int = 0):
         super().__init__()
         if kind not in FRONT_ENDS:
             raise ValueError(f"unknown front end {kind!r}; expected one of {', '.join(FRONT_ENDS)}")
@@ -163,7 +173,7 @@ class FrontEnd(nn.Module):
             self.logmel = LogMel(n_mels)
             self.norm = nn.BatchNorm1d(n_mels)
         self.output_size = n_mels if kind == "logmel" else FRAME_SIZE
-        self.spec_augment = SpecAugment(freq_masks, freq_width, time_masks, time_width)
+        self.spec_augment = SpecAugment(freq_masks, freq_width, time_masks, time_width, freq_shift)
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
         batch = frames.shape[0]

@@ -102,7 +102,8 @@ def test_front_end_is_invariant_to_gain_with_loudness_normalisation(kind, size):
     assert not torch.allclose(FrontEnd(kind).eval()(25.0 * frames), FrontEnd(kind).eval()(frames), atol=1e-2)
 
 
-AUGMENTED = dict(kind="logmel", loudness=True, max_delay=0.05, noise_snr=(10.0, 30.0), freq_masks=2, time_masks=2)
+AUGMENTED = dict(kind="logmel", loudness=True, max_delay=0.05, noise_snr=(10.0, 30.0), freq_masks=2, time_masks=2,
+                 freq_shift=2)
 
 
 def test_augmentation_is_deterministic_under_a_seed_and_off_in_eval_mode():
@@ -164,3 +165,20 @@ def test_spec_augment_zeroes_bands_and_spans_within_their_widths():
         assert bands.sum() <= 16 and spans.sum() <= 20
     assert zero.any(dim=(1, 2)).float().mean() > 0.8
     assert torch.equal(SpecAugment(2, 8, 2, 10).eval()(features), features)
+
+
+def test_spec_augment_shifts_each_example_by_at_most_the_maximum_number_of_bands():
+    torch.manual_seed(0)
+    features = torch.randn(32, FRAMES, 64) + 5.0
+    shifted = SpecAugment(freq_shift=3).train()(features)
+    shifts = []
+    for row, original in zip(shifted, features):
+        matches = [s for s in range(-3, 4)
+                   if torch.equal(row[:, max(s, 0):64 + min(s, 0)], original[:, max(-s, 0):64 - max(s, 0)])]
+        assert len(matches) == 1, matches
+        shift = matches[0]
+        vacated = row[:, :shift] if shift > 0 else row[:, 64 + shift:]
+        assert not vacated.any()
+        shifts.append(shift)
+    assert set(shifts) == set(range(-3, 4))
+    assert torch.equal(SpecAugment(freq_shift=3).eval()(features), features)
