@@ -101,6 +101,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     recipe.add_argument("--time-masks", type=int, help="SpecAugment time masks (up to 10 frames each)")
     recipe.add_argument("--freq-shift", type=int, metavar="BANDS",
                         help="shift the features by a random number of bands up to this (training only)")
+    recipe.add_argument("--eq-db", type=float, metavar="DB",
+                        help="log-mel only: random smooth equalisation of up to DB dB per training example")
     recipe.add_argument("--pooling", choices=POOLINGS, help="the head reads the LSTM's last step, its mean over "
                                                             "the steps, or that mean and the maximum")
     recipe.add_argument("--dropout", type=float, help="dropout between LSTM layers and before the head")
@@ -137,7 +139,7 @@ def resolve_recipe(args: argparse.Namespace) -> Recipe:
     if args.model == "cnn" and (recipe.front_end_config() is not None or recipe.pooling != "last"):
         raise SystemExit(f"--model cnn reads the raw waveform; the {recipe.name} recipe's front end and pooling "
                          "are for the LSTM models (--front-end frames --no-loudness --max-delay 0 --noise-snr off "
-                         "--freq-masks 0 --time-masks 0 --freq-shift 0 --pooling last turns them off)")
+                         "--freq-masks 0 --time-masks 0 --freq-shift 0 --eq-db 0 --pooling last turns them off)")
     return recipe
 
 

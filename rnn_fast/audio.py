@@ -11,6 +11,7 @@ torchaudio's CPU wheel does not install next to the torch this project pins, so 
 here with ``torch.stft`` and a triangular mel filterbank (HTK mel scale, unnormalised triangles: torchaudio's
 ``MelSpectrogram`` defaults).
 """
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -152,26 +153,55 @@ class SpecAugment(nn.Module):
         return features.masked_fill(masked, 0.0)
 
 
+class RandomEQ(nn.Module):
+    """Training only: each example's log-mel power plus a random smooth curve over the bands, constant in time: an
+    equaliser of up to ``max_db`` dB boost or cut. Two sample libraries of one instrument differ most in such a
+    static tonal balance (microphones, filters, the sampled instrument itself), which a model trained on a few
+    libraries would otherwise learn as part of the family. The curve is a random mix of the first ``terms``
+    cosines over the bands, scaled so that its largest magnitude is uniform in ``[0, max_db]``."""
+
+    def __init__(self, max_db: float = 0.0, terms: int = 3):
+        super().__init__()
+        self.max_db, self.terms = float(max_db), terms
+
+    def forward(self, log_power: torch.Tensor) -> torch.Tensor:
+        if not self.training or not self.max_db:
+            return log_power
+        batch, _, bands = log_power.shape
+        device, dtype = log_power.device, log_power.dtype
+        order = torch.arange(1, self.terms + 1, device=device, dtype=dtype)
+        position = torch.linspace(0.0, 1.0, bands, device=device, dtype=dtype)
+        basis = torch.cos(torch.pi * order[:, None] * position)               # [terms, bands]
+        curve = torch.randn(batch, self.terms, device=device, dtype=dtype) @ basis
+        peak = curve.abs().amax(dim=1, keepdim=True).clamp_min(1e-12)
+        gain_db = self.max_db * torch.rand(batch, 1, device=device, dtype=dtype) * curve / peak
+        return log_power + (gain_db * (math.log(10.0) / 10.0))[:, None, :]  # dB of power -> natural log
+
+
 class FrontEnd(nn.Module):
     """``[B, FRAMES, FRAME_SIZE]`` frames of the first second -> ``[B, FRAMES, output_size]`` LSTM inputs.
 
     In order: :class:`WaveformAugment` (training only), :func:`normalise_loudness` (``loudness=True``), then either
     the frames themselves (``kind="frames"``, the seed report's input) or :class:`LogMel` followed by a batch norm
-    over the mel bands (``kind="logmel"``), then :class:`SpecAugment` (training only). With the defaults this is
+    over the mel bands (``kind="logmel"``, with :class:`RandomEQ` in training before the norm), then
+    :class:`SpecAugment` (training only). With the defaults this is
     the identity.
     """
 
     def __init__(self, kind: str = "frames", loudness: bool = False, n_mels: int = 64, max_delay: float = 0.0,
                  noise_snr: Optional[Sequence[float]] = None, freq_masks: int = 0, freq_width: int = 8,
-                 time_masks: int = 0, time_width: int = 10, freq_shift: int = 0):
+                 time_masks: int = 0, time_width: int = 10, freq_shift: int = 0, eq_db: float = 0.0):
         super().__init__()
         if kind not in FRONT_ENDS:
             raise ValueError(f"unknown front end {kind!r}; expected one of {', '.join(FRONT_ENDS)}")
+        if eq_db and kind != "logmel":
+            raise ValueError("eq_db (random equalisation) acts on mel bands and needs kind='logmel'")
         self.kind, self.loudness = kind, loudness
         self.augment = WaveformAugment(round(max_delay * SAMPLE_RATE), noise_snr)
         if kind == "logmel":
             self.logmel = LogMel(n_mels)
             self.norm = nn.BatchNorm1d(n_mels)
+            self.equalise = RandomEQ(eq_db)
         self.output_size = n_mels if kind == "logmel" else FRAME_SIZE
         self.spec_augment = SpecAugment(freq_masks, freq_width, time_masks, time_width, freq_shift)
 
@@ -183,6 +213,6 @@ class FrontEnd(nn.Module):
         if self.kind == "frames":
             features = waveform.reshape(batch, FRAMES, FRAME_SIZE)
         else:
-            features = self.norm(self.logmel(waveform).transpose(1, 2)).transpose(1, 2)
+            features = self.norm(self.equalise(self.logmel(waveform)).transpose(1, 2)).transpose(1, 2)
         return self.spec_augment(features)
 

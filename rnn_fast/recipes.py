@@ -33,6 +33,7 @@ class Recipe:
     freq_masks: int = 0                # SpecAugment masks (training only)
     time_masks: int = 0
     freq_shift: int = 0                # random shift of the features by up to this many bands (training only)
+    eq_db: float = 0.0                 # random equalisation of up to this many dB over the mel bands (training only)
     pooling: str = "last"              # what the head reads (rnn_fast.models.LSTMClassifier): "last" or "mean"
     # Regularisation and optimisation.
     dropout: float = 0.0               # between the LSTM layers and before the head
@@ -60,11 +61,12 @@ class Recipe:
         """Keyword arguments of :class:`rnn_fast.audio.FrontEnd`, or ``None`` for the seed's plain frames."""
         config = {"kind": self.front_end, "loudness": self.loudness, "max_delay": self.max_delay,
                   "noise_snr": list(self.noise_snr) or None,
-                  "freq_masks": self.freq_masks, "time_masks": self.time_masks, "freq_shift": self.freq_shift}
+                  "freq_masks": self.freq_masks, "time_masks": self.time_masks, "freq_shift": self.freq_shift,
+                  "eq_db": self.eq_db}
         if self.front_end == "logmel":
             config["n_mels"] = self.n_mels
         plain = {"kind": "frames", "loudness": False, "max_delay": 0.0, "noise_snr": None, "freq_masks": 0,
-                 "time_masks": 0, "freq_shift": 0}
+                 "time_masks": 0, "freq_shift": 0, "eq_db": 0.0}
         return None if config == plain else config
 
     def model_options(self) -> dict:
