@@ -3,18 +3,17 @@
 
 The development set is rendered from General MIDI soundfonts by ``../shared/tools/render_gm_nsynth.py`` (outside
 this project, like real NSynth): train and valid from two soundfonts (valid = every 10th note of the *same*
-instruments), test from a third. Its valid split therefore says how well held-back notes of known instruments are
-recognised, not unseen ones, and the test split may be looked at only once per final configuration. So the
-ablation runs on a layout derived from the training soundfonts alone (``layout``): train on one soundfont's
-training notes, keep its valid notes as ``valid``, and put every note of the other training soundfont in that
-layout's ``test`` split as the unseen-instrument score that choices are made on. The real test soundfont is
-never read until ``final``.
+instruments), test from a third. Its valid split says how well held-back notes of known instruments are
+recognised, not unseen ones, and its test split may be looked at only once per final configuration. So the
+choices are made on a proxy: the same train and valid notes, with the test split rendered from a fourth soundfont
+(TimGM6mb) that neither training nor the real test uses. The real test soundfont is read only by ``final``.
 
-  python benchmarks/nsynth_dev.py layout /data/gm-nsynth /data/gm-ablation --train fluid --unseen csound
-  python benchmarks/nsynth_dev.py ablate --data-dir /data/gm-ablation      # every ABLATIONS entry, seed 0
-  python benchmarks/nsynth_dev.py final --data-dir /data/gm-nsynth          # both recipes x 3 seeds, test once
-  python benchmarks/nsynth_dev.py time --data-dir /data/gm-nsynth           # epoch seconds, alternating
-  python benchmarks/nsynth_dev.py report                                    # docs/nsynth-dev/report.md
+  python ../shared/tools/render_gm_nsynth.py /data/gm-nsynth                                   # the set
+  python ../shared/tools/render_gm_nsynth.py /data/gm-proxy --test timgm=/usr/share/sounds/sf2/TimGM6mb.sf2
+  python benchmarks/nsynth_dev.py run --data-dir /data/gm-proxy NAME -- FLAGS   # one ablation run, seed 0
+  python benchmarks/nsynth_dev.py final --data-dir /data/gm-nsynth             # both recipes x 3 seeds, test once
+  python benchmarks/nsynth_dev.py time --data-dir /data/gm-nsynth              # epoch seconds, alternating
+  python benchmarks/nsynth_dev.py report                                       # docs/nsynth-dev/report.md
 
 Every run is ``examples/train_nsynth.py`` in a subprocess under ``nice -n 10`` with ``OMP_NUM_THREADS`` =
 ``$NSYNTH_DEV_THREADS`` (default 1: on a 2-core machine shared with other jobs, one thread wastes no time waiting
@@ -24,7 +23,6 @@ as each run ends (a rerun skips what is recorded). Thread counts change no accur
 import argparse
 import json
 import os
-import re
 import shlex
 import statistics
 import subprocess
@@ -36,39 +34,6 @@ from typing import Dict, List, Optional
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 THREADS = int(os.environ.get("NSYNTH_DEV_THREADS", "1"))
-SPLIT_DIRS = {"train": "nsynth-train", "valid": "nsynth-valid", "test": "nsynth-test"}
-
-
-# ------------------------------------------------------------------------------------------------ layout
-def _instrument_source(instrument_str: str) -> str:
-    """``guitar_acoustic_fluid024`` -> ``fluid``: the soundfont name the renderer puts before the GM program."""
-    return re.fullmatch(r".*_([a-z]+)\d{3}", instrument_str).group(1)
-
-
-def derive_layout(source: Path, target: Path, train: str, unseen: str) -> Dict[str, int]:
-    """``target`` in the jsonwav layout: train / valid = ``train`` soundfont's train / valid notes, test = every
-    train and valid note of the ``unseen`` soundfont. WAVs are symbolic links into ``source``."""
-    chosen = {"train": [("train", train)], "valid": [("valid", train)], "test": [("train", unseen), ("valid", unseen)]}
-    counts = {}
-    for split, picks in chosen.items():
-        examples = {}
-        out_dir = target / SPLIT_DIRS[split]
-        (out_dir / "audio").mkdir(parents=True, exist_ok=True)
-        for from_split, soundfont in picks:
-            from_dir = source / SPLIT_DIRS[from_split]
-            listed = json.loads((from_dir / "examples.json").read_text())
-            for key, example in listed.items():
-                if _instrument_source(example["instrument_str"]) != soundfont:
-                    continue
-                examples[key] = example
-                link = out_dir / "audio" / f"{key}.wav"
-                if not link.exists():
-                    link.symlink_to((from_dir / "audio" / f"{key}.wav").resolve())
-        if not examples:
-            raise SystemExit(f"no {split} notes: is {soundfont!r} a soundfont of {source}?")
-        (out_dir / "examples.json").write_text(json.dumps(examples, indent=1))
-        counts[split] = len(examples)
-    return counts
 
 
 # ------------------------------------------------------------------------------------------------ runs
@@ -123,41 +88,14 @@ def _line(record: dict, unseen_name: str) -> str:
 # ------------------------------------------------------------------------------------------------ the study
 # Both recipes train for the same epochs at the same batch, in the ablation and in the final runs.
 COMMON = ["--device", "cpu", "--backend", "cpu", "--epochs", "20", "--batch-size", "64"]
-# Each piece of the robust recipe left out, and each piece it does not use added, on seed 0.
-ABLATIONS = {
-    "seed": ["--recipe", "seed"],
-    "robust": ["--recipe", "robust"],
-    "robust, raw frames (no log-mel)": ["--recipe", "robust", "--front-end", "frames"],
-    "robust, no loudness normalisation": ["--recipe", "robust", "--no-loudness"],
-    "robust, no onset delay": ["--recipe", "robust", "--max-delay", "0"],
-    "robust, no noise": ["--recipe", "robust", "--noise-snr", "off"],
-    "robust, no SpecAugment": ["--recipe", "robust", "--freq-masks", "0", "--time-masks", "0"],
-    "robust, no mixup": ["--recipe", "robust", "--mixup", "0"],
-    "robust, no dropout": ["--recipe", "robust", "--dropout", "0"],
-    "robust, no weight decay": ["--recipe", "robust", "--weight-decay", "0"],
-    "robust, constant lr": ["--recipe", "robust", "--schedule", "constant"],
-    "robust, last epoch (no selection)": ["--recipe", "robust", "--no-select-best"],
-    "robust + class-balanced loss": ["--recipe", "robust", "--class-balanced"],
-    "robust + early stopping (patience 4)": ["--recipe", "robust", "--patience", "4"],
-}
 FINAL = {"seed": ["--recipe", "seed"], "robust": ["--recipe", "robust"]}
 FINAL_SEEDS = (0, 1, 2)
 
 
-def _slug(name: str) -> str:
-    return re.sub(r"[^a-z0-9+]+", "-", name.lower()).strip("-")
-
-
-def ablate(data_dir: Path, names: List[str], seeds: List[int], results: Path) -> None:
-    for name in names:
-        for seed in seeds:
-            print(_line(train(_slug(name), data_dir, ABLATIONS[name], seed, results, COMMON), "unseen"),
-                  flush=True)
-
-
-def final(data_dir: Path, seeds: List[int], results: Path) -> None:
+def final(data_dir: Path, seeds: List[int], recipes: List[str], results: Path) -> None:
     for seed in seeds:  # seed by seed, so that a cut-off session leaves both recipes at equal counts
-        for name, flags in FINAL.items():
+        for name in recipes:
+            flags = FINAL[name]
             print(_line(train(f"final-{name}", data_dir, flags, seed, results, COMMON), "test"), flush=True)
 
 
@@ -264,36 +202,39 @@ def write_report(final_results: dict, ablation_results: dict, epoch_record: Opti
                   f"(median of the per-round ratios, {min(epoch_record['ratios']):.2f} to "
                   f"{max(epoch_record['ratios']):.2f}).", ""]
     if ablation_results:
-        lines += ["## Ablation (seed 0, choices made on these numbers only)", "", ablation_table(ablation_results), ""]
+        lines += ["## Ablation on the proxy set (seed 0, the choices were made on these numbers only)", "", ablation_table(ablation_results), ""]
     path = out_dir / "report.md"
     path.write_text("\n".join(lines))
     return path
 
 
 def ablation_table(ablation_results: dict) -> str:
-    lines = ["| run | validation (seen) | unseen proxy | tested epoch | flags |", "|---|---|---|---|---|"]
-    for name, flags in ABLATIONS.items():
-        for record in (r for r in ablation_results.values() if r["name"] == _slug(name)):
-            lines.append(f"| {name} | {100 * record['val_accuracy']:.1f}% | {100 * record['test_accuracy']:.1f}% | "
-                         f"{record['tested_epoch']}/{record['epochs_run']} | `{shlex.join(flags)}` |")
+    """One row per recorded ablation run, in the order they ran, with its flags beyond the common ones."""
+    lines = ["| run | flags | validation (seen instruments) | unseen proxy soundfont | tested epoch |",
+             "|---|---|---|---|---|"]
+    for record in ablation_results.values():
+        lines.append(f"| {record['name']} (seed {record['seed']}) | `{' '.join(_flags(record['command']))}` | "
+                     f"{100 * record['val_accuracy']:.1f}% | {100 * record['test_accuracy']:.1f}% | "
+                     f"{record['tested_epoch']}/{record['epochs_run']} |")
     return "\n".join(lines)
+
+
+def _flags(command: str) -> List[str]:
+    """A run's recipe flags: what ``train`` put between the common flags and ``--seed``."""
+    words = shlex.split(command)
+    start = words.index("--data-dir") + 2 + len(COMMON)
+    return words[start:len(words) - words[::-1].index("--seed") - 1]
 
 
 def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
-    layout = commands.add_parser("layout", help="derive the ablation layout from the rendered development set")
-    layout.add_argument("source", type=Path)
-    layout.add_argument("target", type=Path)
-    layout.add_argument("--train", default="fluid", help="soundfont to train on")
-    layout.add_argument("--unseen", default="csound", help="soundfont whose notes score the choices")
-    explore = commands.add_parser("run", help="one named exploratory run: run NAME -- FLAGS")
-    explore.add_argument("name")
-    explore.add_argument("flags", nargs=argparse.REMAINDER)
-    ablation = commands.add_parser("ablate", help="the ABLATIONS runs on the ablation layout")
-    ablation.add_argument("--only", nargs="+", choices=tuple(ABLATIONS), default=list(ABLATIONS), metavar="NAME")
+    ablation = commands.add_parser("run", help="one named ablation run on the proxy set: run NAME -- FLAGS")
+    ablation.add_argument("name")
+    ablation.add_argument("flags", nargs=argparse.REMAINDER)
     finals = commands.add_parser("final", help="both recipes over the seeds on the development set, test once")
+    finals.add_argument("--recipes", nargs="+", choices=tuple(FINAL), default=list(FINAL))
     timing = commands.add_parser("time", help="epoch seconds of both recipes, alternating in one process")
     timing.add_argument("--rounds", type=int, default=5)
     timing.add_argument("--threads", type=int, default=2)
@@ -301,22 +242,18 @@ def main(argv: Optional[List[str]] = None) -> None:
     timing.add_argument("--model", default="lstm")
     report = commands.add_parser("report", help="docs/nsynth-dev/report.md from the results files")
     report.add_argument("--out", type=Path, default=REPO / "docs" / "nsynth-dev")
-    for command, default in ((explore, "explore"), (ablation, "ablation"), (finals, "final"), (timing, "epoch")):
+    for command, default in ((ablation, "ablation"), (finals, "final"), (timing, "epoch")):
         command.add_argument("--data-dir", type=Path, required=True)
         command.add_argument("--results", type=Path, default=RESULTS / f"nsynth-dev-{default}.json")
-    for command, seeds in ((explore, [0]), (ablation, [0]), (finals, list(FINAL_SEEDS))):
+    for command, seeds in ((ablation, [0]), (finals, list(FINAL_SEEDS))):
         command.add_argument("--seeds", type=int, nargs="+", default=seeds)
     args = parser.parse_args(argv)
-    if args.command == "layout":
-        print(derive_layout(args.source, args.target, args.train, args.unseen))
-    elif args.command == "run":
+    if args.command == "run":
         flags = args.flags[1:] if args.flags[:1] == ["--"] else args.flags
         for seed in args.seeds:
             print(_line(train(args.name, args.data_dir, flags, seed, args.results, COMMON), "unseen"))
-    elif args.command == "ablate":
-        ablate(args.data_dir, args.only, args.seeds, args.results)
     elif args.command == "final":
-        final(args.data_dir, args.seeds, args.results)
+        final(args.data_dir, args.seeds, args.recipes, args.results)
     elif args.command == "time":
         record = time_epochs(args.data_dir, args.rounds, args.threads, args.batch_size, args.model)
         args.results.write_text(json.dumps({"command": shlex.join(["python", *sys.argv]),
