@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from rnn_fast.audio import FrontEnd, LogMel, SpecAugment, WaveformAugment, mel_filterbank, normalise_loudness
+from rnn_fast.audio import FrontEnd, LogMel, RandomEQ, SpecAugment, WaveformAugment, mel_filterbank, normalise_loudness
 from rnn_fast.nsynth import CLIP_SAMPLES, FRAME_SIZE, FRAMES, SAMPLE_RATE
 
 
@@ -103,7 +103,7 @@ def test_front_end_is_invariant_to_gain_with_loudness_normalisation(kind, size):
 
 
 AUGMENTED = dict(kind="logmel", loudness=True, max_delay=0.05, noise_snr=(10.0, 30.0), freq_masks=2, time_masks=2,
-                 freq_shift=2)
+                 freq_shift=2, eq_db=6.0)
 
 
 def test_augmentation_is_deterministic_under_a_seed_and_off_in_eval_mode():
@@ -182,3 +182,23 @@ def test_spec_augment_shifts_each_example_by_at_most_the_maximum_number_of_bands
         shifts.append(shift)
     assert set(shifts) == set(range(-3, 4))
     assert torch.equal(SpecAugment(freq_shift=3).eval()(features), features)
+
+
+def test_random_eq_adds_one_smooth_curve_per_example_within_its_gain():
+    torch.manual_seed(0)
+    log_power = torch.randn(64, FRAMES, 64)
+    curves = RandomEQ(max_db=6.0).train()(log_power) - log_power
+    torch.testing.assert_close(curves, curves[:, :1].expand_as(curves), rtol=0, atol=1e-5)  # constant in time
+    gain_db = curves[:, 0] * 10.0 / math.log(10.0)
+    assert gain_db.abs().max() <= 6.0 + 1e-4 and gain_db.abs().amax(dim=1).min() < 3.0
+    # Smooth over the bands: each curve lies in the span of the first three cosines.
+    basis = torch.cos(torch.pi * torch.arange(1, 4.0)[:, None] * torch.linspace(0, 1, 64))
+    coefficients = torch.linalg.lstsq(basis.T, gain_db.T).solution
+    torch.testing.assert_close(coefficients.T @ basis, gain_db, rtol=0, atol=1e-4)
+    assert torch.equal(RandomEQ(max_db=6.0).eval()(log_power), log_power)
+    assert torch.equal(RandomEQ().train()(log_power), log_power)
+
+
+def test_random_eq_needs_the_log_mel_front_end():
+    with pytest.raises(ValueError, match="needs kind='logmel'"):
+        FrontEnd("frames", eq_db=3.0)
