@@ -1,10 +1,10 @@
-// Fused CPU recurrence of the LSTM contract (docs/contract.md), float32 and float64, plus the cpu backend's
-// input projection (rnn_fast::cpu_input_projection) and the cache of output blocks both draw from.
+// Fused CPU recurrence of the LSTM contract (docs/contract.md), float32 and float64: training forward and
+// backward, and an inference forward that keeps no gates or cells, each in the padded layout [D, T, B, *] and in
+// the packed layout [D, N, *] of PackedSequence data. Plus the cpu backend's input projection
+// (rnn_fast::cpu_input_projection), the packed layout's grad_w_hh, and the cache of output blocks they draw from.
 //
 // Batch rows never interact in an LSTM, so each OpenMP thread owns one (direction, block of rows) for all T
-// steps and never waits for another thread. Per step and per sub-block of rows it runs one single-threaded
-// BLAS GEMM (xw_t + h_{t-1} @ W_hh^T forward, grad_pre @ W_hh backward) and one vectorised elementwise pass
-// over the rows the GEMM wrote or will read, while they are in cache.
+// steps and never waits for another thread. A step computes only the rows that run it (t < lengths[b]).
 #include <ATen/ATen.h>
 #include <ATen/EmptyTensor.h>
 #include <ATen/Parallel.h>
@@ -139,148 +139,6 @@ void accumulate_hidden_grad(const scalar_t* grad_pre, const scalar_t* w_hh, scal
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// Elementwise passes over a sub-block of rows at one step. `step` is the input position t; a row runs at t
-// when t < lengths[b] (lengths == nullptr: every row runs).
-
-template <typename scalar_t>
-struct ForwardStep {
-  scalar_t* gates;     // [rows, 4H]: pre-activations in, activated gates out
-  scalar_t* cell;      // [rows, H]
-  scalar_t* y;         // [rows, H]
-  scalar_t* h;         // [rows, H] running state, updated in place
-  scalar_t* c;         // [rows, H] running state, updated in place
-  const int64_t* lengths;
-  int64_t step, rows, hidden;
-};
-
-template <typename scalar_t>
-RNN_FAST_INLINE void forward_cells(const ForwardStep<scalar_t>& s) {
-  const int64_t H = s.hidden, G = 4 * H;
-  for (int64_t r = 0; r < s.rows; ++r) {
-    scalar_t* gates = s.gates + r * G;
-    scalar_t* cell = s.cell + r * H;
-    scalar_t* y = s.y + r * H;
-    if (s.lengths != nullptr && s.step >= s.lengths[r]) {
-      std::fill(gates, gates + G, scalar_t(0));
-      std::fill(cell, cell + H, scalar_t(0));
-      std::fill(y, y + H, scalar_t(0));
-      continue;
-    }
-    scalar_t* h = s.h + r * H;
-    scalar_t* c = s.c + r * H;
-#pragma omp simd
-    for (int64_t j = 0; j < H; ++j) {
-      const scalar_t i = sigmoid_activation(gates[j]);
-      const scalar_t f = sigmoid_activation(gates[H + j]);
-      const scalar_t g = tanh_activation(gates[2 * H + j]);
-      const scalar_t o = sigmoid_activation(gates[3 * H + j]);
-      const scalar_t c_next = f * c[j] + i * g;
-      const scalar_t h_next = o * tanh_activation(c_next);
-      gates[j] = i;
-      gates[H + j] = f;
-      gates[2 * H + j] = g;
-      gates[3 * H + j] = o;
-      cell[j] = c_next;
-      c[j] = c_next;
-      y[j] = h_next;
-      h[j] = h_next;
-    }
-  }
-}
-
-template <typename scalar_t>
-struct BackwardStep {
-  const scalar_t* grad_y;     // [rows, H]
-  const scalar_t* gates;      // [rows, 4H]
-  const scalar_t* cell;       // [rows, H]
-  const scalar_t* cell_prev;  // [rows, H]: cell at the previous processed step
-  const scalar_t* c0;         // [rows, H]: cell_prev at each row's first step
-  scalar_t* grad_pre;         // [rows, 4H]
-  scalar_t* dh;               // [rows, H] running dL/dh: read, then zeroed for the GEMM to accumulate into
-  scalar_t* dc;               // [rows, H] running dL/dc, updated in place
-  const int64_t* lengths;
-  int64_t step, first_step, rows, hidden;  // first_step: the direction's first step (0 or T-1)
-  bool reverse;
-};
-
-template <typename scalar_t>
-RNN_FAST_INLINE void backward_cells(const BackwardStep<scalar_t>& s) {
-  const int64_t H = s.hidden, G = 4 * H;
-  for (int64_t r = 0; r < s.rows; ++r) {
-    scalar_t* grad_pre = s.grad_pre + r * G;
-    if (s.lengths != nullptr && s.step >= s.lengths[r]) {
-      // The state passes through a padded step untouched; dh is kept since the GEMM adds 0 to it.
-      std::fill(grad_pre, grad_pre + G, scalar_t(0));
-      continue;
-    }
-    const int64_t row_first_step = s.reverse && s.lengths != nullptr ? s.lengths[r] - 1 : s.first_step;
-    const scalar_t* cell_prev = (s.step == row_first_step ? s.c0 : s.cell_prev) + r * H;
-    const scalar_t* gates = s.gates + r * G;
-    const scalar_t* cell = s.cell + r * H;
-    const scalar_t* grad_y = s.grad_y + r * H;
-    scalar_t* dh = s.dh + r * H;
-    scalar_t* dc = s.dc + r * H;
-#pragma omp simd
-    for (int64_t j = 0; j < H; ++j) {
-      const scalar_t i = gates[j], f = gates[H + j], g = gates[2 * H + j], o = gates[3 * H + j];
-      const scalar_t tanh_c = tanh_activation(cell[j]);
-      const scalar_t dh_t = grad_y[j] + dh[j];
-      const scalar_t dc_t = dc[j] + dh_t * o * (scalar_t(1) - tanh_c * tanh_c);
-      grad_pre[j] = dc_t * g * i * (scalar_t(1) - i);
-      grad_pre[H + j] = dc_t * cell_prev[j] * f * (scalar_t(1) - f);
-      grad_pre[2 * H + j] = dc_t * i * (scalar_t(1) - g * g);
-      grad_pre[3 * H + j] = dh_t * tanh_c * o * (scalar_t(1) - o);
-      dc[j] = dc_t * f;
-      dh[j] = scalar_t(0);
-    }
-  }
-}
-
-RNN_FAST_TARGET_CLONES void forward_cells_vectorised(const ForwardStep<float>& s) { forward_cells(s); }
-RNN_FAST_TARGET_CLONES void forward_cells_vectorised(const ForwardStep<double>& s) { forward_cells(s); }
-RNN_FAST_TARGET_CLONES void backward_cells_vectorised(const BackwardStep<float>& s) { backward_cells(s); }
-RNN_FAST_TARGET_CLONES void backward_cells_vectorised(const BackwardStep<double>& s) { backward_cells(s); }
-
-// ---------------------------------------------------------------------------------------------------------
-// Work partition: (direction, block of rows) pairs, at least one per thread.
-
-struct RowBlock {
-  int64_t direction, begin, end;
-};
-
-struct Partition {
-  int64_t blocks_per_direction, rows_per_block, num_blocks;
-
-  Partition(int64_t num_directions, int64_t batch, int64_t threads) {
-    const int64_t wanted = std::max<int64_t>(1, (threads + num_directions - 1) / num_directions);
-    rows_per_block = std::max<int64_t>(1, (batch + wanted - 1) / wanted);
-    blocks_per_direction = (batch + rows_per_block - 1) / rows_per_block;
-    num_blocks = num_directions * blocks_per_direction;
-  }
-
-  RowBlock block(int64_t index) const {
-    const int64_t begin = (index % blocks_per_direction) * rows_per_block;
-    return {index / blocks_per_direction, begin, begin + rows_per_block};
-  }
-};
-
-// Runs body(RowBlock{direction, begin, end}) for every (direction, block of rows), each on one thread.
-template <typename Body>
-void for_each_row_block(int64_t num_directions, int64_t batch, const Body& body) {
-  const int64_t threads = at::get_num_threads();
-  const Partition partition(num_directions, batch, threads);
-  if (partition.num_blocks == 0) {
-    return;
-  }
-  const int64_t team = std::min(threads, partition.num_blocks);
-#pragma omp parallel for num_threads(team) schedule(static, 1)
-  for (int64_t index = 0; index < partition.num_blocks; ++index) {
-    const RowBlock block = partition.block(index);
-    body(RowBlock{block.direction, block.begin, std::min(block.end, batch)});
-  }
-}
-
-// ---------------------------------------------------------------------------------------------------------
 // Outputs. Fresh memory costs a page fault and the kernel zeroing each page at first touch; for the
 // [D, T, B, 4H] gates and grad_xw of the classifier that costs about as much as the recurrence's GEMMs.
 // Training repeats the same shapes every iteration, so the large outputs come from a cache of blocks that
@@ -410,6 +268,344 @@ at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options)
 }
 
 // ---------------------------------------------------------------------------------------------------------
+// Step layouts. A step tensor holds one row of width W per (direction, step, batch row): padded [D, T, B, W]
+// holds every row, padded or not; packed [D, N, W] holds only the N = sum(lengths) rows that run, step after
+// step in PackedSequence's data order, whose rows are sorted by length so that the rows running at step t are
+// the first batch_sizes[t]. In both, row b of step t of direction d is row first_row(d, t) + b.
+
+struct StepLayout {
+  int64_t D, T, B;
+  const int64_t* lengths;  // [B]; nullptr: every row runs every step
+  bool padded;             // rows that do not run at a step still exist there, and are written as 0
+  std::vector<int64_t> step_begin;  // [D * T]
+
+  int64_t first_row(int64_t direction, int64_t step) const { return step_begin[direction * T + step]; }
+  bool runs(int64_t row, int64_t step) const { return lengths == nullptr || step < lengths[row]; }
+  int64_t row_steps(int64_t row) const { return lengths == nullptr ? T : lengths[row]; }
+};
+
+StepLayout padded_layout(int64_t D, int64_t T, int64_t B, const int64_t* lengths) {
+  StepLayout layout{D, T, B, lengths, true, std::vector<int64_t>(D * T)};
+  for (int64_t i = 0; i < D * T; ++i) {
+    layout.step_begin[i] = i * B;
+  }
+  return layout;
+}
+
+// `lengths` receives each row's length, which batch_sizes implies.
+StepLayout packed_layout(int64_t D, const at::Tensor& batch_sizes, std::vector<int64_t>& lengths) {
+  const int64_t T = batch_sizes.numel(), B = batch_sizes.data_ptr<int64_t>()[0];
+  const int64_t* sizes = batch_sizes.data_ptr<int64_t>();
+  lengths.assign(B, 0);
+  StepLayout layout{D, T, B, lengths.data(), false, std::vector<int64_t>(D * T)};
+  int64_t tokens = 0;
+  for (int64_t t = 0; t < T; ++t) {
+    layout.step_begin[t] = tokens;
+    tokens += sizes[t];
+    const int64_t next = t + 1 < T ? sizes[t + 1] : 0;
+    for (int64_t b = next; b < sizes[t]; ++b) {
+      lengths[b] = t + 1;  // rows [next, sizes[t]) run their last step at t
+    }
+  }
+  for (int64_t d = 1; d < D; ++d) {
+    for (int64_t t = 0; t < T; ++t) {
+      layout.step_begin[d * T + t] = d * tokens + layout.step_begin[t];
+    }
+  }
+  return layout;
+}
+
+// Calls body(begin, end, runs) over the rows [begin, end) cut into runs of at most kRowsPerSubBlock rows that all
+// run step t (runs == true) or all skip it. With rows sorted by length the rows that run are one prefix.
+template <typename Body>
+RNN_FAST_INLINE void for_each_run(const StepLayout& layout, int64_t step, int64_t begin, int64_t end,
+                                  const Body& body) {
+  for (int64_t b = begin; b < end;) {
+    const bool runs = layout.runs(b, step);
+    const int64_t limit = std::min(end, b + kRowsPerSubBlock);
+    int64_t stop = b + 1;
+    while (stop < limit && layout.runs(stop, step) == runs) {
+      ++stop;
+    }
+    body(b, stop, runs);
+    b = stop;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Elementwise passes over a run of rows at one step, every row of which runs the step.
+
+template <typename scalar_t>
+struct ForwardStep {
+  scalar_t* gates;  // [rows, 4H]: pre-activations in; activated gates out when saving
+  scalar_t* cell;   // [rows, H], written when saving
+  scalar_t* y;      // [rows, H]
+  scalar_t* h;      // [rows, H] running state, updated in place
+  scalar_t* c;      // [rows, H] running state, updated in place
+  int64_t rows, hidden;
+};
+
+// kSave: keep the activated gates and the cell for the backward (training); inference keeps neither.
+template <bool kSave, typename scalar_t>
+RNN_FAST_INLINE void forward_cells(const ForwardStep<scalar_t>& s) {
+  const int64_t H = s.hidden, G = 4 * H;
+  for (int64_t r = 0; r < s.rows; ++r) {
+    scalar_t* gates = s.gates + r * G;
+    scalar_t* cell = s.cell + r * H;
+    scalar_t* y = s.y + r * H;
+    scalar_t* h = s.h + r * H;
+    scalar_t* c = s.c + r * H;
+#pragma omp simd
+    for (int64_t j = 0; j < H; ++j) {
+      const scalar_t i = sigmoid_activation(gates[j]);
+      const scalar_t f = sigmoid_activation(gates[H + j]);
+      const scalar_t g = tanh_activation(gates[2 * H + j]);
+      const scalar_t o = sigmoid_activation(gates[3 * H + j]);
+      const scalar_t c_next = f * c[j] + i * g;
+      const scalar_t h_next = o * tanh_activation(c_next);
+      if constexpr (kSave) {
+        gates[j] = i;
+        gates[H + j] = f;
+        gates[2 * H + j] = g;
+        gates[3 * H + j] = o;
+        cell[j] = c_next;
+      }
+      c[j] = c_next;
+      y[j] = h_next;
+      h[j] = h_next;
+    }
+  }
+}
+
+template <typename scalar_t>
+struct BackwardStep {
+  const scalar_t* grad_y;     // [rows, H]
+  const scalar_t* gates;      // [rows, 4H]
+  const scalar_t* cell;       // [rows, H]
+  const scalar_t* cell_prev;  // [rows, H]: cell at the previous processed step (nullptr at the first step)
+  const scalar_t* c0;         // [rows, H]: cell_prev at each row's first step
+  scalar_t* grad_pre;         // [rows, 4H]
+  scalar_t* dh;               // [rows, H] running dL/dh: read, then zeroed for the GEMM to accumulate into
+  scalar_t* dc;               // [rows, H] running dL/dc, updated in place
+  const int64_t* lengths;
+  int64_t step, first_step, rows, hidden;  // first_step: the direction's first step (0 or T-1)
+  bool reverse;
+};
+
+template <typename scalar_t>
+RNN_FAST_INLINE void backward_cells(const BackwardStep<scalar_t>& s) {
+  const int64_t H = s.hidden, G = 4 * H;
+  for (int64_t r = 0; r < s.rows; ++r) {
+    // The reverse direction starts each row at its own last step.
+    const int64_t row_first_step = s.reverse && s.lengths != nullptr ? s.lengths[r] - 1 : s.first_step;
+    const scalar_t* cell_prev = (s.step == row_first_step ? s.c0 : s.cell_prev) + r * H;
+    const scalar_t* gates = s.gates + r * G;
+    const scalar_t* cell = s.cell + r * H;
+    const scalar_t* grad_y = s.grad_y + r * H;
+    scalar_t* grad_pre = s.grad_pre + r * G;
+    scalar_t* dh = s.dh + r * H;
+    scalar_t* dc = s.dc + r * H;
+#pragma omp simd
+    for (int64_t j = 0; j < H; ++j) {
+      const scalar_t i = gates[j], f = gates[H + j], g = gates[2 * H + j], o = gates[3 * H + j];
+      const scalar_t tanh_c = tanh_activation(cell[j]);
+      const scalar_t dh_t = grad_y[j] + dh[j];
+      const scalar_t dc_t = dc[j] + dh_t * o * (scalar_t(1) - tanh_c * tanh_c);
+      grad_pre[j] = dc_t * g * i * (scalar_t(1) - i);
+      grad_pre[H + j] = dc_t * cell_prev[j] * f * (scalar_t(1) - f);
+      grad_pre[2 * H + j] = dc_t * i * (scalar_t(1) - g * g);
+      grad_pre[3 * H + j] = dh_t * tanh_c * o * (scalar_t(1) - o);
+      dc[j] = dc_t * f;
+      dh[j] = scalar_t(0);
+    }
+  }
+}
+
+RNN_FAST_TARGET_CLONES void forward_cells_vectorised(const ForwardStep<float>& s) { forward_cells<true>(s); }
+RNN_FAST_TARGET_CLONES void forward_cells_vectorised(const ForwardStep<double>& s) { forward_cells<true>(s); }
+RNN_FAST_TARGET_CLONES void inference_cells_vectorised(const ForwardStep<float>& s) { forward_cells<false>(s); }
+RNN_FAST_TARGET_CLONES void inference_cells_vectorised(const ForwardStep<double>& s) { forward_cells<false>(s); }
+RNN_FAST_TARGET_CLONES void backward_cells_vectorised(const BackwardStep<float>& s) { backward_cells(s); }
+RNN_FAST_TARGET_CLONES void backward_cells_vectorised(const BackwardStep<double>& s) { backward_cells(s); }
+
+template <typename scalar_t>
+void zero_rows(scalar_t* rows, int64_t count, int64_t width) {
+  std::fill(rows, rows + count * width, scalar_t(0));
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Work partition: each thread owns (direction, block of rows) pairs for all T steps and never waits for another.
+
+struct RowBlock {
+  int64_t direction, begin, end;
+};
+
+// About threads / D contiguous blocks of rows per direction, each with about the same number of row-steps to
+// run. Equal numbers of rows would not do: in packed order the rows are sorted by length, and the thread of the
+// short rows would sit idle once they end.
+std::vector<RowBlock> row_blocks(const StepLayout& layout, int64_t threads) {
+  const int64_t B = layout.B;
+  const int64_t wanted = std::min(B, std::max<int64_t>(1, (threads + layout.D - 1) / layout.D));
+  int64_t total = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    total += layout.row_steps(b);
+  }
+  std::vector<std::pair<int64_t, int64_t>> ranges;
+  int64_t begin = 0, done = 0;
+  for (int64_t k = 1; k <= wanted && begin < B; ++k) {
+    // The k-th share of the row-steps, in integers that cannot overflow (total <= T * B < 2^62).
+    const int64_t target = total / wanted * k + total % wanted * k / wanted;
+    int64_t end = begin;
+    while (end < B && (end == begin || done < target || k == wanted)) {
+      done += layout.row_steps(end);
+      ++end;
+    }
+    ranges.emplace_back(begin, end);
+    begin = end;
+  }
+  std::vector<RowBlock> blocks;
+  for (int64_t d = 0; d < layout.D; ++d) {
+    for (const auto& [first, last] : ranges) {
+      blocks.push_back({d, first, last});
+    }
+  }
+  return blocks;
+}
+
+// Runs body(RowBlock) for every block, each on one thread; without an OpenMP region when one thread does all.
+template <typename Body>
+void for_each_row_block(const StepLayout& layout, const Body& body) {
+  const int64_t threads = at::get_num_threads();
+  const std::vector<RowBlock> blocks = row_blocks(layout, threads);
+  const int64_t num_blocks = static_cast<int64_t>(blocks.size());
+  const int64_t team = std::min(threads, num_blocks);
+  if (team <= 1) {
+    for (const RowBlock& block : blocks) {
+      body(block);
+    }
+    return;
+  }
+#pragma omp parallel for num_threads(team) schedule(static, 1)
+  for (int64_t index = 0; index < num_blocks; ++index) {
+    body(blocks[index]);
+  }
+}
+
+// A per-thread buffer of at least `count` elements, kept across calls (the inference pass's pre-activations).
+template <typename scalar_t>
+scalar_t* thread_scratch(size_t count) {
+  thread_local std::vector<scalar_t> buffer;
+  if (buffer.size() < count) {
+    buffer.resize(count);
+  }
+  return buffer.data();
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// The recurrence, in either layout. Per step and per run of rows it runs one single-threaded BLAS GEMM
+// (xw_t + h_{t-1} @ W_hh^T forward, grad_pre @ W_hh backward) and one vectorised elementwise pass over the rows
+// the GEMM wrote or will read, while they are in cache. Rows that do not run a step cost nothing but, in the
+// padded layout, writing their zeros.
+
+template <typename scalar_t>
+struct ForwardTensors {
+  const scalar_t* xw;
+  const scalar_t* w_hh;
+  scalar_t* y;
+  scalar_t* h;      // [D, B, H] running state, h0 in, h_n out
+  scalar_t* c;      // [D, B, H] running state, c0 in, c_n out
+  scalar_t* gates;  // nullptr for inference: pre-activations then live in a per-thread buffer
+  scalar_t* cell;
+};
+
+template <typename scalar_t>
+void run_forward(const StepLayout& layout, int64_t H, const ForwardTensors<scalar_t>& out) {
+  const int64_t T = layout.T, B = layout.B, G = 4 * H;
+  const bool save = out.gates != nullptr;
+  for_each_row_block(layout, [&](RowBlock block) {
+    const int64_t d = block.direction;
+    const scalar_t* w = out.w_hh + d * G * H;
+    scalar_t* scratch =
+        save ? nullptr : thread_scratch<scalar_t>(std::min(kRowsPerSubBlock, block.end - block.begin) * G);
+    for (int64_t s = 0; s < T; ++s) {
+      const int64_t t = d == 0 ? s : T - 1 - s;
+      const int64_t step_row = layout.first_row(d, t);
+      for_each_run(layout, t, block.begin, block.end, [&](int64_t b, int64_t end, bool runs) {
+        const int64_t rows = end - b, row = step_row + b;
+        if (!runs) {
+          if (layout.padded) {
+            zero_rows(out.y + row * H, rows, H);
+            if (save) {
+              zero_rows(out.gates + row * G, rows, G);
+              zero_rows(out.cell + row * H, rows, H);
+            }
+          }
+          return;
+        }
+        scalar_t* pre = save ? out.gates + row * G : scratch;
+        scalar_t* h = out.h + (d * B + b) * H;
+        // xw is read in one streaming copy, and the GEMM then accumulates onto it in cache: cheaper than
+        // letting BLAS zero the block (beta = 0) and reading xw again in the elementwise pass.
+        std::memcpy(pre, out.xw + row * G, rows * G * sizeof(scalar_t));
+        accumulate_gates(h, w, pre, rows, H);
+        const ForwardStep<scalar_t> cells{pre, save ? out.cell + row * H : nullptr, out.y + row * H, h,
+                                          out.c + (d * B + b) * H, rows, H};
+        if (save) {
+          forward_cells_vectorised(cells);
+        } else {
+          inference_cells_vectorised(cells);
+        }
+      });
+    }
+  });
+}
+
+template <typename scalar_t>
+struct BackwardTensors {
+  const scalar_t* grad_y;
+  const scalar_t* w_hh;
+  const scalar_t* c0;
+  const scalar_t* gates;
+  const scalar_t* cell;
+  scalar_t* grad_xw;
+  scalar_t* dh;  // [D, B, H] running dL/dh, grad_h_n in, grad_h0 out
+  scalar_t* dc;  // [D, B, H] running dL/dc, grad_c_n in, grad_c0 out
+};
+
+template <typename scalar_t>
+void run_backward(const StepLayout& layout, int64_t H, const BackwardTensors<scalar_t>& out) {
+  const int64_t T = layout.T, B = layout.B, G = 4 * H;
+  for_each_row_block(layout, [&](RowBlock block) {
+    const int64_t d = block.direction;
+    const scalar_t* w = out.w_hh + d * G * H;
+    const int64_t first_step = d == 0 ? 0 : T - 1;
+    // Steps in reverse processing order: direction 0 goes t = T-1 .. 0, direction 1 goes t = 0 .. T-1.
+    for (int64_t s = 0; s < T; ++s) {
+      const int64_t t = d == 0 ? T - 1 - s : s;
+      const int64_t step_row = layout.first_row(d, t);
+      // The previous processed step in the forward pass; a row that runs t ran it too, unless t is the row's
+      // first step (backward_cells then reads c0).
+      const int64_t prev_row = t == first_step ? -1 : layout.first_row(d, d == 0 ? t - 1 : t + 1);
+      for_each_run(layout, t, block.begin, block.end, [&](int64_t b, int64_t end, bool runs) {
+        const int64_t rows = end - b, row = step_row + b, state_row = d * B + b;
+        if (!runs) {
+          // The state passes through a padded step untouched.
+          if (layout.padded) {
+            zero_rows(out.grad_xw + row * G, rows, G);
+          }
+          return;
+        }
+        backward_cells_vectorised(BackwardStep<scalar_t>{
+            out.grad_y + row * H, out.gates + row * G, out.cell + row * H,
+            prev_row < 0 ? nullptr : out.cell + (prev_row + b) * H, out.c0 + state_row * H, out.grad_xw + row * G,
+            out.dh + state_row * H, out.dc + state_row * H, layout.lengths == nullptr ? nullptr : layout.lengths + b,
+            t, first_step, rows, H, d == 1});
+        accumulate_hidden_grad(out.grad_xw + row * G, w, out.dh + state_row * H, rows, H);
+      });
+    }
+  });
+}
+// ---------------------------------------------------------------------------------------------------------
 // What the op boundary checks beyond the contract's shapes and dtypes (recurrence_checks.h).
 
 void check_supported_dtype(at::ScalarType dtype) {
@@ -433,107 +629,260 @@ const int64_t* lengths_data(const std::optional<at::Tensor>& lengths) {
   return lengths.has_value() ? lengths->data_ptr<int64_t>() : nullptr;
 }
 
+// The packed layout's sizes: D directions, N rows per direction, B = batch_sizes[0], H hidden units, T steps.
+struct PackedSizes {
+  int64_t D, N, B, H, T;
+};
+
+// batch_sizes is PackedSequence's: a CPU int64 [T], each in [1, B], non-increasing. `steps` is [D, N, W] with
+// N = sum(batch_sizes) and W = width_per_hidden * H.
+PackedSizes check_packed_steps(const at::Tensor& steps, const char* name, int64_t width_per_hidden,
+                               const at::Tensor& batch_sizes) {
+  TORCH_CHECK(steps.dim() == 3, name, " must have shape (D, N, ", width_per_hidden == 4 ? "4H" : "H", "), got ",
+              steps.sizes());
+  TORCH_CHECK(batch_sizes.dim() == 1 && batch_sizes.numel() >= 1,
+              "batch_sizes must have shape (T) with T >= 1, got ", batch_sizes.sizes());
+  TORCH_CHECK(batch_sizes.device().is_cpu() && batch_sizes.scalar_type() == at::kLong,
+              "batch_sizes must be a CPU int64 tensor (PackedSequence's), got ", batch_sizes.scalar_type(), " on ",
+              batch_sizes.device());
+  TORCH_CHECK(batch_sizes.is_contiguous(), "batch_sizes must be contiguous");
+  const int64_t D = steps.size(0), N = steps.size(1), W = steps.size(2), T = batch_sizes.numel();
+  TORCH_CHECK(D == 1 || D == 2, "the number of directions (dimension 0 of ", name, ") must be 1 or 2, got ", D);
+  TORCH_CHECK(W % width_per_hidden == 0 && W > 0, "the last dimension of ", name, " must be ", width_per_hidden,
+              " * hidden_size, got ", W);
+  const int64_t* sizes = batch_sizes.data_ptr<int64_t>();
+  int64_t tokens = 0;
+  for (int64_t t = 0; t < T; ++t) {
+    TORCH_CHECK(sizes[t] >= 1 && sizes[t] <= sizes[0] && (t == 0 || sizes[t] <= sizes[t - 1]),
+                "batch_sizes must be positive and non-increasing, got batch_sizes[", t, "] = ", sizes[t]);
+    tokens += sizes[t];
+  }
+  TORCH_CHECK(N == tokens, "dimension 1 of ", name, " must be sum(batch_sizes) = ", tokens, ", got ", N);
+  constexpr int64_t kMaxSize = std::numeric_limits<int>::max();
+  TORCH_CHECK(D * N <= kMaxSize && W <= kMaxSize, "the sizes of ", name, " must fit in int32, got ", steps.sizes());
+  return {D, N, sizes[0], W / width_per_hidden, T};
+}
+
+PackedSizes check_packed_forward_inputs(const at::Tensor& xw, const at::Tensor& w_hh, const at::Tensor& h0,
+                                        const at::Tensor& c0, const at::Tensor& batch_sizes) {
+  const PackedSizes sizes = check_packed_steps(xw, "xw", 4, batch_sizes);
+  const auto [D, N, B, H, T] = sizes;
+  const at::ScalarType dtype = xw.scalar_type();
+  check_supported_dtype(dtype);
+  TORCH_CHECK(xw.device().is_cpu(), "xw must be a CPU tensor, got one on ", xw.device());
+  RNN_FAST_CHECK_INPUT(xw, xw.device(), dtype, D, N, 4 * H);
+  RNN_FAST_CHECK_INPUT(w_hh, xw.device(), dtype, D, 4 * H, H);
+  RNN_FAST_CHECK_INPUT(h0, xw.device(), dtype, D, B, H);
+  RNN_FAST_CHECK_INPUT(c0, xw.device(), dtype, D, B, H);
+  return sizes;
+}
+
 // ---------------------------------------------------------------------------------------------------------
-// The ops.
+// The ops. Each builds its layout and its outputs, then runs the one forward or backward above.
+
+// y [*, H] for xw [*, 4H]; h_n, c_n start as h0, c0 and are updated in place; gates and cell only when saving.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_outputs(
+    const StepLayout& layout, const at::Tensor& xw, const at::Tensor& w_hh, const at::Tensor& h0,
+    const at::Tensor& c0, bool save) {
+  const int64_t G = xw.size(-1), H = G / 4;
+  std::vector<int64_t> row_shape(xw.sizes().begin(), xw.sizes().end());
+  row_shape.back() = H;
+  auto y = empty_output(row_shape, xw.options());
+  at::Tensor gates, cell;
+  if (save) {
+    gates = empty_output(xw.sizes(), xw.options());
+    cell = empty_output(row_shape, xw.options());
+  }
+  auto h_n = h0.clone();
+  auto c_n = c0.clone();
+  DISPATCH_FLOAT_AND_DOUBLE(xw.scalar_type(), "lstm_recurrence_forward", [&] {
+    run_forward(layout, H, ForwardTensors<scalar_t>{
+        xw.data_ptr<scalar_t>(), w_hh.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), h_n.data_ptr<scalar_t>(),
+        c_n.data_ptr<scalar_t>(), save ? gates.data_ptr<scalar_t>() : nullptr,
+        save ? cell.data_ptr<scalar_t>() : nullptr});
+  });
+  return {y, h_n, c_n, gates, cell};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_outputs(const StepLayout& layout, const at::Tensor& grad_y,
+                                                                const at::Tensor& grad_h_n,
+                                                                const at::Tensor& grad_c_n, const at::Tensor& w_hh,
+                                                                const at::Tensor& c0, const at::Tensor& gates,
+                                                                const at::Tensor& cell) {
+  auto grad_xw = empty_output(gates.sizes(), gates.options());
+  // The gradients at the initial state are the running dh/dc, updated in place step after step.
+  auto grad_h0 = grad_h_n.clone();
+  auto grad_c0 = grad_c_n.clone();
+  DISPATCH_FLOAT_AND_DOUBLE(w_hh.scalar_type(), "lstm_recurrence_backward", [&] {
+    run_backward(layout, w_hh.size(2), BackwardTensors<scalar_t>{
+        grad_y.data_ptr<scalar_t>(), w_hh.data_ptr<scalar_t>(), c0.data_ptr<scalar_t>(),
+        gates.data_ptr<scalar_t>(), cell.data_ptr<scalar_t>(), grad_xw.data_ptr<scalar_t>(),
+        grad_h0.data_ptr<scalar_t>(), grad_c0.data_ptr<scalar_t>()});
+  });
+  return {grad_xw, grad_h0, grad_c0};
+}
+
+StepLayout checked_padded_layout(const at::Tensor& xw, const at::Tensor& w_hh, const at::Tensor& h0,
+                                 const at::Tensor& c0, const std::optional<at::Tensor>& lengths) {
+  check_supported_dtype(xw.scalar_type());
+  const auto sizes = rnn_fast::check_forward_inputs(xw, w_hh, h0, c0, lengths);
+  check_length_values(lengths, sizes.T);
+  return padded_layout(sizes.D, sizes.T, sizes.B, lengths_data(lengths));
+}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_recurrence_forward_cpu(
     const at::Tensor& xw, const at::Tensor& w_hh, const at::Tensor& h0, const at::Tensor& c0,
     const std::optional<at::Tensor>& lengths) {
-  const auto dtype = xw.scalar_type();
-  check_supported_dtype(dtype);
-  const auto sizes = rnn_fast::check_forward_inputs(xw, w_hh, h0, c0, lengths);
-  check_length_values(lengths, sizes.T);
-  const int64_t D = sizes.D, T = sizes.T, B = sizes.B, H = sizes.H, G = 4 * H;
+  return forward_outputs(checked_padded_layout(xw, w_hh, h0, c0, lengths), xw, w_hh, h0, c0, true);
+}
 
-  auto y = empty_output({D, T, B, H}, xw.options());
-  auto gates = empty_output({D, T, B, G}, xw.options());
-  auto cell = empty_output({D, T, B, H}, xw.options());
-  // The final state is the running state, updated in place step after step.
-  auto h_n = h0.clone();
-  auto c_n = c0.clone();
-
-  DISPATCH_FLOAT_AND_DOUBLE(dtype, "lstm_recurrence_forward", [&] {
-    const scalar_t* xw_p = xw.data_ptr<scalar_t>();
-    const scalar_t* w_p = w_hh.data_ptr<scalar_t>();
-    scalar_t* y_p = y.data_ptr<scalar_t>();
-    scalar_t* gates_p = gates.data_ptr<scalar_t>();
-    scalar_t* cell_p = cell.data_ptr<scalar_t>();
-    scalar_t* h_p = h_n.data_ptr<scalar_t>();
-    scalar_t* c_p = c_n.data_ptr<scalar_t>();
-    const int64_t* len_p = lengths_data(lengths);
-    for_each_row_block(D, B, [&](RowBlock block) {
-      const int64_t d = block.direction;
-      const scalar_t* w = w_p + d * G * H;
-      for (int64_t s = 0; s < T; ++s) {
-        const int64_t t = d == 0 ? s : T - 1 - s;
-        for (int64_t b = block.begin; b < block.end; b += kRowsPerSubBlock) {
-          const int64_t rows = std::min(kRowsPerSubBlock, block.end - b);
-          const int64_t step_row = (d * T + t) * B + b;  // row b of [D, T, B, *]
-          const int64_t state_row = d * B + b;           // row b of [D, B, *]
-          // xw is read in one streaming copy, and the GEMM then accumulates onto it in cache: cheaper than
-          // letting BLAS zero the block (beta = 0) and reading xw again in the elementwise pass.
-          std::memcpy(gates_p + step_row * G, xw_p + step_row * G, rows * G * sizeof(scalar_t));
-          accumulate_gates(h_p + state_row * H, w, gates_p + step_row * G, rows, H);
-          forward_cells_vectorised(ForwardStep<scalar_t>{
-              gates_p + step_row * G, cell_p + step_row * H, y_p + step_row * H,
-              h_p + state_row * H, c_p + state_row * H, len_p == nullptr ? nullptr : len_p + b, t, rows, H});
-        }
-      }
-    });
-  });
-  return {y, h_n, c_n, gates, cell};
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_recurrence_inference_cpu(
+    const at::Tensor& xw, const at::Tensor& w_hh, const at::Tensor& h0, const at::Tensor& c0,
+    const std::optional<at::Tensor>& lengths) {
+  auto [y, h_n, c_n, gates, cell] =
+      forward_outputs(checked_padded_layout(xw, w_hh, h0, c0, lengths), xw, w_hh, h0, c0, false);
+  return {y, h_n, c_n};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_recurrence_backward_cpu(
     const at::Tensor& grad_y, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n, const at::Tensor& w_hh,
     const at::Tensor& c0, const at::Tensor& gates, const at::Tensor& cell, const std::optional<at::Tensor>& lengths) {
-  const auto dtype = w_hh.scalar_type();
-  check_supported_dtype(dtype);
+  check_supported_dtype(w_hh.scalar_type());
   const auto sizes = rnn_fast::check_backward_inputs(grad_y, grad_h_n, grad_c_n, w_hh, c0, gates, cell, lengths);
   check_length_values(lengths, sizes.T);
-  const int64_t D = sizes.D, T = sizes.T, B = sizes.B, H = sizes.H, G = 4 * H;
-
-  auto grad_xw = empty_output({D, T, B, G}, gates.options());
-  // The gradients at the initial state are the running dh/dc, updated in place step after step.
-  auto grad_h0 = grad_h_n.clone();
-  auto grad_c0 = grad_c_n.clone();
-
-  DISPATCH_FLOAT_AND_DOUBLE(dtype, "lstm_recurrence_backward", [&] {
-    const scalar_t* grad_y_p = grad_y.data_ptr<scalar_t>();
-    const scalar_t* w_p = w_hh.data_ptr<scalar_t>();
-    const scalar_t* c0_p = c0.data_ptr<scalar_t>();
-    const scalar_t* gates_p = gates.data_ptr<scalar_t>();
-    const scalar_t* cell_p = cell.data_ptr<scalar_t>();
-    scalar_t* grad_xw_p = grad_xw.data_ptr<scalar_t>();
-    scalar_t* dh_p = grad_h0.data_ptr<scalar_t>();
-    scalar_t* dc_p = grad_c0.data_ptr<scalar_t>();
-    const int64_t* len_p = lengths_data(lengths);
-    for_each_row_block(D, B, [&](RowBlock block) {
-      const int64_t d = block.direction;
-      const scalar_t* w = w_p + d * G * H;
-      const int64_t first_step = d == 0 ? 0 : T - 1;
-      // Steps in reverse processing order: direction 0 goes t = T-1 .. 0, direction 1 goes t = 0 .. T-1.
-      for (int64_t s = 0; s < T; ++s) {
-        const int64_t t = d == 0 ? T - 1 - s : s;
-        const int64_t t_prev = d == 0 ? t - 1 : t + 1;  // previous processed step in the forward pass
-        for (int64_t b = block.begin; b < block.end; b += kRowsPerSubBlock) {
-          const int64_t rows = std::min(kRowsPerSubBlock, block.end - b);
-          const int64_t step_row = (d * T + t) * B + b;
-          const int64_t prev_row = (d * T + t_prev) * B + b;  // only read when t_prev is a valid step
-          const int64_t state_row = d * B + b;
-          backward_cells_vectorised(BackwardStep<scalar_t>{
-              grad_y_p + step_row * H, gates_p + step_row * G, cell_p + step_row * H,
-              t == first_step ? nullptr : cell_p + prev_row * H, c0_p + state_row * H, grad_xw_p + step_row * G,
-              dh_p + state_row * H, dc_p + state_row * H, len_p == nullptr ? nullptr : len_p + b, t, first_step,
-              rows, H, d == 1});
-          accumulate_hidden_grad(grad_xw_p + step_row * G, w, dh_p + state_row * H, rows, H);
-        }
-      }
-    });
-  });
-  return {grad_xw, grad_h0, grad_c0};
+  return backward_outputs(padded_layout(sizes.D, sizes.T, sizes.B, lengths_data(lengths)), grad_y, grad_h_n,
+                          grad_c_n, w_hh, c0, gates, cell);
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_packed_recurrence_forward_cpu(
+    const at::Tensor& xw, const at::Tensor& w_hh, const at::Tensor& h0, const at::Tensor& c0,
+    const at::Tensor& batch_sizes) {
+  const PackedSizes sizes = check_packed_forward_inputs(xw, w_hh, h0, c0, batch_sizes);
+  std::vector<int64_t> lengths;
+  return forward_outputs(packed_layout(sizes.D, batch_sizes, lengths), xw, w_hh, h0, c0, true);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_packed_recurrence_inference_cpu(
+    const at::Tensor& xw, const at::Tensor& w_hh, const at::Tensor& h0, const at::Tensor& c0,
+    const at::Tensor& batch_sizes) {
+  const PackedSizes sizes = check_packed_forward_inputs(xw, w_hh, h0, c0, batch_sizes);
+  std::vector<int64_t> lengths;
+  auto [y, h_n, c_n, gates, cell] =
+      forward_outputs(packed_layout(sizes.D, batch_sizes, lengths), xw, w_hh, h0, c0, false);
+  return {y, h_n, c_n};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_packed_recurrence_backward_cpu(
+    const at::Tensor& grad_y, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n, const at::Tensor& w_hh,
+    const at::Tensor& c0, const at::Tensor& gates, const at::Tensor& cell, const at::Tensor& batch_sizes) {
+  const PackedSizes sizes = check_packed_steps(gates, "gates", 4, batch_sizes);
+  const auto [D, N, B, H, T] = sizes;
+  const at::ScalarType dtype = w_hh.scalar_type();
+  check_supported_dtype(dtype);
+  const at::Device device = w_hh.device();
+  TORCH_CHECK(device.is_cpu(), "w_hh must be a CPU tensor, got one on ", device);
+  RNN_FAST_CHECK_INPUT(grad_y, device, dtype, D, N, H);
+  RNN_FAST_CHECK_INPUT(grad_h_n, device, dtype, D, B, H);
+  RNN_FAST_CHECK_INPUT(grad_c_n, device, dtype, D, B, H);
+  RNN_FAST_CHECK_INPUT(w_hh, device, dtype, D, 4 * H, H);
+  RNN_FAST_CHECK_INPUT(c0, device, dtype, D, B, H);
+  RNN_FAST_CHECK_INPUT(gates, device, rnn_fast::state_type(dtype), D, N, 4 * H);
+  RNN_FAST_CHECK_INPUT(cell, device, rnn_fast::state_type(dtype), D, N, H);
+  std::vector<int64_t> lengths;
+  return backward_outputs(packed_layout(D, batch_sizes, lengths), grad_y, grad_h_n, grad_c_n, w_hh, c0, gates,
+                          cell);
+}
+
+// grad_w_hh[d] = sum over the rows that run of grad_xw^T @ h_prev, in the packed layout. h_prev of direction 0
+// at step t is y at t-1 (h0 at t = 0); of direction 1 it is y at t+1 for the rows still running there, else
+// h0[1]. The terms are GEMMs over runs of rows; runs that lie one after the other in both operands merge (one
+// GEMM for equal lengths), and the threads split the rows, each summing into its own partial.
+
+// grad_xw rows [grad_row, +rows) of a direction against h_prev rows [prev_row, +rows) of y, or of h0.
+struct WeightGradTerm {
+  int64_t direction, grad_row, prev_row, rows;
+  bool from_h0;
+};
+
+std::vector<WeightGradTerm> weight_grad_terms(const StepLayout& layout, const int64_t* batch) {
+  std::vector<WeightGradTerm> terms;
+  auto add = [&](WeightGradTerm term) {
+    if (term.rows == 0) {
+      return;
+    }
+    if (!terms.empty()) {
+      WeightGradTerm& last = terms.back();
+      if (last.direction == term.direction && last.from_h0 == term.from_h0 &&
+          last.grad_row + last.rows == term.grad_row && last.prev_row + last.rows == term.prev_row) {
+        last.rows += term.rows;
+        return;
+      }
+    }
+    terms.push_back(term);
+  };
+  const int64_t T = layout.T, B = layout.B;
+  add({0, layout.first_row(0, 0), 0, batch[0], true});
+  for (int64_t t = 1; t < T; ++t) {
+    add({0, layout.first_row(0, t), layout.first_row(0, t - 1), batch[t], false});
+  }
+  for (int64_t d = 1; d < layout.D; ++d) {
+    for (int64_t t = 0; t < T; ++t) {
+      const int64_t still_running = t + 1 < T ? batch[t + 1] : 0;
+      add({d, layout.first_row(d, t), t + 1 < T ? layout.first_row(d, t + 1) : 0, still_running, false});
+      add({d, layout.first_row(d, t) + still_running, d * B + still_running, batch[t] - still_running, true});
+    }
+  }
+  return terms;
+}
+
+template <typename scalar_t>
+void accumulate_weight_grad_terms(const std::vector<WeightGradTerm>& terms, int64_t total_rows, int64_t team,
+                                  int64_t D, int64_t H, const scalar_t* grad_xw, const scalar_t* y,
+                                  const scalar_t* h0, scalar_t* partials) {
+  const int64_t G = 4 * H;
+#pragma omp parallel for num_threads(team) schedule(static, 1) if (team > 1)
+  for (int64_t k = 0; k < team; ++k) {
+    // This thread's share of the rows of all terms, laid end to end.
+    const int64_t share_begin = total_rows / team * k + total_rows % team * k / team;
+    const int64_t share_end = total_rows / team * (k + 1) + total_rows % team * (k + 1) / team;
+    int64_t offset = 0;
+    for (const WeightGradTerm& term : terms) {
+      const int64_t begin = std::max(share_begin, offset), end = std::min(share_end, offset + term.rows);
+      if (begin < end) {
+        const int64_t skip = begin - offset;
+        const scalar_t* prev = (term.from_h0 ? h0 : y) + (term.prev_row + skip) * H;
+        // Row-major out[G, H] += grad^T [G, rows] @ prev [rows, H], as column-major out^T = prev^T @ grad.
+        blas_gemm("N", "T", static_cast<int>(H), static_cast<int>(G), static_cast<int>(end - begin), prev,
+                  static_cast<int>(H), grad_xw + (term.grad_row + skip) * G, static_cast<int>(G), scalar_t(1),
+                  partials + (k * D + term.direction) * G * H, static_cast<int>(H));
+      }
+      offset += term.rows;
+    }
+  }
+}
+
+at::Tensor packed_recurrent_weight_grad_cpu(const at::Tensor& grad_xw, const at::Tensor& y, const at::Tensor& h0,
+                                            const at::Tensor& batch_sizes) {
+  const PackedSizes sizes = check_packed_steps(grad_xw, "grad_xw", 4, batch_sizes);
+  const auto [D, N, B, H, T] = sizes;
+  const at::ScalarType dtype = grad_xw.scalar_type();
+  check_supported_dtype(dtype);
+  TORCH_CHECK(grad_xw.device().is_cpu(), "grad_xw must be a CPU tensor, got one on ", grad_xw.device());
+  RNN_FAST_CHECK_INPUT(grad_xw, grad_xw.device(), dtype, D, N, 4 * H);
+  RNN_FAST_CHECK_INPUT(y, grad_xw.device(), dtype, D, N, H);
+  RNN_FAST_CHECK_INPUT(h0, grad_xw.device(), dtype, D, B, H);
+  std::vector<int64_t> lengths;
+  const auto terms = weight_grad_terms(packed_layout(D, batch_sizes, lengths), batch_sizes.data_ptr<int64_t>());
+  const int64_t total_rows = D * N;
+  // Each thread takes at least a few GEMM-worthy rows.
+  const int64_t team = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), total_rows / 64));
+  auto partials = at::zeros({team, D, 4 * H, H}, grad_xw.options());
+  DISPATCH_FLOAT_AND_DOUBLE(dtype, "packed_recurrent_weight_grad", [&] {
+    accumulate_weight_grad_terms(terms, total_rows, team, D, H, grad_xw.data_ptr<scalar_t>(),
+                                 y.data_ptr<scalar_t>(), h0.data_ptr<scalar_t>(), partials.data_ptr<scalar_t>());
+  });
+  return team == 1 ? partials[0] : partials.sum(0);
+}
 // ---------------------------------------------------------------------------------------------------------
 // The input projection of a layer, xw[d] = bias[d] + sum_p parts[p] @ w_ih[d][:, p*K:(p+1)*K]^T, with xw from
 // the output block cache: freshly mapped, xw's page faults cost as much as a recurrence op's elementwise work.
@@ -646,11 +995,17 @@ TORCH_LIBRARY_FRAGMENT(rnn_fast, m) {
   m.def(
       "cpu_input_projection_backward(Tensor grad_xw, Tensor parts, Tensor w_ih, bool[3] output_mask)"
       " -> (Tensor grad_parts, Tensor grad_w_ih, Tensor grad_bias)");
+  m.def("cpu_packed_recurrent_weight_grad(Tensor grad_xw, Tensor y, Tensor h0, Tensor batch_sizes) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(rnn_fast, CPU, m) {
   m.impl("lstm_recurrence_forward", &lstm_recurrence_forward_cpu);
   m.impl("lstm_recurrence_backward", &lstm_recurrence_backward_cpu);
+  m.impl("lstm_recurrence_inference", &lstm_recurrence_inference_cpu);
+  m.impl("lstm_packed_recurrence_forward", &lstm_packed_recurrence_forward_cpu);
+  m.impl("lstm_packed_recurrence_backward", &lstm_packed_recurrence_backward_cpu);
+  m.impl("lstm_packed_recurrence_inference", &lstm_packed_recurrence_inference_cpu);
+  m.impl("cpu_packed_recurrent_weight_grad", &packed_recurrent_weight_grad_cpu);
   m.impl("cpu_input_projection", &input_projection_cpu);
   m.impl("cpu_input_projection_backward", &input_projection_backward_cpu);
 }

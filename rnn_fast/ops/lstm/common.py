@@ -1,6 +1,7 @@
 """What every backend of the recurrence contract (docs/contract.md) shares: state dtypes, the state
-entering each step, the one-GEMM ``grad_w_hh``, and the autograd / fake registration of an op pair."""
-from typing import Optional
+entering each step, the one-GEMM ``grad_w_hh``, the packed layout's conversions, and the autograd / fake
+registration of an op pair."""
+from typing import Callable, Optional
 
 import torch
 
@@ -58,27 +59,63 @@ def recurrent_weight_grad(grad_xw: torch.Tensor, y: torch.Tensor, h0: torch.Tens
     return torch.stack([forward, reverse])
 
 
+def packed_lengths(batch_sizes: torch.Tensor) -> torch.Tensor:
+    """Each row's length, ``[B]`` int64, from PackedSequence's ``batch_sizes [T]`` (rows sorted by length)."""
+    rows = torch.arange(int(batch_sizes[0]), device=batch_sizes.device)
+    return (batch_sizes.unsqueeze(1) > rows.unsqueeze(0)).sum(0)
+
+
+def _packed_positions(batch_sizes: torch.Tensor) -> torch.Tensor:
+    """For each packed row, in data order, its index ``t * B + b`` in a padded ``[T, B]``."""
+    seq_len, batch = batch_sizes.shape[0], int(batch_sizes[0])
+    rows = torch.arange(batch)
+    positions = torch.arange(seq_len).unsqueeze(1) * batch + rows.unsqueeze(0)
+    return positions[rows.unsqueeze(0) < batch_sizes.unsqueeze(1)]
+
+
+def packed_to_padded(steps: torch.Tensor, batch_sizes: torch.Tensor) -> torch.Tensor:
+    """``[D, N, W]`` in the packed layout -> ``[D, T, B, W]``, zeros at padded steps."""
+    num_directions, _, width = steps.shape
+    seq_len, batch = batch_sizes.shape[0], int(batch_sizes[0])
+    padded = steps.new_zeros(num_directions, seq_len * batch, width)
+    padded[:, _packed_positions(batch_sizes).to(steps.device)] = steps
+    return padded.view(num_directions, seq_len, batch, width)
+
+
+def padded_to_packed(steps: torch.Tensor, batch_sizes: torch.Tensor) -> torch.Tensor:
+    """``[D, T, B, W]`` -> ``[D, N, W]`` in the packed layout: the steps each row runs, in PackedSequence order."""
+    num_directions, seq_len, batch, width = steps.shape
+    return steps.reshape(num_directions, seq_len * batch, width)[:, _packed_positions(batch_sizes).to(steps.device)]
+
+
 def register_recurrence_fake(forward_op, backward_op) -> None:
-    """Shapes and dtypes of a contract op pair, for FakeTensor / torch.compile."""
+    """Shapes and dtypes of a contract op pair, for FakeTensor / torch.compile. Step tensors are ``[D, T, B, *]``
+    (padded) or ``[D, N, *]`` (packed): only their last dimension differs between xw, y and the saved state."""
 
     @torch.library.register_fake(forward_op)
     def _forward_fake(xw, w_hh, h0, c0, lengths, *extra):
-        num_directions, seq_len, batch, gate_size = xw.shape
-        hidden = gate_size // 4
+        rows, gate_size = xw.shape[:-1], xw.shape[-1]
         saved = state_dtype(xw.dtype)
-        return (xw.new_empty(num_directions, seq_len, batch, hidden),
-                xw.new_empty(num_directions, batch, hidden),
-                xw.new_empty(num_directions, batch, hidden),
-                xw.new_empty(num_directions, seq_len, batch, gate_size, dtype=saved),
-                xw.new_empty(num_directions, seq_len, batch, hidden, dtype=saved))
+        return (xw.new_empty(*rows, gate_size // 4), torch.empty_like(h0), torch.empty_like(c0),
+                xw.new_empty(*rows, gate_size, dtype=saved), xw.new_empty(*rows, gate_size // 4, dtype=saved))
 
     @torch.library.register_fake(backward_op)
     def _backward_fake(grad_y, grad_h_n, grad_c_n, w_hh, c0, gates, cell, lengths, *extra):
         return (grad_y.new_empty(gates.shape), torch.empty_like(grad_h_n), torch.empty_like(grad_c_n))
 
 
-def register_recurrence_autograd(forward_op, backward_op) -> None:
-    """Autograd for ``forward_op`` through ``backward_op``, plus the one-GEMM ``grad_w_hh``.
+def register_inference_fake(inference_op) -> None:
+    """Shapes and dtypes of an inference op ``(xw, w_hh, h0, c0, lengths) -> (y, h_n, c_n)``, either layout."""
+
+    @torch.library.register_fake(inference_op)
+    def _inference_fake(xw, w_hh, h0, c0, lengths, *extra):
+        return xw.new_empty(*xw.shape[:-1], xw.shape[-1] // 4), torch.empty_like(h0), torch.empty_like(c0)
+
+
+def register_recurrence_autograd(forward_op, backward_op,
+                                 weight_grad: Callable[..., torch.Tensor] = recurrent_weight_grad) -> None:
+    """Autograd for ``forward_op`` through ``backward_op``, plus ``grad_w_hh = weight_grad(grad_xw, y, h0,
+    lengths)`` (the padded layout's one GEMM by default; the packed layout passes its own, with batch_sizes).
 
     Extra trailing inputs of ``forward_op`` (flags such as TF32) are handed to ``backward_op`` as they are.
     ``gates`` and ``cell`` are saved state, not differentiable outputs.
@@ -98,7 +135,7 @@ def register_recurrence_autograd(forward_op, backward_op) -> None:
                                       ((grad_y, y), (grad_h_n, h0), (grad_c_n, c0)))
         grad_xw, grad_h0, grad_c0 = backward_op(grad_y, grad_h_n, grad_c_n, w_hh, c0, gates, cell, lengths,
                                                 *ctx.extra)
-        grad_w_hh = recurrent_weight_grad(grad_xw, y, h0, lengths).to(w_hh.dtype) if ctx.needs_input_grad[1] else None
+        grad_w_hh = weight_grad(grad_xw, y, h0, lengths).to(w_hh.dtype) if ctx.needs_input_grad[1] else None
         return (grad_xw, grad_w_hh, grad_h0, grad_c0, None) + (None,) * len(ctx.extra)
 
     torch.library.register_autograd(forward_op, backward, setup_context=setup_context)

@@ -1,5 +1,8 @@
 """``backend="cpu"``: the fused C++/OpenMP recurrence of csrc/lstm_cpu.cpp, float32 and float64.
 
+It runs PackedSequence data in the packed layout (docs/contract.md): every step computes only the rows that run
+it, and the input projection and weight gradients cover the real tokens only.
+
 Besides the recurrence, this backend runs each layer's input projection through its own op
 (``rnn_fast::cpu_input_projection``), whose output comes from the same cache of mapped blocks as the
 recurrence's outputs: on CPU, page faults on a fresh ``xw`` cost as much as a recurrence op's gate math.
@@ -12,12 +15,22 @@ from typing import Optional
 
 import torch
 
-from .extension import forward_op
+from .common import register_recurrence_autograd
+from .extension import forward_op, inference_op, packed_backward_op, packed_forward_op, packed_inference_op
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
 
 projection_op = torch.ops.rnn_fast.cpu_input_projection.default
 projection_backward_op = torch.ops.rnn_fast.cpu_input_projection_backward.default
+packed_weight_grad_op = torch.ops.rnn_fast.cpu_packed_recurrent_weight_grad.default
+
+
+@torch.library.register_fake(packed_weight_grad_op)
+def _packed_weight_grad_fake(grad_xw, y, h0, batch_sizes):
+    return grad_xw.new_empty(grad_xw.shape[0], grad_xw.shape[-1], y.shape[-1])
+
+
+register_recurrence_autograd(packed_forward_op, packed_backward_op, packed_weight_grad_op)
 
 
 @torch.library.register_fake(projection_op)
@@ -68,6 +81,18 @@ def input_projection(parts: torch.Tensor, w_ih: torch.Tensor, bias: Optional[tor
 
 def lstm_recurrence(xw, w_hh, h0, c0, lengths):
     return forward_op(xw, w_hh, h0, c0, lengths)
+
+
+def lstm_recurrence_inference(xw, w_hh, h0, c0, lengths):
+    return inference_op(xw, w_hh, h0, c0, lengths)
+
+
+def lstm_packed_recurrence(xw, w_hh, h0, c0, batch_sizes):
+    return packed_forward_op(xw, w_hh, h0, c0, batch_sizes)
+
+
+def lstm_packed_recurrence_inference(xw, w_hh, h0, c0, batch_sizes):
+    return packed_inference_op(xw, w_hh, h0, c0, batch_sizes)
 
 
 def release_cached_memory() -> int:
