@@ -54,6 +54,23 @@ def torch_threads(count: int) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
+def _rss_high_water_kib() -> int:
+    return int(re.search(r"VmHWM:\s*(\d+) kB", Path("/proc/self/status").read_text()).group(1))
+
+
+def peak_memory_probe(device: torch.device) -> Callable[[], float]:
+    """Starts a peak-memory measurement; the returned function gives the MiB of peak growth since then."""
+    if device.type == "cuda":
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        resident = torch.cuda.memory_allocated(device)
+        return lambda: (torch.cuda.max_memory_allocated(device) - resident) / 2 ** 20
+    # "5" resets the high-water mark to the current RSS (Linux), so earlier peaks do not count.
+    Path("/proc/self/clear_refs").write_text("5")
+    resident = _rss_high_water_kib()
+    return lambda: (_rss_high_water_kib() - resident) / 2 ** 10
+
+
 def summary(seconds: Iterable[float]) -> dict:
     """Median, p20 and p80 in milliseconds, and the number of rounds."""
     milliseconds = [1000 * value for value in seconds]

@@ -43,6 +43,9 @@ void sgemm_(const char* transa, const char* transb, const int* m, const int* n, 
 void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const double* alpha,
             const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
             const int* ldc);
+// MKL's per-thread thread count, through its Fortran interface like the GEMMs above, where MKL is the BLAS
+// (weak: absent from other BLAS builds). Returns the previous setting.
+int mkl_set_num_threads_local_(const int* threads) __attribute__((weak));
 }
 
 // The one dtype dispatch of this file: float32 and float64, with the state kept in the same dtype.
@@ -472,6 +475,29 @@ std::vector<RowBlock> row_blocks(const StepLayout& layout, int64_t threads) {
   return blocks;
 }
 
+// Keeps MKL on the calling thread while it lives. Called outside a parallel region, MKL would split each small
+// per-step GEMM over its own threads: a fork and a join per step, which costs more than the GEMM, and far more
+// on a busy machine. Inside a parallel region it stays on one thread anyway.
+class SequentialBlas {
+ public:
+  SequentialBlas() {
+    if (mkl_set_num_threads_local_ != nullptr) {
+      const int one = 1;
+      previous_ = mkl_set_num_threads_local_(&one);
+    }
+  }
+  ~SequentialBlas() {
+    if (mkl_set_num_threads_local_ != nullptr) {
+      mkl_set_num_threads_local_(&previous_);
+    }
+  }
+  SequentialBlas(const SequentialBlas&) = delete;
+  SequentialBlas& operator=(const SequentialBlas&) = delete;
+
+ private:
+  int previous_ = 0;  // 0: MKL's global setting
+};
+
 // Runs body(RowBlock) for every block, each on one thread; without an OpenMP region when one thread does all.
 template <typename Body>
 void for_each_row_block(const StepLayout& layout, const Body& body) {
@@ -480,6 +506,7 @@ void for_each_row_block(const StepLayout& layout, const Body& body) {
   const int64_t num_blocks = static_cast<int64_t>(blocks.size());
   const int64_t team = std::min(threads, num_blocks);
   if (team <= 1) {
+    const SequentialBlas sequential;
     for (const RowBlock& block : blocks) {
       body(block);
     }
@@ -877,6 +904,7 @@ at::Tensor packed_recurrent_weight_grad_cpu(const at::Tensor& grad_xw, const at:
   // Each thread takes at least a few GEMM-worthy rows.
   const int64_t team = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), total_rows / 64));
   auto partials = at::zeros({team, D, 4 * H, H}, grad_xw.options());
+  const SequentialBlas sequential;
   DISPATCH_FLOAT_AND_DOUBLE(dtype, "packed_recurrent_weight_grad", [&] {
     accumulate_weight_grad_terms(terms, total_rows, team, D, H, grad_xw.data_ptr<scalar_t>(),
                                  y.data_ptr<scalar_t>(), h0.data_ptr<scalar_t>(), partials.data_ptr<scalar_t>());
