@@ -952,6 +952,41 @@ std::vector<std::pair<at::Tensor, at::Tensor>> step_matrices(const at::Tensor& p
   return steps;
 }
 
+// Below this many multiply-adds a projection runs on the calling thread: MKL's fork and join would cost more.
+constexpr int64_t kSequentialProjectionMacs = int64_t(1) << 21;
+
+// xw[d] = bias[d] (or 0), then += parts[p] @ w_ih[d][:, p*K:(p+1)*K]^T in one BLAS GEMM per (d, p), or per step
+// when the part's steps do not follow each other in memory. Straight to BLAS: at a streaming call's size
+// (one step, one row) the ATen ops around each GEMM would cost more than the GEMM.
+template <typename scalar_t>
+void project_parts(const at::Tensor& parts, const scalar_t* w_ih, const scalar_t* bias, scalar_t* xw, int64_t D,
+                   int64_t G) {
+  const int64_t P = parts.size(0), T = parts.size(1), B = parts.size(2), K = parts.size(3);
+  const int64_t row_stride = parts.stride(2), step_stride = parts.stride(1), part_stride = parts.stride(0);
+  const bool steps_follow = T == 1 || step_stride == B * row_stride;
+  const int64_t step_count = steps_follow ? 1 : T, rows = steps_follow ? T * B : B;
+  const scalar_t* parts_p = parts.data_ptr<scalar_t>();
+  for (int64_t d = 0; d < D; ++d) {
+    scalar_t* out = xw + d * T * B * G;
+    for (int64_t row = 0; row < T * B; ++row) {
+      if (bias == nullptr) {
+        std::fill(out + row * G, out + (row + 1) * G, scalar_t(0));
+      } else {
+        std::copy(bias + d * G, bias + (d + 1) * G, out + row * G);
+      }
+    }
+    for (int64_t p = 0; p < P; ++p) {
+      for (int64_t step = 0; step < step_count; ++step) {
+        // out[rows, G] += part[rows, K] @ w_ih[d][:, p*K:(p+1)*K]^T, as column-major out^T = W_p @ part^T.
+        blas_gemm("T", "N", static_cast<int>(G), static_cast<int>(rows), static_cast<int>(K),
+                  w_ih + d * G * P * K + p * K, static_cast<int>(P * K),
+                  parts_p + p * part_stride + step * step_stride, static_cast<int>(row_stride), scalar_t(1),
+                  out + step * B * G, static_cast<int>(G));
+      }
+    }
+  }
+}
+
 at::Tensor input_projection_cpu(const at::Tensor& parts, const at::Tensor& w_ih, const std::optional<at::Tensor>& bias) {
   check_projection(parts, w_ih);
   const int64_t P = parts.size(0), T = parts.size(1), B = parts.size(2), K = parts.size(3);
@@ -959,21 +994,18 @@ at::Tensor input_projection_cpu(const at::Tensor& parts, const at::Tensor& w_ih,
   if (bias.has_value()) {
     RNN_FAST_CHECK_INPUT((*bias), parts.device(), parts.scalar_type(), D, G);
   }
+  constexpr int64_t kMaxSize = std::numeric_limits<int>::max();
+  TORCH_CHECK(T * B <= kMaxSize && parts.stride(2) <= kMaxSize && P * K <= kMaxSize,
+              "the sizes of parts must fit in int32, got ", parts.sizes(), " with strides ", parts.strides());
   auto xw = empty_output({D, T, B, G}, parts.options());
-  for (int64_t d = 0; d < D; ++d) {
-    for (int64_t p = 0; p < P; ++p) {
-      const auto weight = part_weight(w_ih, d, p, K).t();
-      for (auto& [input, out] : step_matrices(parts[p], xw[d])) {
-        if (p > 0) {
-          out.addmm_(input, weight);
-        } else if (bias.has_value()) {
-          at::addmm_out(out, (*bias)[d], input, weight);
-        } else {
-          at::mm_out(out, input, weight);
-        }
-      }
-    }
+  std::optional<SequentialBlas> sequential;
+  if (D * T * B * P * K * G < kSequentialProjectionMacs) {
+    sequential.emplace();
   }
+  DISPATCH_FLOAT_AND_DOUBLE(parts.scalar_type(), "cpu_input_projection", [&] {
+    project_parts(parts, w_ih.data_ptr<scalar_t>(), bias.has_value() ? bias->data_ptr<scalar_t>() : nullptr,
+                  xw.data_ptr<scalar_t>(), D, G);
+  });
   return xw;
 }
 

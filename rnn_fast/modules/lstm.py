@@ -63,6 +63,7 @@ class LSTM(nn.RNNBase):
             if reason is not None:
                 raise RuntimeError(f"rnn_fast backend {backend!r} is unavailable: {reason}")
         self.backend = backend
+        self._lay_directions_side_by_side()
 
     get_expected_cell_size = nn.LSTM.get_expected_cell_size
     check_forward_args = nn.LSTM.check_forward_args
@@ -103,16 +104,21 @@ class LSTM(nn.RNNBase):
 
         num_directions = 2 if self.bidirectional else 1
         is_packed = isinstance(input, PackedSequence)
+        inference = not self._needs_grad(input.data if is_packed else input, hx)
         sorted_indices = unsorted_indices = packed_lengths = None
         is_batched = True
         if is_packed:
             data, batch_sizes, sorted_indices, unsorted_indices = input
             self.check_input(data, batch_sizes)
-            # Rows stay in the packed (sorted) order; hx is permuted into it like nn.LSTM does.
-            x, packed_lengths = pad_packed_sequence(PackedSequence(data, batch_sizes))
             if hx is not None:
                 self.check_forward_args(data, hx, batch_sizes)
+                # Rows stay in the packed (sorted) order; hx is permuted into it like nn.LSTM does.
                 hx = self.permute_hidden(hx, sorted_indices)
+            if _runs_packed(backend):
+                output, (h_n, c_n) = self._run_packed_layers(backend, data, batch_sizes, hx, inference)
+                return (PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices),
+                        self.permute_hidden((h_n, c_n), unsorted_indices))
+            x, packed_lengths = pad_packed_sequence(PackedSequence(data, batch_sizes))
         else:
             if input.dim() not in (2, 3):
                 raise ValueError(f"LSTM: Expected input to be 2D or 3D, got {input.dim()}D instead")
@@ -142,7 +148,7 @@ class LSTM(nn.RNNBase):
         if packed_lengths is not None and bool((packed_lengths < seq_len).any()):
             lengths = packed_lengths.to(x.device)
 
-        output, h_n, c_n = self._run_layers(backend, x, hx[0], hx[1], lengths)
+        output, h_n, c_n = self._run_layers(backend, x, hx[0], hx[1], lengths, inference)
 
         if is_packed:
             packed = pack_padded_sequence(output, packed_lengths)
@@ -170,40 +176,123 @@ class LSTM(nn.RNNBase):
                 raise RuntimeError(f"Expected hidden and cell state dtype {x.dtype} (the input's), "
                                    f"got {state.dtype}")
 
-    def _layer_weights(self, layer: int):
+    def _needs_grad(self, data: torch.Tensor, hx) -> bool:
+        """Whether autograd will differentiate this call; if not, the backends' inference ops run, which keep
+        nothing for a backward."""
+        if not torch.is_grad_enabled():
+            return False
+        return (data.requires_grad or any(weight.requires_grad for weight in self._flat_weights)
+                or (hx is not None and (hx[0].requires_grad or hx[1].requires_grad)))
+
+    def _lay_directions_side_by_side(self) -> None:
+        """Puts each bidirectional layer's forward and reverse parameter of one kind side by side in one storage,
+        so that a call autograd will not differentiate reads both as one ``[2, ...]`` view (``_directions``)
+        instead of stacking a copy. Nothing is cached: a view always shows the parameters' current values."""
+        if not self.bidirectional:
+            return
+        with torch.no_grad():
+            for name in self._flat_weights_names:
+                if name.endswith("_reverse"):
+                    continue
+                forward, reverse = getattr(self, name), getattr(self, f"{name}_reverse")
+                if forward.shape == reverse.shape and forward.dtype == reverse.dtype and \
+                        forward.device == reverse.device:
+                    both = torch.stack([forward, reverse])
+                    forward.data, reverse.data = both[0], both[1]
+
+    def _apply(self, fn, recurse=True):
+        # .to(), .double(), .cuda() ... give the parameters new storage.
+        result = super()._apply(fn, recurse)
+        self._lay_directions_side_by_side()
+        return result
+
+    def _layer_weights(self, layer: int, inference: bool):
         """``w_ih [D, 4H, In]``, ``w_hh [D, 4H, H]`` and the summed biases ``[D, 4H]`` (or None)."""
         suffixes = ("", "_reverse") if self.bidirectional else ("",)
-        w_ih = torch.stack([getattr(self, f"weight_ih_l{layer}{s}") for s in suffixes])
-        w_hh = torch.stack([getattr(self, f"weight_hh_l{layer}{s}") for s in suffixes])
+
+        def directions(kind):
+            return _directions([getattr(self, f"{kind}_l{layer}{s}") for s in suffixes], inference)
+
         if not self.bias:
-            return w_ih, w_hh, None
-        bias = torch.stack([getattr(self, f"bias_ih_l{layer}{s}") + getattr(self, f"bias_hh_l{layer}{s}")
-                            for s in suffixes])
-        return w_ih, w_hh, bias
+            return directions("weight_ih"), directions("weight_hh"), None
+        return directions("weight_ih"), directions("weight_hh"), directions("bias_ih") + directions("bias_hh")
 
     def _run_layers(self, backend, x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor,
-                    lengths: Optional[torch.Tensor]):
+                    lengths: Optional[torch.Tensor], inference: bool):
         """Time-major ``x [T, B, I]`` through all layers -> ``(output [T, B, D*H], h_n, c_n)``."""
-        num_directions = 2 if self.bidirectional else 1
         seq_len, batch = x.shape[:2]
         # A layer's input travels as parts [P, T, B, K]: x itself, then the previous layer's y [D, T, B, H] as is.
         # A backend may project the parts itself (the cpu backend does, in place and into cached memory).
         project = getattr(backend, "input_projection", _project_parts)
-        parts = x.unsqueeze(0)
+        recurrence = backend.lstm_recurrence
+        if inference:
+            recurrence = getattr(backend, "lstm_recurrence_inference", recurrence)
+        y, h_n, c_n = self._stack_layers(project, recurrence, x.unsqueeze(0), lambda y: y, h0, c0, lengths,
+                                         inference)
+        # One direction is a reshape of y (no copy, nor a zero-filled gradient as y[0] would have).
+        output = (y.reshape(seq_len, batch, -1) if y.shape[0] == 1
+                  else y.permute(1, 2, 0, 3).reshape(seq_len, batch, -1))
+        return output, h_n, c_n
+
+    def _run_packed_layers(self, backend, data: torch.Tensor, batch_sizes: torch.Tensor, hx, inference: bool):
+        """PackedSequence ``data [N, I]`` through all layers in the packed layout (docs/contract.md), where every
+        step, projection and weight gradient covers only the rows that run -> ``(output data [N, D*H], (h_n,
+        c_n))``, rows in the packed (sorted) order."""
+        num_tokens = data.shape[0]
+        if hx is None:
+            zeros = data.new_zeros(self.num_layers * (2 if self.bidirectional else 1), int(batch_sizes[0]),
+                                   self.hidden_size)
+            hx = (zeros, zeros)
+        project = getattr(backend, "input_projection", _project_parts)
+        recurrence = backend.lstm_packed_recurrence_inference if inference else backend.lstm_packed_recurrence
+        # The packed rows are one step of N rows to the projection: parts [P, 1, N, K], y [D, N, H] -> [D, 1, N, H].
+        y, h_n, c_n = self._stack_layers(lambda parts, w_ih, bias: project(parts, w_ih, bias).flatten(1, 2),
+                                         recurrence, data.view(1, 1, num_tokens, -1), lambda y: y.unsqueeze(1),
+                                         hx[0], hx[1], batch_sizes, inference)
+        output = y.reshape(num_tokens, -1) if y.shape[0] == 1 else y.transpose(0, 1).reshape(num_tokens, -1)
+        return output, (h_n, c_n)
+
+    def _stack_layers(self, project, recurrence, parts, as_parts, h0, c0, lengths, inference: bool):
+        """Each layer: ``xw = project(parts, w_ih, bias)``, ``recurrence(xw, w_hh, h0, c0, lengths)``, dropout,
+        and ``as_parts(y)`` as the next layer's input -> ``(last y, h_n, c_n)``."""
+        num_directions = 2 if self.bidirectional else 1
         h_n, c_n = [], []
         for layer in range(self.num_layers):
-            w_ih, w_hh, bias = self._layer_weights(layer)
+            w_ih, w_hh, bias = self._layer_weights(layer, inference)
             xw = project(parts, w_ih, bias)
             states = slice(layer * num_directions, (layer + 1) * num_directions)
-            y, layer_h_n, layer_c_n, _, _ = backend.lstm_recurrence(
+            y, layer_h_n, layer_c_n = recurrence(
                 xw, w_hh.to(xw.dtype), h0[states].to(xw.dtype).contiguous(), c0[states].to(xw.dtype).contiguous(),
-                lengths)
+                lengths)[:3]
             if self.dropout > 0 and self.training and layer < self.num_layers - 1:
                 y = F.dropout(y, self.dropout, training=True)
-            parts = y
+            parts = as_parts(y)
             h_n.append(layer_h_n)
             c_n.append(layer_c_n)
-        # One direction is a reshape of y (no copy, nor a zero-filled gradient as y[0] would have).
-        output = (y.reshape(seq_len, batch, -1) if num_directions == 1
-                  else y.permute(1, 2, 0, 3).reshape(seq_len, batch, -1))
-        return output, torch.cat(h_n), torch.cat(c_n)
+        if self.num_layers == 1:
+            return y, h_n[0], c_n[0]
+        return y, torch.cat(h_n), torch.cat(c_n)
+
+
+def _runs_packed(backend) -> bool:
+    """Whether the backend has the packed layout's ops (docs/contract.md); others get PackedSequence padded."""
+    return hasattr(backend, "lstm_packed_recurrence")
+
+
+def _directions(tensors, inference: bool) -> torch.Tensor:
+    """The directions' parameters of one kind as ``[D, ...]``: a view for one direction, and for two laid side by
+    side in one storage (``LSTM._lay_directions_side_by_side``) when autograd will not differentiate the call;
+    otherwise a copy."""
+    if len(tensors) == 1:
+        return tensors[0].unsqueeze(0)
+    forward, reverse = tensors
+    if inference and not torch.compiler.is_compiling() and _side_by_side(forward, reverse):
+        return forward.detach().as_strided((2, *forward.shape), (forward.numel(), *forward.stride()))
+    return torch.stack(tensors)
+
+
+def _side_by_side(first: torch.Tensor, second: torch.Tensor) -> bool:
+    return (first.is_contiguous() and second.is_contiguous() and first.shape == second.shape
+            and first.dtype == second.dtype and first.device == second.device
+            and first.untyped_storage().data_ptr() == second.untyped_storage().data_ptr()
+            and second.storage_offset() == first.storage_offset() + first.numel())
