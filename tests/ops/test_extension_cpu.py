@@ -108,8 +108,9 @@ LENGTH_PATTERNS = {
 
 
 def _packed_inputs(num_directions, pattern, hidden, dtype, seed=0):
-    """``(xw [D, N, 4H], w_hh, h0, c0, batch_sizes)`` for rows of the given lengths."""
-    lengths = torch.tensor(LENGTH_PATTERNS[pattern])
+    """``(xw [D, N, 4H], w_hh, h0, c0, batch_sizes)`` for rows of the lengths of a pattern (or a list of them,
+    longest first)."""
+    lengths = torch.tensor(LENGTH_PATTERNS[pattern] if isinstance(pattern, str) else pattern)
     batch_sizes = (lengths.unsqueeze(0) > torch.arange(int(lengths.max())).unsqueeze(1)).sum(1)
     generator = torch.Generator().manual_seed(seed)
 
@@ -135,6 +136,19 @@ def _assert_packed_matches_naive(inputs, atol, rtol):
 @pytest.mark.parametrize("pattern", LENGTH_PATTERNS)
 def test_packed_outputs_and_gradients_match_naive(pattern, num_directions, dtype, atol, rtol):
     _assert_packed_matches_naive(_packed_inputs(num_directions, pattern, 33, dtype), atol, rtol)
+
+
+@pytest.mark.parametrize("num_directions", [1, 2], ids=["uni", "bi"])
+@pytest.mark.parametrize("batch", [1, 7, 130], ids=lambda b: f"B{b}")
+def test_float32_blocks_of_many_steps_match_naive(batch, num_directions):
+    # A block of rows that runs at least 16 steps has its per-step GEMMs on MKL's packed w_hh (float32 only); the
+    # shorter cases above run the plain GEMM.
+    xw, w_hh, h0, c0, lengths = _inputs(num_directions, 20, batch, 33, True, torch.float32)
+    # Weights at nn.LSTM's scale: with unit ones, float32 rounding differences grow over 20 steps.
+    padded = (xw, w_hh.detach() * 33 ** -0.5, h0, c0, lengths)
+    _assert_matches_naive(padded, 2e-5, 2e-5)
+    lengths = sorted(padded[-1].tolist(), reverse=True)
+    _assert_packed_matches_naive(_packed_inputs(num_directions, lengths, 33, torch.float32), 2e-5, 2e-5)
 
 
 @pytest.mark.parametrize("num_threads", [1, 3], indirect=True, ids=lambda n: f"threads{n}")
