@@ -30,7 +30,6 @@ import torch
 import rnn_fast
 from rnn_fast import nsynth
 from rnn_fast.models import MODEL_NAMES, build_model
-from rnn_fast.ops.lstm import auto_backend
 from rnn_fast.plots import write_figures, write_report
 from rnn_fast.training import (Distributed, TrainingState, all_gather_objects, distributed_session, evaluate, fit,
                                load_checkpoint, metrics_summary, restore_checkpoint, seed_everything, wrap_model,
@@ -138,12 +137,6 @@ def resume_state(args, config, model, optimizer, ctx: Distributed) -> TrainingSt
     return state
 
 
-def lstm_backend(args: argparse.Namespace, device: torch.device) -> str:
-    if args.model == "cnn":
-        return "none"
-    return auto_backend(device) if args.backend == "auto" else args.backend
-
-
 def main(argv: Optional[List[str]] = None) -> Optional[dict]:
     """Trains, tests and writes the run directory; returns metrics.json's content on rank 0 (None elsewhere)."""
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -173,7 +166,7 @@ def _train(args: argparse.Namespace, argv: List[str], ctx: Distributed) -> Optio
     if ctx.is_main:
         args.out.mkdir(parents=True, exist_ok=True)
         print(f"{args.model}: {sum(p.numel() for p in model.parameters()):,} parameters, backend "
-              f"{lstm_backend(args, device)}, {device}, {ctx.world_size} process(es); train/valid/test = "
+              f"{rnn_fast.model_backend(model)}, {device}, {ctx.world_size} process(es); train/valid/test = "
               f"{len(splits['train'])}/{len(splits['valid'])}/{len(splits['test'])}; {len(loader)} steps/epoch")
 
     valid = splits["valid"]
@@ -184,7 +177,7 @@ def _train(args: argparse.Namespace, argv: List[str], ctx: Distributed) -> Optio
     if not ctx.is_main:
         return None
 
-    metrics = metrics_summary(args.model, lstm_backend(args, device), evaluation, nsynth.CLASSES,
+    metrics = metrics_summary(args.model, rnn_fast.model_backend(model), evaluation, nsynth.CLASSES,
                               {name: len(split) for name, split in splits.items()}, state.history)
     write_json(args.out / "metrics.json", metrics)
     figures = write_figures(args.out, metrics, test.audio, test.labels, test.sources, evaluation.probabilities,

@@ -25,9 +25,10 @@ from sklearn.metrics import accuracy_score
 from sklearn.metrics import confusion_matrix as sklearn_confusion_matrix
 from sklearn.metrics import recall_score
 
+import rnn_fast
 from rnn_fast import nsynth
 from rnn_fast.models import build_model
-from rnn_fast.ops.lstm import auto_backend
+from rnn_fast.ops.lstm.fused import MAX_HIDDEN
 from rnn_fast.plots import FIGURES
 from rnn_fast.training import (Distributed, accuracy, capture_rng_state, confusion_matrix, evaluate,
                                load_checkpoint, per_class_accuracy, restore_rng_state, save_checkpoint, shard_bounds)
@@ -235,8 +236,22 @@ def test_other_models_train_end_to_end(model, size_flags, dataset, tmp_path):
     out = tmp_path / model
     metrics = train_nsynth.main(run_args(dataset, out, epochs=1) + ["--model", model, *size_flags])
     assert metrics["model"] == model and len(metrics["history"]) == 1
-    assert metrics["backend"] == ("none" if model == "cnn" else auto_backend(torch.device("cpu")))
+    # The cpu backend runs every LSTM on CPU here when the extension is built (test_available_backends checks that).
+    expected = "none" if model == "cnn" else ("cpu" if "cpu" in rnn_fast.available_backends() else "torch")
+    assert metrics["backend"] == expected
     assert load_checkpoint(out / train_nsynth.CHECKPOINT)["config"]["model_config"]["name"] == model
+
+
+def test_metrics_record_the_backend_that_ran_after_a_fallback(dataset, tmp_path):
+    """--backend triton with a hidden size its kernels cannot take runs nn.LSTM's implementation, and says so."""
+    if "triton" not in rnn_fast.available_backends():
+        pytest.skip("triton is not available")
+    hidden = MAX_HIDDEN + 1
+    rnn_fast.modules.lstm._warned.clear()
+    with pytest.warns(UserWarning, match="backend 'triton' cannot run this input"):
+        metrics = train_nsynth.main(run_args(dataset, tmp_path, epochs=1)
+                                    + ["--backend", "triton", "--hidden", str(hidden), "--layers", "1"])
+    assert metrics["backend"] == "torch"
 
 
 def test_resume_refuses_a_checkpoint_trained_with_other_settings(reference_run, dataset):

@@ -2,9 +2,12 @@
 
 It is built on nn.LSTM's own base class and methods, so the constructor, parameter names, initialisation,
 ``state_dict``, input checks and error messages are nn.LSTM's. It derives from ``nn.RNNBase`` rather than
-``nn.LSTM`` because torch.compile refuses to trace instances of ``nn.LSTM``. Only ``forward`` differs: one batched GEMM per layer for the input projection, then the
-backend's recurrence op (docs/contract.md). Everything a fused backend cannot do goes to nn.LSTM's own
-implementation, with a one-time warning.
+``nn.LSTM``: torch.compile refuses to trace any instance of ``nn.LSTM``, subclasses included
+(tests/modules/test_interop.py pins this), so ``isinstance(m, nn.LSTM)`` is False and :func:`to_torch` converts
+for code that dispatches on nn.LSTM (dynamic quantization, for one). Only ``forward`` differs: one batched GEMM per
+layer for the input projection, then the backend's recurrence op (docs/contract.md). Everything a fused backend
+cannot do goes to nn.LSTM's own implementation, with a one-time warning; so do ONNX export and TorchScript, which
+record nn.LSTM's own op.
 """
 import warnings
 from typing import Optional, Tuple
@@ -14,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from ..ops.lstm import BACKENDS, auto_backend, load_backend, unavailable_reason
+from ..ops.lstm import BACKENDS, BackendChoice, resolve_backend, unavailable_reason
 
 _warned = set()
 
@@ -30,16 +33,6 @@ def _autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
     if torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type):
         return torch.get_autocast_dtype(device.type)
     return None
-
-
-def _project_parts(parts: torch.Tensor, w_ih: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """``xw [D, T, B, 4H]`` for ``parts [P, T, B, K]``: the parts side by side ``[T*B, P*K]``, times each
-    direction's ``w_ih [4H, P*K]``, in one batched GEMM."""
-    num_parts, seq_len, batch, width = parts.shape
-    flat = parts.permute(1, 2, 0, 3).reshape(1, seq_len * batch, num_parts * width).expand(w_ih.shape[0], -1, -1)
-    xw = (torch.bmm(flat, w_ih.transpose(1, 2)) if bias is None
-          else torch.baddbmm(bias.unsqueeze(1), flat, w_ih.transpose(1, 2)))
-    return xw.view(w_ih.shape[0], seq_len, batch, -1)
 
 
 class LSTM(nn.RNNBase):
@@ -72,33 +65,33 @@ class LSTM(nn.RNNBase):
     def extra_repr(self) -> str:
         return super().extra_repr() + f", backend={self.backend!r}"
 
-    def _fused_backend(self, input):
-        """The backend module to run ``input`` with, or None for nn.LSTM's own implementation."""
-        if self.backend == "torch":
-            return None
-        if self.proj_size > 0:
-            _warn_once("rnn_fast.LSTM: proj_size > 0 is not fused; using torch.nn.LSTM's implementation")
-            return None
+    def __prepare_scriptable__(self) -> nn.LSTM:
+        # torch.jit.script cannot compile the fused dispatch; it scripts nn.LSTM over the same parameters instead.
+        return to_torch(self)
+
+    def resolved_backend(self, input=None) -> str:
+        """The backend ``forward`` runs ``input`` with (``"torch"``: nn.LSTM's implementation); without an input,
+        the backend a non-empty input on the parameters' device would get."""
+        return self._backend_choice(input).name
+
+    def _backend_choice(self, input) -> BackendChoice:
         data = input.data if isinstance(input, PackedSequence) else input
-        if data.numel() == 0:
+        if data is not None and data.numel() == 0:
             # Empty batches and the error for empty sequences are nn.LSTM's to handle.
-            return None
+            return BackendChoice("torch", None, None)
         # The parameters' device decides: an input elsewhere is an error (_check_devices), not a reason to fall back.
         device = self.weight_ih_l0.device
-        name = self.backend if self.backend != "auto" else auto_backend(device)
-        if name == "torch":
-            return None
-        module = load_backend(name)
         dtype = _autocast_dtype(device) or self.weight_ih_l0.dtype
-        reason = module.unsupported_reason(device, dtype, self.hidden_size)
-        if reason is not None:
-            _warn_once(f"rnn_fast.LSTM: backend {name!r} cannot run this input ({reason}); "
-                       "using torch.nn.LSTM's implementation")
-            return None
-        return module
+        return resolve_backend(self.backend, device, dtype, self.hidden_size, self.proj_size)
 
     def forward(self, input, hx: Optional[Tuple[torch.Tensor, torch.Tensor]] = None):
-        backend = self._fused_backend(input)
+        if torch.onnx.is_in_onnx_export() or torch.jit.is_tracing():
+            # ONNX and TorchScript graphs record nn.LSTM's own op, which they know (ONNX gets its LSTM nodes).
+            return nn.LSTM.forward(self, input, hx)
+        choice = self._backend_choice(input)
+        if choice.fallback_reason is not None:
+            _warn_once(f"rnn_fast.LSTM: {choice.fallback_reason}; using torch.nn.LSTM's implementation")
+        backend = choice.module
         if backend is None:
             return nn.LSTM.forward(self, input, hx)
 
@@ -114,7 +107,7 @@ class LSTM(nn.RNNBase):
                 self.check_forward_args(data, hx, batch_sizes)
                 # Rows stay in the packed (sorted) order; hx is permuted into it like nn.LSTM does.
                 hx = self.permute_hidden(hx, sorted_indices)
-            if _runs_packed(backend):
+            if choice.packed_layout:
                 output, (h_n, c_n) = self._run_packed_layers(backend, data, batch_sizes, hx, inference)
                 return (PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices),
                         self.permute_hidden((h_n, c_n), unsorted_indices))
@@ -148,7 +141,7 @@ class LSTM(nn.RNNBase):
         if packed_lengths is not None and bool((packed_lengths < seq_len).any()):
             lengths = packed_lengths.to(x.device)
 
-        output, h_n, c_n = self._run_layers(backend, x, hx[0], hx[1], lengths, inference)
+        output, h_n, c_n = self._run_layers(choice, x, hx[0], hx[1], lengths, inference)
 
         if is_packed:
             packed = pack_padded_sequence(output, packed_lengths)
@@ -217,16 +210,16 @@ class LSTM(nn.RNNBase):
             return directions("weight_ih"), directions("weight_hh"), None
         return directions("weight_ih"), directions("weight_hh"), directions("bias_ih") + directions("bias_hh")
 
-    def _run_layers(self, backend, x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor,
+    def _run_layers(self, choice: BackendChoice, x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor,
                     lengths: Optional[torch.Tensor], inference: bool):
-        """Time-major ``x [T, B, I]`` through all layers -> ``(output [T, B, D*H], h_n, c_n)``."""
+        """Time-major ``x [T, B, I]`` through all layers -> ``(output [T, B, D*H], h_n, c_n)``; with
+        ``inference`` (autograd will not differentiate), through the backend's inference op if it has one."""
         seq_len, batch = x.shape[:2]
         # A layer's input travels as parts [P, T, B, K]: x itself, then the previous layer's y [D, T, B, H] as is.
-        # A backend may project the parts itself (the cpu backend does, in place and into cached memory).
-        project = getattr(backend, "input_projection", _project_parts)
-        recurrence = backend.lstm_recurrence
-        if inference:
-            recurrence = getattr(backend, "lstm_recurrence_inference", recurrence)
+        backend = choice.module
+        project = backend.input_projection
+        recurrence = (backend.lstm_recurrence_inference if inference and choice.inference
+                      else backend.lstm_recurrence)
         y, h_n, c_n = self._stack_layers(project, recurrence, x.unsqueeze(0), lambda y: y, h0, c0, lengths,
                                          inference)
         # One direction is a reshape of y (no copy, nor a zero-filled gradient as y[0] would have).
@@ -243,7 +236,7 @@ class LSTM(nn.RNNBase):
             zeros = data.new_zeros(self.num_layers * (2 if self.bidirectional else 1), int(batch_sizes[0]),
                                    self.hidden_size)
             hx = (zeros, zeros)
-        project = getattr(backend, "input_projection", _project_parts)
+        project = backend.input_projection
         recurrence = backend.lstm_packed_recurrence_inference if inference else backend.lstm_packed_recurrence
         # The packed rows are one step of N rows to the projection: parts [P, 1, N, K], y [D, N, H] -> [D, 1, N, H].
         y, h_n, c_n = self._stack_layers(lambda parts, w_ih, bias: project(parts, w_ih, bias).flatten(1, 2),
@@ -274,11 +267,6 @@ class LSTM(nn.RNNBase):
         return y, torch.cat(h_n), torch.cat(c_n)
 
 
-def _runs_packed(backend) -> bool:
-    """Whether the backend has the packed layout's ops (docs/contract.md); others get PackedSequence padded."""
-    return hasattr(backend, "lstm_packed_recurrence")
-
-
 def _directions(tensors, inference: bool) -> torch.Tensor:
     """The directions' parameters of one kind as ``[D, ...]``: a view for one direction, and for two laid side by
     side in one storage (``LSTM._lay_directions_side_by_side``) when autograd will not differentiate the call;
@@ -296,3 +284,50 @@ def _side_by_side(first: torch.Tensor, second: torch.Tensor) -> bool:
             and first.dtype == second.dtype and first.device == second.device
             and first.untyped_storage().data_ptr() == second.untyped_storage().data_ptr()
             and second.storage_offset() == first.storage_offset() + first.numel())
+
+
+def _rebuilt(source: nn.RNNBase, cls, **kwargs) -> nn.RNNBase:
+    """A ``cls`` LSTM with ``source``'s configuration, training mode and parameter objects (shared, not copied)."""
+    weight = source.weight_ih_l0
+    target = cls(source.input_size, source.hidden_size, source.num_layers, source.bias, source.batch_first,
+                 source.dropout, source.bidirectional, source.proj_size, device="meta", dtype=weight.dtype, **kwargs)
+    for name, parameter in source.named_parameters(recurse=False):
+        setattr(target, name, parameter)
+    target.flatten_parameters()
+    return target.train(source.training)
+
+
+def _swapped(module: nn.Module, should_swap, convert) -> nn.Module:
+    if should_swap(module):
+        return convert(module)
+    for name, child in module.named_children():
+        swapped = _swapped(child, should_swap, convert)
+        if swapped is not child:
+            setattr(module, name, swapped)
+    return module
+
+
+def to_torch(module: nn.Module) -> nn.Module:
+    """Every :class:`rnn_fast.LSTM` in ``module`` (or ``module`` itself) replaced by a ``torch.nn.LSTM`` that shares
+    its parameters, e.g. before ``torch.ao.quantization.quantize_dynamic(model, {nn.LSTM})``. Containers are
+    changed in place and returned."""
+    return _swapped(module, lambda m: isinstance(m, LSTM), lambda m: _rebuilt(m, nn.LSTM))
+
+
+def from_torch(module: nn.Module, backend: str = "auto") -> nn.Module:
+    """Every ``torch.nn.LSTM`` in ``module`` (exactly that type) replaced by an :class:`rnn_fast.LSTM` with
+    ``backend`` that shares its parameters. Containers are changed in place and returned."""
+    return _swapped(module, lambda m: type(m) is nn.LSTM, lambda m: _rebuilt(m, LSTM, backend=backend))
+
+
+def model_backend(model: nn.Module) -> str:
+    """What runs the recurrences of ``model``'s :class:`rnn_fast.LSTM` layers on their own parameters' device and
+    dtype: one backend name (``"torch"`` where they fall back to nn.LSTM's implementation), several joined by
+    ``"+"``, or ``"none"`` when the model has no rnn_fast.LSTM."""
+    names = sorted({m.resolved_backend() for m in model.modules() if isinstance(m, LSTM)})
+    return "+".join(names) or "none"
+
+
+# A pickled model holding rnn_fast.LSTM loads with torch.load's weights_only default wherever one holding nn.LSTM
+# does: the class is as safe to rebuild as nn.LSTM, whose state it shares.
+torch.serialization.add_safe_globals([LSTM])

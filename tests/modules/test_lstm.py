@@ -1,4 +1,5 @@
 """rnn_fast.LSTM against torch.nn.LSTM, for every fused backend this install can run on the test device."""
+import importlib.util
 import itertools
 import os
 import warnings
@@ -18,10 +19,7 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _runnable(name):
-    if name not in rnn_fast.available_backends():
-        return False
-    module = rnn_fast.ops.lstm.load_backend(name)
-    return module.unsupported_reason(DEVICE, torch.float32, 5) is None
+    return rnn_fast.resolve_backend(name, DEVICE, torch.float32, 5).name == name
 
 
 BACKENDS = [name for name in FUSED_BACKENDS if _runnable(name)]
@@ -189,9 +187,20 @@ def test_unknown_backend_is_rejected():
 
 
 def test_available_backends():
-    backends = rnn_fast.available_backends()
-    assert backends[:2] == ["torch", "naive"]
-    assert set(backends) <= {"torch"} | set(FUSED_BACKENDS)
+    """What this install can run, from facts independent of the registry: what is importable and the device."""
+    extension_built = importlib.util.find_spec("rnn_fast._C") is not None
+    triton_runs = importlib.util.find_spec("triton") is not None and (torch.cuda.is_available() or INTERPRETED)
+    cuda_runs = (extension_built and torch.cuda.is_available()
+                 and torch._C._dispatch_has_kernel_for_dispatch_key("rnn_fast::lstm_recurrence_forward", "CUDA"))
+    expected = ["torch", "naive"] + [name for name, runs in (("cpu", extension_built), ("triton", triton_runs),
+                                                             ("cuda", cuda_runs)) if runs]
+    assert rnn_fast.available_backends() == expected
+    for name in FUSED_BACKENDS:
+        if name in expected:
+            rnn_fast.LSTM(2, 3, backend=name)
+        else:
+            with pytest.raises(RuntimeError, match=f"rnn_fast backend '{name}' is unavailable"):
+                rnn_fast.LSTM(2, 3, backend=name)
 
 
 def _pair_for_errors(backend):

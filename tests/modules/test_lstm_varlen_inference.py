@@ -15,7 +15,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pack_sequence
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import rnn_fast
-from rnn_fast.ops.lstm import FUSED_BACKENDS, load_backend
+from rnn_fast.ops.lstm import FUSED_BACKENDS, InferenceBackend, PackedLayoutBackend, load_backend
 from rnn_fast.testing import assert_lstm_matches
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -30,8 +30,8 @@ def _runnable(name):
 
 BACKENDS = [name for name in FUSED_BACKENDS if _runnable(name)]
 # Backends with the packed layout's ops; the others always get PackedSequence input padded.
-PACKED_BACKENDS = [name for name in BACKENDS if hasattr(load_backend(name), "lstm_packed_recurrence")]
-INFERENCE_BACKENDS = [name for name in BACKENDS if hasattr(load_backend(name), "lstm_recurrence_inference")]
+PACKED_BACKENDS = [name for name in BACKENDS if isinstance(load_backend(name), PackedLayoutBackend)]
+INFERENCE_BACKENDS = [name for name in BACKENDS if isinstance(load_backend(name), InferenceBackend)]
 
 # Row lengths in batch order: all 1, all equal, one long row among short ones, unsorted (packed with
 # enforce_sorted=False, so the driver permutes rows and states into length order and back).
@@ -77,8 +77,11 @@ def _varlen_cases():
 @pytest.mark.parametrize("backend, layout, pattern, bidirectional, num_layers", list(_varlen_cases()))
 def test_varlen_matches_nn_lstm(backend, layout, pattern, bidirectional, num_layers, monkeypatch):
     if layout == "padded" and backend in PACKED_BACKENDS:
-        # The driver then pads PackedSequence data and runs the padded ops with per-row lengths.
-        monkeypatch.delattr(load_backend(backend), "lstm_packed_recurrence")
+        # As for a backend without the packed layout: the driver pads PackedSequence data and runs the padded ops
+        # with per-row lengths.
+        resolve = rnn_fast.modules.lstm.resolve_backend
+        monkeypatch.setattr(rnn_fast.modules.lstm, "resolve_backend",
+                            lambda *args: resolve(*args)._replace(packed_layout=False))
     generator = torch.Generator().manual_seed(zlib.crc32(f"{pattern}{bidirectional}".encode()))
     reference, candidate = _pair(backend, num_layers, bidirectional, torch.float64)
     input = _packed_input(pattern, 3, torch.float64, generator)

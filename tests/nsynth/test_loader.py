@@ -39,8 +39,10 @@ def test_batches_hold_scaled_rows_and_their_labels(split, on_device):
 
 
 def test_in_memory_and_memmap_serve_the_same_batches(split):
-    for (x_mapped, y_mapped), (x_memory, y_memory) in zip(BatchLoader(split, 7, seed=4),
-                                                          BatchLoader(split, 7, seed=4, on_device=True)):
+    mapped = list(BatchLoader(split, 7, seed=4))
+    in_memory = list(BatchLoader(split, 7, seed=4, on_device=True))
+    assert len(mapped) == len(in_memory) == COUNT // 7
+    for (x_mapped, y_mapped), (x_memory, y_memory) in zip(mapped, in_memory):
         assert torch.equal(x_mapped, x_memory) and torch.equal(y_mapped, y_memory)
 
 

@@ -379,7 +379,8 @@ def test_input_projection_matches_reference(num_parts, num_directions, with_bias
         wanted = [t for t in (leaf, w_ih, bias) if t is not None and t.requires_grad]
         results.append((xw, *torch.autograd.grad((xw * weight).sum(), wanted)))
     expected, actual = results
-    assert len(actual) == len(expected)
+    # xw, then the gradients of the parts (when they require it), w_ih and the bias (when there is one).
+    assert len(actual) == len(expected) == 2 + parts_require_grad + with_bias
     for value, reference in zip(actual, expected):
         torch.testing.assert_close(value, reference, atol=atol, rtol=rtol)
 
@@ -426,3 +427,36 @@ def test_cached_blocks_are_rewritten_and_released():
     _assert_matches_naive(padded, 1e-9, 1e-9)
     assert cpu.release_cached_memory() >= 3 * 2 * 8 * 130 * 64 * 8
     assert cpu.release_cached_memory() == 0
+
+
+def test_fp32_activations_within_twice_torch_error():
+    """sigmoid and tanh of the float32 kernels against float64, next to torch's own float32 error on the same
+    inputs. One step from a zero state with zero recurrent weights saves the activations of xw as the gates,
+    ``cell = i * g`` and ``y = o * tanh(cell)``."""
+    hidden, batch = 4, 1 << 15
+    xw = torch.linspace(-90, 90, batch * 4 * hidden).view(1, 1, batch, 4 * hidden)
+    xw = xw[..., torch.randperm(4 * hidden, generator=torch.Generator().manual_seed(0))].contiguous()
+    zeros = torch.zeros(1, batch, hidden)
+    y, _, _, gates, cell = torch.ops.rnn_fast.lstm_recurrence_forward(xw, torch.zeros(1, 4 * hidden, hidden),
+                                                                      zeros, zeros, None)
+    pre = xw.view(batch, 4, hidden).double()
+    functions = {"sigmoid": torch.sigmoid, "tanh": torch.tanh}
+    gate_function = ["sigmoid", "sigmoid", "tanh", "sigmoid"]
+    for name, function in functions.items():
+        rows = [gate for gate, used in enumerate(gate_function) if used == name]
+        exact = function(pre[:, rows])
+        ours = gates.view(batch, 4, hidden)[:, rows].double()
+        theirs = function(pre[:, rows].float()).double()
+        our_error, torch_error = (ours - exact).abs().max(), (theirs - exact).abs().max()
+        assert our_error <= 2 * torch_error, f"{name}: {our_error:.3g} vs torch's {torch_error:.3g}"
+    # tanh of the new cell, and sigmoid's relative accuracy where it is tiny but a normal float (it must not flush
+    # to 0 there).
+    exact_y = gates[0, 0, :, 3 * hidden:].double() * torch.tanh(cell[0, 0].double())
+    torch_y = gates[0, 0, :, 3 * hidden:] * torch.tanh(cell[0, 0])
+    assert (y[0, 0].double() - exact_y).abs().max() <= 2 * (torch_y.double() - exact_y).abs().max()
+    negative = (pre[:, [0, 1, 3]] < -15) & (pre[:, [0, 1, 3]] > -87)
+    exact = torch.sigmoid(pre[:, [0, 1, 3]][negative])
+    ours = gates.view(batch, 4, hidden)[:, [0, 1, 3]][negative].double()
+    theirs = torch.sigmoid(pre[:, [0, 1, 3]][negative].float()).double()
+    assert (ours > 0).all()
+    assert ((ours - exact).abs() / exact).max() <= 2 * ((theirs - exact).abs() / exact).max()

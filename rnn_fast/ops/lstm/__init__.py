@@ -1,12 +1,12 @@
-"""Backends of the LSTM recurrence contract (docs/contract.md) and how one is chosen.
+"""Backends of the LSTM recurrence contract (docs/contract.md) and the one place that decides which runs.
 
-Each backend module defines ``unavailable_reason()``, ``unsupported_reason(device, dtype, hidden_size)`` and
-``lstm_recurrence(xw, w_hh, h0, c0, lengths)``. Modules are imported on first use, so ``import rnn_fast``
-needs neither the compiled extension nor triton.
+Each backend is a module that satisfies :class:`RecurrenceBackend`. Modules are imported on first use, so
+``import rnn_fast`` needs neither the compiled extension nor triton. :func:`resolve_backend` is the only decision of
+what runs: ``rnn_fast.LSTM``, the training script's metrics and the benchmarks all ask it.
 """
 import importlib
 from types import ModuleType
-from typing import Dict, List, Optional
+from typing import Dict, List, NamedTuple, Optional, Protocol, Tuple, runtime_checkable
 
 import torch
 
@@ -19,17 +19,80 @@ BACKENDS = ("auto", "torch") + FUSED_BACKENDS
 # lent-GPU run has proven a fused backend correct and faster there (benchmarks/results/).
 _AUTO_PREFERENCE = {"cpu": ("cpu",)}
 
+
+@runtime_checkable
+class RecurrenceBackend(Protocol):
+    """What a backend module provides (docs/contract.md)."""
+
+    def unavailable_reason(self) -> Optional[str]:
+        """Why this install cannot run the backend at all, or None."""
+
+    def unsupported_reason(self, device: torch.device, dtype: torch.dtype, hidden_size: int) -> Optional[str]:
+        """Why the backend cannot run a layer of this device, compute dtype and hidden size, or None."""
+
+    def input_projection(self, parts: torch.Tensor, w_ih: torch.Tensor,
+                         bias: Optional[torch.Tensor]) -> torch.Tensor:
+        """``xw [D, T, B, 4H]`` of a layer whose input comes as ``parts [P, T, B, K]``."""
+
+    def lstm_recurrence(self, xw: torch.Tensor, w_hh: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor,
+                        lengths: Optional[torch.Tensor]) -> Tuple[torch.Tensor, ...]:
+        """The differentiable forward op: ``(y, h_n, c_n, gates, cell)``."""
+
+
+@runtime_checkable
+class InferenceBackend(Protocol):
+    """A backend with an inference op, which the driver calls when autograd will not differentiate the call."""
+
+    def lstm_recurrence_inference(self, xw: torch.Tensor, w_hh: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor,
+                                  lengths: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(y, h_n, c_n)`` of the forward op, keeping nothing for a backward."""
+
+
+@runtime_checkable
+class PackedLayoutBackend(Protocol):
+    """A backend with the packed layout's ops, which get PackedSequence data as it is (docs/contract.md)."""
+
+    def lstm_packed_recurrence(self, xw: torch.Tensor, w_hh: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor,
+                               batch_sizes: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        """The differentiable forward op on ``xw [D, N, 4H]``: ``(y, h_n, c_n, gates, cell)``."""
+
+    def lstm_packed_recurrence_inference(self, xw: torch.Tensor, w_hh: torch.Tensor, h0: torch.Tensor,
+                                         c0: torch.Tensor, batch_sizes: torch.Tensor
+                                         ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Its inference op: ``(y, h_n, c_n)``."""
+
+
+class BackendChoice(NamedTuple):
+    """What runs: ``name`` (``"torch"`` for nn.LSTM's implementation), its ``module`` (None for torch), and
+    ``fallback_reason``: why the requested fused backend does not run, or None when nothing fell back. ``inference``
+    and ``packed_layout`` say whether the module is also an :class:`InferenceBackend` / a
+    :class:`PackedLayoutBackend` (checked once, when it is loaded: an isinstance check costs more than a streaming
+    step)."""
+    name: str
+    module: Optional[RecurrenceBackend]
+    fallback_reason: Optional[str]
+    inference: bool = False
+    packed_layout: bool = False
+
+
 _loaded: Dict[str, ModuleType] = {}
 _import_errors: Dict[str, str] = {}
+# backend name -> (InferenceBackend?, PackedLayoutBackend?)
+_capabilities: Dict[str, Tuple[bool, bool]] = {}
 
 
-def load_backend(name: str) -> Optional[ModuleType]:
+def load_backend(name: str) -> Optional[RecurrenceBackend]:
     """The backend's module, or None when it cannot even be imported (the reason is kept)."""
     if name not in _loaded and name not in _import_errors:
         try:
-            _loaded[name] = importlib.import_module(f"{__name__}.{_MODULES[name]}")
+            module = importlib.import_module(f"{__name__}.{_MODULES[name]}")
         except ImportError as error:
             _import_errors[name] = str(error)
+        else:
+            if not isinstance(module, RecurrenceBackend):
+                raise TypeError(f"{module.__name__} does not provide the RecurrenceBackend interface")
+            _loaded[name] = module
+            _capabilities[name] = (isinstance(module, InferenceBackend), isinstance(module, PackedLayoutBackend))
     return _loaded.get(name)
 
 
@@ -49,7 +112,29 @@ def available_backends() -> List[str]:
 
 
 def auto_backend(device: torch.device) -> str:
+    """The backend ``"auto"`` asks for on ``device``: the fastest fused one proven there, else ``"torch"``."""
     for name in _AUTO_PREFERENCE.get(device.type, ()):
         if unavailable_reason(name) is None:
             return name
     return "torch"
+
+
+def resolve_backend(name: str, device: torch.device, dtype: torch.dtype, hidden_size: int,
+                    proj_size: int = 0) -> BackendChoice:
+    """Which backend runs an LSTM built with ``backend=name`` whose layers compute in ``dtype`` on ``device``."""
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    if name == "torch":
+        return BackendChoice("torch", None, None)
+    if proj_size > 0:
+        return BackendChoice("torch", None, "proj_size > 0 is not fused")
+    wanted = auto_backend(device) if name == "auto" else name
+    if wanted == "torch":
+        return BackendChoice("torch", None, None)
+    reason = unavailable_reason(wanted)
+    module = load_backend(wanted)
+    if reason is None:
+        reason = module.unsupported_reason(device, dtype, hidden_size)
+    if reason is not None:
+        return BackendChoice("torch", None, f"backend {wanted!r} cannot run this input ({reason})")
+    return BackendChoice(wanted, module, None, *_capabilities[wanted])

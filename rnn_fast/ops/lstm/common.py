@@ -1,6 +1,6 @@
-"""What every backend of the recurrence contract (docs/contract.md) shares: state dtypes, the state
-entering each step, the one-GEMM ``grad_w_hh``, the packed layout's conversions, and the autograd / fake
-registration of an op pair."""
+"""What every backend of the recurrence contract (docs/contract.md) shares: state dtypes, the default input
+projection, the state entering each step, the one-GEMM ``grad_w_hh``, the packed layout's conversions, and the
+autograd / fake registration of an op pair."""
 from typing import Callable, Optional
 
 import torch
@@ -9,6 +9,16 @@ import torch
 def state_dtype(dtype: torch.dtype) -> torch.dtype:
     """Recurrent state is kept in at least fp32: float64 stays float64, everything else becomes float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def project_parts(parts: torch.Tensor, w_ih: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """``xw [D, T, B, 4H]`` for ``parts [P, T, B, K]``: the parts side by side ``[T*B, P*K]``, times each
+    direction's ``w_ih [4H, P*K]``, in one batched GEMM. The input projection of every backend without its own."""
+    num_parts, seq_len, batch, width = parts.shape
+    flat = parts.permute(1, 2, 0, 3).reshape(1, seq_len * batch, num_parts * width).expand(w_ih.shape[0], -1, -1)
+    xw = (torch.bmm(flat, w_ih.transpose(1, 2)) if bias is None
+          else torch.baddbmm(bias.unsqueeze(1), flat, w_ih.transpose(1, 2)))
+    return xw.view(w_ih.shape[0], seq_len, batch, -1)
 
 
 def previous_steps(seq: torch.Tensor, init: torch.Tensor, lengths: Optional[torch.Tensor]) -> torch.Tensor:
@@ -59,33 +69,36 @@ def recurrent_weight_grad(grad_xw: torch.Tensor, y: torch.Tensor, h0: torch.Tens
     return torch.stack([forward, reverse])
 
 
-def packed_lengths(batch_sizes: torch.Tensor) -> torch.Tensor:
+def packed_lengths(batch_sizes: torch.Tensor, batch: int) -> torch.Tensor:
     """Each row's length, ``[B]`` int64, from PackedSequence's ``batch_sizes [T]`` (rows sorted by length)."""
-    rows = torch.arange(int(batch_sizes[0]), device=batch_sizes.device)
+    rows = torch.arange(batch, device=batch_sizes.device)
     return (batch_sizes.unsqueeze(1) > rows.unsqueeze(0)).sum(0)
 
 
-def _packed_positions(batch_sizes: torch.Tensor) -> torch.Tensor:
-    """For each packed row, in data order, its index ``t * B + b`` in a padded ``[T, B]``."""
-    seq_len, batch = batch_sizes.shape[0], int(batch_sizes[0])
-    rows = torch.arange(batch)
-    positions = torch.arange(seq_len).unsqueeze(1) * batch + rows.unsqueeze(0)
-    return positions[rows.unsqueeze(0) < batch_sizes.unsqueeze(1)]
+def _packed_positions(batch_sizes: torch.Tensor, num_rows: int, batch: int) -> torch.Tensor:
+    """For each of the ``num_rows`` packed rows, in data order, its index ``t * B + b`` in a padded ``[T, B]``.
+    Sizes come from the arguments, not from batch_sizes' values, so that fake tensors can trace it."""
+    offsets = torch.cumsum(batch_sizes, 0) - batch_sizes
+    rows = torch.arange(num_rows, device=batch_sizes.device)
+    steps = torch.searchsorted(offsets, rows, right=True) - 1
+    return steps * batch + (rows - offsets[steps])
 
 
-def packed_to_padded(steps: torch.Tensor, batch_sizes: torch.Tensor) -> torch.Tensor:
+def packed_to_padded(steps: torch.Tensor, batch_sizes: torch.Tensor, batch: int) -> torch.Tensor:
     """``[D, N, W]`` in the packed layout -> ``[D, T, B, W]``, zeros at padded steps."""
-    num_directions, _, width = steps.shape
-    seq_len, batch = batch_sizes.shape[0], int(batch_sizes[0])
+    num_directions, num_rows, width = steps.shape
+    seq_len = batch_sizes.shape[0]
     padded = steps.new_zeros(num_directions, seq_len * batch, width)
-    padded[:, _packed_positions(batch_sizes).to(steps.device)] = steps
+    padded[:, _packed_positions(batch_sizes, num_rows, batch).to(steps.device)] = steps
     return padded.view(num_directions, seq_len, batch, width)
 
 
-def padded_to_packed(steps: torch.Tensor, batch_sizes: torch.Tensor) -> torch.Tensor:
-    """``[D, T, B, W]`` -> ``[D, N, W]`` in the packed layout: the steps each row runs, in PackedSequence order."""
+def padded_to_packed(steps: torch.Tensor, batch_sizes: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """``[D, T, B, W]`` -> ``[D, N, W]`` in the packed layout, ``N = num_rows = sum(batch_sizes)``: the steps each
+    row runs, in PackedSequence order."""
     num_directions, seq_len, batch, width = steps.shape
-    return steps.reshape(num_directions, seq_len * batch, width)[:, _packed_positions(batch_sizes).to(steps.device)]
+    positions = _packed_positions(batch_sizes, num_rows, batch).to(steps.device)
+    return steps.reshape(num_directions, seq_len * batch, width)[:, positions]
 
 
 def register_recurrence_fake(forward_op, backward_op) -> None:
@@ -113,12 +126,13 @@ def register_inference_fake(inference_op) -> None:
 
 
 def register_recurrence_autograd(forward_op, backward_op,
-                                 weight_grad: Callable[..., torch.Tensor] = recurrent_weight_grad) -> None:
-    """Autograd for ``forward_op`` through ``backward_op``, plus ``grad_w_hh = weight_grad(grad_xw, y, h0,
-    lengths)`` (the padded layout's one GEMM by default; the packed layout passes its own, with batch_sizes).
+                                 packed_weight_grad: Optional[Callable[..., torch.Tensor]] = None) -> None:
+    """Autograd for ``forward_op`` through ``backward_op``, plus the one-GEMM ``grad_w_hh``.
 
-    Extra trailing inputs of ``forward_op`` (flags such as TF32) are handed to ``backward_op`` as they are.
-    ``gates`` and ``cell`` are saved state, not differentiable outputs.
+    An op pair of the packed layout (docs/contract.md), whose fifth input is ``batch_sizes``, passes its
+    ``packed_weight_grad(grad_xw, y, h0, batch_sizes)``. Extra trailing inputs of ``forward_op`` (flags such as
+    TF32) are handed to ``backward_op`` as they are. ``gates`` and ``cell`` are saved state, not differentiable
+    outputs.
     """
 
     def setup_context(ctx, inputs, output):
@@ -129,12 +143,24 @@ def register_recurrence_autograd(forward_op, backward_op,
         # Unused outputs (always gates and cell) would otherwise get zero-filled gradients allocated for them.
         ctx.set_materialize_grads(False)
 
-    def backward(ctx, grad_y, grad_h_n, grad_c_n, _grad_gates, _grad_cell):
+    def backward(ctx, grad_y, grad_h_n, grad_c_n, grad_gates, grad_cell):
         w_hh, h0, c0, y, gates, cell, lengths = ctx.saved_tensors
         grad_y, grad_h_n, grad_c_n = (_dense_grad(g, like) for g, like in
                                       ((grad_y, y), (grad_h_n, h0), (grad_c_n, c0)))
-        grad_xw, grad_h0, grad_c0 = backward_op(grad_y, grad_h_n, grad_c_n, w_hh, c0, gates, cell, lengths,
-                                                *ctx.extra)
+        weight_grad = recurrent_weight_grad if packed_weight_grad is None else packed_weight_grad
+        if torch.is_grad_enabled() or grad_gates is not None or grad_cell is not None:
+            # create_graph=True wants a backward autograd can differentiate, and a double backward that reaches the
+            # saved gates and cell brings gradients for them: both are the reference's, in differentiable ops.
+            from . import naive  # naive.py imports this module
+            differentiable_backward = naive.differentiable_backward
+            if packed_weight_grad is not None:
+                differentiable_backward = naive.packed_differentiable_backward
+                weight_grad = naive.packed_recurrent_weight_grad
+            grad_xw, grad_h0, grad_c0 = differentiable_backward(grad_y, grad_h_n, grad_c_n, w_hh, c0, gates, cell,
+                                                                lengths, grad_gates, grad_cell)
+        else:
+            grad_xw, grad_h0, grad_c0 = backward_op(grad_y, grad_h_n, grad_c_n, w_hh, c0, gates, cell, lengths,
+                                                    *ctx.extra)
         grad_w_hh = weight_grad(grad_xw, y, h0, lengths).to(w_hh.dtype) if ctx.needs_input_grad[1] else None
         return (grad_xw, grad_w_hh, grad_h0, grad_c0, None) + (None,) * len(ctx.extra)
 

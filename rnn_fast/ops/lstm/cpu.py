@@ -53,7 +53,21 @@ def _projection_setup_context(ctx, inputs, output):
 def _projection_backward(ctx, grad_xw):
     parts, w_ih = ctx.saved_tensors
     output_mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
+    if torch.is_grad_enabled():
+        # create_graph=True: the same gradients, in ops autograd can differentiate.
+        return _differentiable_projection_backward(grad_xw, parts, w_ih, output_mask)
     return projection_backward_op(grad_xw.contiguous(), parts, w_ih, output_mask)
+
+
+def _differentiable_projection_backward(grad_xw, parts, w_ih, output_mask):
+    num_directions, gate_size = w_ih.shape[:2]
+    num_parts, width = parts.shape[0], parts.shape[-1]
+    w_ih_parts = w_ih.view(num_directions, gate_size, num_parts, width)
+    grad_parts = torch.einsum("dtbg,dgpk->ptbk", grad_xw, w_ih_parts) if output_mask[0] else None
+    grad_w_ih = (torch.einsum("dtbg,ptbk->dgpk", grad_xw, parts).reshape(w_ih.shape) if output_mask[1]
+                 else None)
+    grad_bias = grad_xw.sum((1, 2)) if output_mask[2] else None
+    return grad_parts, grad_w_ih, grad_bias
 
 
 torch.library.register_autograd(projection_op, _projection_backward, setup_context=_projection_setup_context)

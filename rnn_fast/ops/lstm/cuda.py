@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 
 from .extension import REBUILD_COMMAND, forward_op
+from .common import project_parts
 
 _FORWARD_OP_NAME = "rnn_fast::lstm_recurrence_forward"
 
@@ -44,6 +45,9 @@ def _kernel_limits(index: int, dtype: torch.dtype, hidden_size: int) -> Optional
     reason = torch.ops.rnn_fast.lstm_recurrence_cuda_unsupported_reason(torch.device("cuda", index), dtype,
                                                                         hidden_size)
     return reason or None
+
+
+input_projection = project_parts
 
 
 def lstm_recurrence(xw, w_hh, h0, c0, lengths):

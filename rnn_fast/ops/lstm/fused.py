@@ -31,7 +31,8 @@ from typing import Optional, Tuple
 
 import torch
 
-from rnn_fast.ops.lstm.common import register_recurrence_autograd, register_recurrence_fake, state_dtype
+from rnn_fast.ops.lstm.common import (project_parts, register_recurrence_autograd, register_recurrence_fake,
+                                     state_dtype)
 
 try:
     import triton
@@ -84,6 +85,9 @@ def unsupported_reason(device: torch.device, dtype: torch.dtype, hidden_size: in
         return f"the Triton kernels keep a whole hidden state per program, up to hidden_size={MAX_HIDDEN}, " \
                f"not {hidden_size}"
     return None
+
+
+input_projection = project_parts
 
 
 def lstm_recurrence(xw, w_hh, h0, c0, lengths):

@@ -7,8 +7,9 @@ from typing import Optional, Tuple
 
 import torch
 
-from .common import (packed_lengths, packed_to_padded, padded_to_packed, previous_steps, recurrent_weight_grad,
-                     register_inference_fake, register_recurrence_autograd, register_recurrence_fake, state_dtype)
+from .common import (packed_lengths, packed_to_padded, padded_to_packed, previous_steps, project_parts,
+                     recurrent_weight_grad, register_inference_fake, register_recurrence_autograd,
+                     register_recurrence_fake, state_dtype)
 
 
 def _step_order(direction: int, seq_len: int) -> range:
@@ -69,6 +70,19 @@ def lstm_recurrence_backward(grad_y: torch.Tensor, grad_h_n: torch.Tensor, grad_
                              w_hh: torch.Tensor, c0: torch.Tensor, gates: torch.Tensor, cell: torch.Tensor,
                              lengths: Optional[torch.Tensor]
                              ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return differentiable_backward(grad_y, grad_h_n, grad_c_n, w_hh, c0, gates, cell, lengths)
+
+
+def differentiable_backward(grad_y: torch.Tensor, grad_h_n: torch.Tensor, grad_c_n: torch.Tensor,
+                            w_hh: torch.Tensor, c0: torch.Tensor, gates: torch.Tensor, cell: torch.Tensor,
+                            lengths: Optional[torch.Tensor], grad_gates: Optional[torch.Tensor] = None,
+                            grad_cell: Optional[torch.Tensor] = None
+                            ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The contract's backward in differentiable torch ops, for every backend's gradients of gradients.
+
+    ``grad_gates`` / ``grad_cell`` are gradients reaching the saved ``gates`` / ``cell`` themselves, which happens
+    when a double backward differentiates a first backward that read them.
+    """
     num_directions, seq_len, batch, gate_size = gates.shape
     acc = gates.dtype
     grad_xw = grad_y.new_zeros(num_directions, seq_len, batch, gate_size)
@@ -82,10 +96,15 @@ def lstm_recurrence_backward(grad_y: torch.Tensor, grad_h_n: torch.Tensor, grad_
             dh_t = dh + grad_y[d, t].to(acc)
             tanh_c = torch.tanh(cell[d, t])
             dc_t = dc + dh_t * o * (1 - tanh_c * tanh_c)
+            if grad_cell is not None:
+                dc_t = dc_t + grad_cell[d, t].to(acc)
             grad_pre = torch.cat([dc_t * g * i * (1 - i),
                                   dc_t * cell_prev[d, t] * f * (1 - f),
                                   dc_t * i * (1 - g * g),
                                   dh_t * tanh_c * o * (1 - o)], dim=1)
+            if grad_gates is not None:
+                grad_pre = grad_pre + grad_gates[d, t].to(acc) * torch.cat([i * (1 - i), f * (1 - f), 1 - g * g,
+                                                                            o * (1 - o)], dim=1)
             valid = _valid_rows(lengths, t, dh)
             grad_pre = grad_pre * valid
             dh = torch.where(valid, grad_pre @ w, dh)
@@ -101,34 +120,51 @@ def lstm_recurrence_backward(grad_y: torch.Tensor, grad_h_n: torch.Tensor, grad_
 def lstm_packed_recurrence_forward(xw: torch.Tensor, w_hh: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor,
                                    batch_sizes: torch.Tensor
                                    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    y, h_n, c_n, gates, cell = lstm_recurrence_forward(packed_to_padded(xw, batch_sizes), w_hh, h0, c0,
-                                                       packed_lengths(batch_sizes))
-    return (padded_to_packed(y, batch_sizes), h_n, c_n, padded_to_packed(gates, batch_sizes),
-            padded_to_packed(cell, batch_sizes))
+    batch, num_rows = h0.shape[1], xw.shape[1]
+    y, h_n, c_n, gates, cell = lstm_recurrence_forward(packed_to_padded(xw, batch_sizes, batch), w_hh, h0, c0,
+                                                       packed_lengths(batch_sizes, batch))
+    return (padded_to_packed(y, batch_sizes, num_rows), h_n, c_n, padded_to_packed(gates, batch_sizes, num_rows),
+            padded_to_packed(cell, batch_sizes, num_rows))
 
 
 def lstm_packed_recurrence_inference_reference(xw: torch.Tensor, w_hh: torch.Tensor, h0: torch.Tensor,
                                                c0: torch.Tensor, batch_sizes: torch.Tensor
                                                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    y, h_n, c_n = lstm_recurrence_inference_reference(packed_to_padded(xw, batch_sizes), w_hh, h0, c0,
-                                                      packed_lengths(batch_sizes))
-    return padded_to_packed(y, batch_sizes), h_n, c_n
+    batch = h0.shape[1]
+    y, h_n, c_n = lstm_recurrence_inference_reference(packed_to_padded(xw, batch_sizes, batch), w_hh, h0, c0,
+                                                      packed_lengths(batch_sizes, batch))
+    return padded_to_packed(y, batch_sizes, xw.shape[1]), h_n, c_n
 
 
 def lstm_packed_recurrence_backward(grad_y: torch.Tensor, grad_h_n: torch.Tensor, grad_c_n: torch.Tensor,
                                     w_hh: torch.Tensor, c0: torch.Tensor, gates: torch.Tensor, cell: torch.Tensor,
                                     batch_sizes: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    grad_xw, grad_h0, grad_c0 = lstm_recurrence_backward(
-        packed_to_padded(grad_y, batch_sizes), grad_h_n, grad_c_n, w_hh, c0, packed_to_padded(gates, batch_sizes),
-        packed_to_padded(cell, batch_sizes), packed_lengths(batch_sizes))
-    return padded_to_packed(grad_xw, batch_sizes), grad_h0, grad_c0
+    return packed_differentiable_backward(grad_y, grad_h_n, grad_c_n, w_hh, c0, gates, cell, batch_sizes)
+
+
+def packed_differentiable_backward(grad_y: torch.Tensor, grad_h_n: torch.Tensor, grad_c_n: torch.Tensor,
+                                   w_hh: torch.Tensor, c0: torch.Tensor, gates: torch.Tensor, cell: torch.Tensor,
+                                   batch_sizes: torch.Tensor, grad_gates: Optional[torch.Tensor] = None,
+                                   grad_cell: Optional[torch.Tensor] = None
+                                   ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`differentiable_backward` in the packed layout, for every packed backend's gradients of gradients."""
+    batch = grad_h_n.shape[1]
+
+    def padded(steps):
+        return None if steps is None else packed_to_padded(steps, batch_sizes, batch)
+
+    grad_xw, grad_h0, grad_c0 = differentiable_backward(
+        padded(grad_y), grad_h_n, grad_c_n, w_hh, c0, padded(gates), padded(cell), packed_lengths(batch_sizes, batch),
+        padded(grad_gates), padded(grad_cell))
+    return padded_to_packed(grad_xw, batch_sizes, gates.shape[1]), grad_h0, grad_c0
 
 
 def packed_recurrent_weight_grad(grad_xw: torch.Tensor, y: torch.Tensor, h0: torch.Tensor,
                                  batch_sizes: torch.Tensor) -> torch.Tensor:
     """``grad_w_hh`` in the packed layout: the padded layout's one GEMM on the padded steps."""
-    return recurrent_weight_grad(packed_to_padded(grad_xw, batch_sizes), packed_to_padded(y, batch_sizes), h0,
-                                 packed_lengths(batch_sizes))
+    batch = h0.shape[1]
+    return recurrent_weight_grad(packed_to_padded(grad_xw, batch_sizes, batch), packed_to_padded(y, batch_sizes, batch),
+                                 h0, packed_lengths(batch_sizes, batch))
 
 
 # The reference runs as custom ops so that it goes through exactly the autograd and fake-tensor machinery the
@@ -144,11 +180,11 @@ packed_forward_op = _custom_op("lstm_packed_recurrence_forward", lstm_packed_rec
 packed_backward_op = _custom_op("lstm_packed_recurrence_backward", lstm_packed_recurrence_backward)
 packed_inference_op = _custom_op("lstm_packed_recurrence_inference", lstm_packed_recurrence_inference_reference)
 packed_weight_grad_op = _custom_op("packed_recurrent_weight_grad", packed_recurrent_weight_grad)
-for _forward_op, _backward_op, _inference_op, _weight_grad in (
-        (forward_op, backward_op, inference_op, recurrent_weight_grad),
+for _forward_op, _backward_op, _inference_op, _packed_weight_grad in (
+        (forward_op, backward_op, inference_op, None),
         (packed_forward_op, packed_backward_op, packed_inference_op, packed_weight_grad_op)):
     register_recurrence_fake(_forward_op, _backward_op)
-    register_recurrence_autograd(_forward_op, _backward_op, _weight_grad)
+    register_recurrence_autograd(_forward_op, _backward_op, _packed_weight_grad)
     register_inference_fake(_inference_op)
 
 
@@ -163,6 +199,9 @@ def unavailable_reason() -> Optional[str]:
 
 def unsupported_reason(device: torch.device, dtype: torch.dtype, hidden_size: int) -> Optional[str]:
     return None
+
+
+input_projection = project_parts
 
 
 def lstm_recurrence(xw, w_hh, h0, c0, lengths):
