@@ -201,14 +201,19 @@ class LSTM(nn.RNNBase):
 
     def _layer_weights(self, layer: int, inference: bool):
         """``w_ih [D, 4H, In]``, ``w_hh [D, 4H, H]`` and the summed biases ``[D, 4H]`` (or None)."""
-        suffixes = ("", "_reverse") if self.bidirectional else ("",)
+        # _flat_weights (nn.RNNBase's, kept current when a parameter is replaced) holds each layer's directions'
+        # (w_ih, w_hh[, b_ih, b_hh]) in order: read there, not through a getattr per parameter.
+        num_directions = 2 if self.bidirectional else 1
+        per_direction = len(self._flat_weights) // (self.num_layers * num_directions)
+        first = layer * num_directions * per_direction
 
-        def directions(kind):
-            return _directions([getattr(self, f"{kind}_l{layer}{s}") for s in suffixes], inference)
+        def directions(kind: int) -> torch.Tensor:
+            return _directions([self._flat_weights[first + d * per_direction + kind] for d in range(num_directions)],
+                               inference)
 
         if not self.bias:
-            return directions("weight_ih"), directions("weight_hh"), None
-        return directions("weight_ih"), directions("weight_hh"), directions("bias_ih") + directions("bias_hh")
+            return directions(0), directions(1), None
+        return directions(0), directions(1), directions(2) + directions(3)
 
     def _run_layers(self, choice: BackendChoice, x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor,
                     lengths: Optional[torch.Tensor], inference: bool):
