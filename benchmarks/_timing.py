@@ -117,6 +117,17 @@ def environment(device: torch.device) -> dict:
     }
 
 
+def threads_then_results(kind: str, threads: int, records: List[dict], payload: Callable[[], dict],
+                         path: Path) -> Iterator[None]:
+    """The body of a module-scoped fixture: runs the module on ``threads`` CPU threads, then writes what its
+    benchmarks appended to ``records``, with ``payload()``'s keys, to ``path`` (nothing when none ran)."""
+    with torch_threads(threads):
+        yield
+    if records:
+        written = write_results(kind, torch.device("cpu"), {"threads": threads, **payload(), "results": records}, path)
+        report(f"wrote {written}")
+
+
 def write_results(kind: str, device: torch.device, payload: dict, path: Optional[Path] = None) -> Path:
     """Writes ``environment(device)`` plus ``payload`` to ``path``, by default
     ``results/<device>-<kind>-<date>.json``."""

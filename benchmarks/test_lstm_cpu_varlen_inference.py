@@ -36,7 +36,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 import rnn_fast
 from rnn_fast.ops.lstm import unavailable_reason
 
-from _timing import RESULTS_DIR, peak_memory_probe, report, summary, torch_threads, write_results
+from _timing import RESULTS_DIR, peak_memory_probe, report, summary, threads_then_results
 
 INPUT_SIZE, HIDDEN, LAYERS = 160, 128, 2
 NUM_THREADS = 2
@@ -83,23 +83,21 @@ CASES = [
 @pytest.fixture(scope="module", autouse=True)
 def results_file():
     """Runs the module on NUM_THREADS threads, then writes every case's figures to one JSON file."""
-    with torch_threads(NUM_THREADS):
-        yield
-    if not _records:
-        return
-    _add_packed_over_padded(_records)
-    path = write_results("cpu-varlen-inference", torch.device("cpu"), {
-        "threads": NUM_THREADS,
-        "load_average": {"before": _load_before, "after": os.getloadavg()},
-        "shared_host": "other engineers' jobs may run on this 2-core machine; the ratios are measured in one "
-                       "process, alternating round by round, so both sides share that load",
-        "config": {"input_size": INPUT_SIZE, "hidden": HIDDEN, "layers": LAYERS, "batch_first": True,
-                   "input_requires_grad": False, "warmup_rounds": WARMUP_ROUNDS, "stream_calls": STREAM_CALLS,
-                   "lengths": {"uniform": "uniform integers in [10, T]",
-                               "lognormal": "exp(N(log 30, 0.8^2)) rounded, clipped to [1, T]"}},
-        "results": _records,
-    }, RESULTS_DIR / f"cpu-varlen-inference-{datetime.date.today().isoformat()}.json")
-    report(f"wrote {path}")
+
+    def payload():
+        _add_packed_over_padded(_records)
+        return {
+            "load_average": {"before": _load_before, "after": os.getloadavg()},
+            "shared_host": "other engineers' jobs may run on this 2-core machine; the ratios are measured in one "
+                           "process, alternating round by round, so both sides share that load",
+            "config": {"input_size": INPUT_SIZE, "hidden": HIDDEN, "layers": LAYERS, "batch_first": True,
+                       "input_requires_grad": False, "warmup_rounds": WARMUP_ROUNDS, "stream_calls": STREAM_CALLS,
+                       "lengths": {"uniform": "uniform integers in [10, T]",
+                                   "lognormal": "exp(N(log 30, 0.8^2)) rounded, clipped to [1, T]"}},
+        }
+
+    yield from threads_then_results("cpu-varlen-inference", NUM_THREADS, _records, payload,
+                                    RESULTS_DIR / f"cpu-varlen-inference-{datetime.date.today().isoformat()}.json")
 
 
 def _add_packed_over_padded(records):

@@ -770,10 +770,12 @@ struct PackedSizes {
   int64_t D, N, B, H, T;
 };
 
-// batch_sizes is PackedSequence's: a CPU int64 [T], each in [1, B], non-increasing. `steps` is [D, N, W] with
-// N = sum(batch_sizes) and W = width_per_hidden * H.
+// batch_sizes is PackedSequence's: a CPU int64 [T], each in [1, B], non-increasing. `steps` is a CPU float32 or
+// float64 [D, N, W] with N = sum(batch_sizes) and W = width_per_hidden * H.
 PackedSizes check_packed_steps(const at::Tensor& steps, const char* name, int64_t width_per_hidden,
                                const at::Tensor& batch_sizes) {
+  check_supported_dtype(steps.scalar_type());
+  TORCH_CHECK(steps.device().is_cpu(), name, " must be a CPU tensor, got one on ", steps.device());
   TORCH_CHECK(steps.dim() == 3, name, " must have shape (D, N, ", width_per_hidden == 4 ? "4H" : "H", "), got ",
               steps.sizes());
   TORCH_CHECK(batch_sizes.dim() == 1 && batch_sizes.numel() >= 1,
@@ -804,8 +806,6 @@ PackedSizes check_packed_forward_inputs(const at::Tensor& xw, const at::Tensor& 
   const PackedSizes sizes = check_packed_steps(xw, "xw", 4, batch_sizes);
   const auto [D, N, B, H, T] = sizes;
   const at::ScalarType dtype = xw.scalar_type();
-  check_supported_dtype(dtype);
-  TORCH_CHECK(xw.device().is_cpu(), "xw must be a CPU tensor, got one on ", xw.device());
   RNN_FAST_CHECK_INPUT(xw, xw.device(), dtype, D, N, 4 * H);
   RNN_FAST_CHECK_INPUT(w_hh, xw.device(), dtype, D, 4 * H, H);
   RNN_FAST_CHECK_INPUT(h0, xw.device(), dtype, D, B, H);
@@ -915,8 +915,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_packed_recurrence_backward_c
   const auto [D, N, B, H, T] = sizes;
   const at::ScalarType dtype = w_hh.scalar_type();
   check_supported_dtype(dtype);
-  const at::Device device = w_hh.device();
-  TORCH_CHECK(device.is_cpu(), "w_hh must be a CPU tensor, got one on ", device);
+  const at::Device device = gates.device();
   RNN_FAST_CHECK_INPUT(grad_y, device, dtype, D, N, H);
   RNN_FAST_CHECK_INPUT(grad_h_n, device, dtype, D, B, H);
   RNN_FAST_CHECK_INPUT(grad_c_n, device, dtype, D, B, H);
@@ -1002,8 +1001,6 @@ at::Tensor packed_recurrent_weight_grad_cpu(const at::Tensor& grad_xw, const at:
   const PackedSizes sizes = check_packed_steps(grad_xw, "grad_xw", 4, batch_sizes);
   const auto [D, N, B, H, T] = sizes;
   const at::ScalarType dtype = grad_xw.scalar_type();
-  check_supported_dtype(dtype);
-  TORCH_CHECK(grad_xw.device().is_cpu(), "grad_xw must be a CPU tensor, got one on ", grad_xw.device());
   RNN_FAST_CHECK_INPUT(grad_xw, grad_xw.device(), dtype, D, N, 4 * H);
   RNN_FAST_CHECK_INPUT(y, grad_xw.device(), dtype, D, N, H);
   RNN_FAST_CHECK_INPUT(h0, grad_xw.device(), dtype, D, B, H);

@@ -61,11 +61,13 @@ def _forward_and_grads(recurrence, inputs, seed=1):
     return dict(zip(names, tuple(outputs) + grads))
 
 
-def _assert_matches_naive(inputs, atol, rtol):
+def _assert_matches_naive(inputs, atol, rtol, packed=False):
+    """The cpu backend's forward op (of the padded layout, or the packed one) against the naive reference."""
     from rnn_fast.ops.lstm import cpu
 
-    expected = _forward_and_grads(naive.lstm_recurrence, inputs)
-    actual = _forward_and_grads(cpu.lstm_recurrence, inputs)
+    name = "lstm_packed_recurrence" if packed else "lstm_recurrence"
+    expected = _forward_and_grads(getattr(naive, name), inputs)
+    actual = _forward_and_grads(getattr(cpu, name), inputs)
     for name, value in expected.items():
         torch.testing.assert_close(actual[name], value, atol=atol, rtol=rtol, msg=lambda m: f"{name}: {m}")
 
@@ -122,20 +124,11 @@ def _packed_inputs(num_directions, pattern, hidden, dtype, seed=0):
             randn(num_directions, batch, hidden), randn(num_directions, batch, hidden), batch_sizes)
 
 
-def _assert_packed_matches_naive(inputs, atol, rtol):
-    from rnn_fast.ops.lstm import cpu
-
-    expected = _forward_and_grads(naive.lstm_packed_recurrence, inputs)
-    actual = _forward_and_grads(cpu.lstm_packed_recurrence, inputs)
-    for name, value in expected.items():
-        torch.testing.assert_close(actual[name], value, atol=atol, rtol=rtol, msg=lambda m: f"{name}: {m}")
-
-
 @pytest.mark.parametrize("dtype, atol, rtol", DTYPES)
 @pytest.mark.parametrize("num_directions", [1, 2], ids=["uni", "bi"])
 @pytest.mark.parametrize("pattern", LENGTH_PATTERNS)
 def test_packed_outputs_and_gradients_match_naive(pattern, num_directions, dtype, atol, rtol):
-    _assert_packed_matches_naive(_packed_inputs(num_directions, pattern, 33, dtype), atol, rtol)
+    _assert_matches_naive(_packed_inputs(num_directions, pattern, 33, dtype), atol, rtol, packed=True)
 
 
 @pytest.mark.parametrize("num_directions", [1, 2], ids=["uni", "bi"])
@@ -148,7 +141,7 @@ def test_float32_blocks_of_many_steps_match_naive(batch, num_directions):
     padded = (xw, w_hh.detach() * 33 ** -0.5, h0, c0, lengths)
     _assert_matches_naive(padded, 2e-5, 2e-5)
     lengths = sorted(padded[-1].tolist(), reverse=True)
-    _assert_packed_matches_naive(_packed_inputs(num_directions, lengths, 33, torch.float32), 2e-5, 2e-5)
+    _assert_matches_naive(_packed_inputs(num_directions, lengths, 33, torch.float32), 2e-5, 2e-5, packed=True)
 
 
 @pytest.mark.parametrize("num_threads", [1, 3], indirect=True, ids=lambda n: f"threads{n}")
@@ -156,7 +149,7 @@ def test_float32_blocks_of_many_steps_match_naive(batch, num_directions):
 def test_token_partition_does_not_change_packed_results(num_threads, num_directions):
     # Blocks of equal row-steps over lengths sorted longest first: a few long rows in one block, many short ones
     # in the others.
-    _assert_packed_matches_naive(_packed_inputs(num_directions, "B300", 9, torch.float64), 1e-9, 1e-9)
+    _assert_matches_naive(_packed_inputs(num_directions, "B300", 9, torch.float64), 1e-9, 1e-9, packed=True)
 
 
 def _padded_and_packed_cases():

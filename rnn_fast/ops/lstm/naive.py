@@ -208,13 +208,7 @@ def lstm_recurrence(xw, w_hh, h0, c0, lengths):
     return forward_op(xw, w_hh, h0, c0, lengths)
 
 
-def lstm_recurrence_inference(xw, w_hh, h0, c0, lengths):
-    return inference_op(xw, w_hh, h0, c0, lengths)
-
-
-def lstm_packed_recurrence(xw, w_hh, h0, c0, batch_sizes):
-    return packed_forward_op(xw, w_hh, h0, c0, batch_sizes)
-
-
-def lstm_packed_recurrence_inference(xw, w_hh, h0, c0, batch_sizes):
-    return packed_inference_op(xw, w_hh, h0, c0, batch_sizes)
+# InferenceBackend and PackedLayoutBackend (rnn_fast.ops.lstm): the ops themselves.
+lstm_recurrence_inference = inference_op
+lstm_packed_recurrence = packed_forward_op
+lstm_packed_recurrence_inference = packed_inference_op
