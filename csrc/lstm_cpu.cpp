@@ -1061,35 +1061,79 @@ std::vector<std::pair<at::Tensor, at::Tensor>> step_matrices(const at::Tensor& p
 // Below this many multiply-adds a projection runs on the calling thread: MKL's fork and join would cost more.
 constexpr int64_t kSequentialProjectionMacs = int64_t(1) << 21;
 
-// xw[d] = bias[d] (or 0), then += parts[p] @ w_ih[d][:, p*K:(p+1)*K]^T in one BLAS GEMM per (d, p), or per step
-// when the part's steps do not follow each other in memory. Straight to BLAS: at a streaming call's size
-// (one step, one row) the ATen ops around each GEMM would cost more than the GEMM.
+// A block of rows of one part, one GEMM: `rows` input rows from `input` (row stride input_ld) into as many output
+// rows of xw[d] from `output` (row stride output_ld).
+struct ProjectionBlock {
+  int64_t input, input_ld, output, output_ld, rows;  // offsets in elements
+};
+
+// How a part [T, B, K] tiles into GEMMs: all T * B rows at once when its steps follow each other in memory; one
+// GEMM of T rows per batch row when its batch rows do (a batch-first input seen time-major); else one of B rows per
+// step. Output offsets are into xw[d] [T, B, G].
+std::vector<ProjectionBlock> projection_blocks(const at::Tensor& parts, int64_t G) {
+  const int64_t T = parts.size(1), B = parts.size(2);
+  const int64_t step_stride = parts.stride(1), row_stride = parts.stride(2);
+  if (T == 1 || step_stride == B * row_stride) {
+    return {{0, row_stride, 0, G, T * B}};
+  }
+  std::vector<ProjectionBlock> blocks;
+  if (B == 1 || row_stride == T * step_stride) {
+    for (int64_t b = 0; b < B; ++b) {
+      blocks.push_back({b * row_stride, step_stride, b * G, B * G, T});
+    }
+  } else {
+    for (int64_t t = 0; t < T; ++t) {
+      blocks.push_back({t * step_stride, row_stride, t * B * G, G, B});
+    }
+  }
+  return blocks;
+}
+
+// xw[d] = bias[d] (or 0), then += parts[p] @ w_ih[d][:, p*K:(p+1)*K]^T, straight to BLAS: at a streaming call's
+// size (one step, one row) the ATen ops around each GEMM would cost more than the GEMM. One block of rows is one
+// GEMM that MKL may thread; several blocks are shared among the threads, each GEMM on one thread.
 template <typename scalar_t>
 void project_parts(const at::Tensor& parts, const scalar_t* w_ih, const scalar_t* bias, scalar_t* xw, int64_t D,
                    int64_t G) {
   const int64_t P = parts.size(0), T = parts.size(1), B = parts.size(2), K = parts.size(3);
-  const int64_t row_stride = parts.stride(2), step_stride = parts.stride(1), part_stride = parts.stride(0);
-  const bool steps_follow = T == 1 || step_stride == B * row_stride;
-  const int64_t step_count = steps_follow ? 1 : T, rows = steps_follow ? T * B : B;
+  const int64_t part_stride = parts.stride(0);
   const scalar_t* parts_p = parts.data_ptr<scalar_t>();
-  for (int64_t d = 0; d < D; ++d) {
-    scalar_t* out = xw + d * T * B * G;
-    for (int64_t row = 0; row < T * B; ++row) {
+  const std::vector<ProjectionBlock> blocks = projection_blocks(parts, G);
+  const int64_t num_tasks = D * static_cast<int64_t>(blocks.size());
+  auto project = [&](int64_t task) {
+    const int64_t d = task / static_cast<int64_t>(blocks.size());
+    const ProjectionBlock& block = blocks[task % blocks.size()];
+    scalar_t* out = xw + d * T * B * G + block.output;
+    for (int64_t row = 0; row < block.rows; ++row) {
+      scalar_t* out_row = out + row * block.output_ld;
       if (bias == nullptr) {
-        std::fill(out + row * G, out + (row + 1) * G, scalar_t(0));
+        std::fill(out_row, out_row + G, scalar_t(0));
       } else {
-        std::copy(bias + d * G, bias + (d + 1) * G, out + row * G);
+        std::copy(bias + d * G, bias + (d + 1) * G, out_row);
       }
     }
     for (int64_t p = 0; p < P; ++p) {
-      for (int64_t step = 0; step < step_count; ++step) {
-        // out[rows, G] += part[rows, K] @ w_ih[d][:, p*K:(p+1)*K]^T, as column-major out^T = W_p @ part^T.
-        blas_gemm("T", "N", static_cast<int>(G), static_cast<int>(rows), static_cast<int>(K),
-                  w_ih + d * G * P * K + p * K, static_cast<int>(P * K),
-                  parts_p + p * part_stride + step * step_stride, static_cast<int>(row_stride), scalar_t(1),
-                  out + step * B * G, static_cast<int>(G));
-      }
+      // out[rows, G] += part[rows, K] @ w_ih[d][:, p*K:(p+1)*K]^T, as column-major out^T = W_p @ part^T.
+      blas_gemm("T", "N", static_cast<int>(G), static_cast<int>(block.rows), static_cast<int>(K),
+                w_ih + d * G * P * K + p * K, static_cast<int>(P * K), parts_p + p * part_stride + block.input,
+                static_cast<int>(block.input_ld), scalar_t(1), out, static_cast<int>(block.output_ld));
     }
+  };
+  const int64_t threads = at::get_num_threads();
+  const bool small = D * T * B * P * K * G < kSequentialProjectionMacs;
+  if (blocks.size() == 1 || small || threads == 1) {
+    std::optional<SequentialBlas> sequential;
+    if (small) {
+      sequential.emplace();
+    }
+    for (int64_t task = 0; task < num_tasks; ++task) {
+      project(task);
+    }
+    return;
+  }
+#pragma omp parallel for num_threads(std::min(threads, num_tasks)) schedule(static)
+  for (int64_t task = 0; task < num_tasks; ++task) {
+    project(task);
   }
 }
 
@@ -1101,13 +1145,10 @@ at::Tensor input_projection_cpu(const at::Tensor& parts, const at::Tensor& w_ih,
     RNN_FAST_CHECK_INPUT((*bias), parts.device(), parts.scalar_type(), D, G);
   }
   constexpr int64_t kMaxSize = std::numeric_limits<int>::max();
-  TORCH_CHECK(T * B <= kMaxSize && parts.stride(2) <= kMaxSize && P * K <= kMaxSize,
+  TORCH_CHECK(T * B <= kMaxSize && parts.stride(1) <= kMaxSize && parts.stride(2) <= kMaxSize && P * K <= kMaxSize &&
+                  B * G <= kMaxSize,
               "the sizes of parts must fit in int32, got ", parts.sizes(), " with strides ", parts.strides());
   auto xw = empty_output({D, T, B, G}, parts.options());
-  std::optional<SequentialBlas> sequential;
-  if (D * T * B * P * K * G < kSequentialProjectionMacs) {
-    sequential.emplace();
-  }
   DISPATCH_FLOAT_AND_DOUBLE(parts.scalar_type(), "cpu_input_projection", [&] {
     project_parts(parts, w_ih.data_ptr<scalar_t>(), bias.has_value() ? bias->data_ptr<scalar_t>() : nullptr,
                   xw.data_ptr<scalar_t>(), D, G);

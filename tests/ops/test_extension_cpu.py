@@ -378,6 +378,21 @@ def test_input_projection_matches_reference(num_parts, num_directions, with_bias
         torch.testing.assert_close(value, reference, atol=atol, rtol=rtol)
 
 
+@pytest.mark.parametrize("batch", [1, 7], ids=lambda b: f"B{b}")
+def test_input_projection_of_steps_and_rows_that_do_not_follow_each_other(batch):
+    # A batch-first tensor cut short in time: neither its steps nor (for B > 1) its batch rows follow each other in
+    # memory, so each step is a GEMM of its own.
+    from rnn_fast.ops.lstm import cpu
+
+    generator = torch.Generator().manual_seed(2)
+    leaf = torch.randn(2, batch, 6, 8, generator=generator, dtype=torch.float64)
+    parts = leaf[:, :, :5].transpose(1, 2)
+    w_ih = torch.randn(2, 12, 16, generator=generator, dtype=torch.float64)
+    bias = torch.randn(2, 12, generator=generator, dtype=torch.float64)
+    torch.testing.assert_close(cpu.input_projection(parts, w_ih, bias), _reference_projection(parts, w_ih, bias),
+                               atol=1e-12, rtol=1e-12)
+
+
 @pytest.mark.parametrize("num_parts, num_directions, with_bias, batch_first", PROJECTIONS)
 def test_input_projection_opcheck(num_parts, num_directions, with_bias, batch_first):
     leaf, w_ih, bias = _projection_inputs(num_parts, num_directions, with_bias, batch_first, torch.float64)
