@@ -171,7 +171,7 @@ template <typename scalar_t>
 class RecurrentGemm {
  public:
   RecurrentGemm(const scalar_t* w_hh, int64_t hidden, RecurrentProduct product, int64_t /*steps*/,
-                int64_t /*rows*/)
+                int64_t /*rows*/, int /*slot*/ = 0)
       : w_hh_(w_hh), hidden_(static_cast<int>(hidden)), product_(product) {}
 
   void operator()(const scalar_t* in, scalar_t* out, int64_t rows) const {
@@ -189,11 +189,15 @@ class RecurrentGemm {
   RecurrentProduct product_;
 };
 
-// One packed w_hh per thread, kept across calls (about 1 MB written of the 9 MB MKL asks for at H = 128).
+// Packed w_hh buffers per thread, kept across calls (about 1 MB written of the 9 MB MKL asks for at H = 128): one
+// per layer a thread runs at once (slot), a few at most.
+constexpr int kPackedWeightSlots = 4;
+
 class PackedWeightBuffer {
  public:
-  static float* get(size_t bytes) {
-    thread_local PackedWeightBuffer buffer;
+  static float* get(size_t bytes, int slot) {
+    thread_local std::array<PackedWeightBuffer, kPackedWeightSlots> buffers;
+    PackedWeightBuffer& buffer = buffers[slot];
     if (buffer.bytes_ < bytes) {
       std::free(buffer.data_);
       buffer.data_ = std::aligned_alloc(64, (bytes + 63) / 64 * 64);
@@ -211,7 +215,8 @@ class PackedWeightBuffer {
 template <>
 class RecurrentGemm<float> {
  public:
-  RecurrentGemm(const float* w_hh, int64_t hidden, RecurrentProduct product, int64_t steps, int64_t rows)
+  RecurrentGemm(const float* w_hh, int64_t hidden, RecurrentProduct product, int64_t steps, int64_t rows,
+                int slot = 0)
       : w_hh_(w_hh), hidden_(static_cast<int>(hidden)), product_(product) {
     if (steps < kMinStepsToPack || cblas_sgemm_compute == nullptr || cblas_sgemm_pack == nullptr ||
         cblas_sgemm_pack_get_size == nullptr) {
@@ -219,7 +224,7 @@ class RecurrentGemm<float> {
     }
     const int H = hidden_, G = 4 * hidden_, n = static_cast<int>(std::min(rows, kRowsPerSubBlock));
     const bool gates = product_ == RecurrentProduct::kGates;
-    packed_ = PackedWeightBuffer::get(cblas_sgemm_pack_get_size(kAMatrix, gates ? G : H, n, gates ? H : G));
+    packed_ = PackedWeightBuffer::get(cblas_sgemm_pack_get_size(kAMatrix, gates ? G : H, n, gates ? H : G), slot);
     if (packed_ != nullptr) {
       cblas_sgemm_pack(kColMajor, kAMatrix, gates ? kTrans : kNoTrans, gates ? G : H, n, gates ? H : G, 1.0f, w_hh,
                        H, packed_);
@@ -387,17 +392,20 @@ struct StepLayout {
   int64_t D, T, B;
   const int64_t* lengths;  // [B]; nullptr: every row runs every step
   bool padded;             // rows that do not run at a step still exist there, and are written as 0
-  std::vector<int64_t> step_begin;  // [D * T]
+  int64_t direction_rows;  // rows of one direction: T * B padded, N packed
+  std::vector<int64_t> step_begin;  // [T + 1]: the first row of each step within a direction, then direction_rows
 
-  int64_t first_row(int64_t direction, int64_t step) const { return step_begin[direction * T + step]; }
+  int64_t first_row(int64_t direction, int64_t step) const {
+    return direction * direction_rows + step_begin[step];
+  }
   bool runs(int64_t row, int64_t step) const { return lengths == nullptr || step < lengths[row]; }
   int64_t row_steps(int64_t row) const { return lengths == nullptr ? T : lengths[row]; }
 };
 
 StepLayout padded_layout(int64_t D, int64_t T, int64_t B, const int64_t* lengths) {
-  StepLayout layout{D, T, B, lengths, true, std::vector<int64_t>(D * T)};
-  for (int64_t i = 0; i < D * T; ++i) {
-    layout.step_begin[i] = i * B;
+  StepLayout layout{D, T, B, lengths, true, T * B, std::vector<int64_t>(T + 1)};
+  for (int64_t t = 0; t <= T; ++t) {
+    layout.step_begin[t] = t * B;
   }
   return layout;
 }
@@ -407,7 +415,7 @@ StepLayout packed_layout(int64_t D, const at::Tensor& batch_sizes, std::vector<i
   const int64_t T = batch_sizes.numel(), B = batch_sizes.data_ptr<int64_t>()[0];
   const int64_t* sizes = batch_sizes.data_ptr<int64_t>();
   lengths.assign(B, 0);
-  StepLayout layout{D, T, B, lengths.data(), false, std::vector<int64_t>(D * T)};
+  StepLayout layout{D, T, B, lengths.data(), false, 0, std::vector<int64_t>(T + 1)};
   int64_t tokens = 0;
   for (int64_t t = 0; t < T; ++t) {
     layout.step_begin[t] = tokens;
@@ -417,11 +425,7 @@ StepLayout packed_layout(int64_t D, const at::Tensor& batch_sizes, std::vector<i
       lengths[b] = t + 1;  // rows [next, sizes[t]) run their last step at t
     }
   }
-  for (int64_t d = 1; d < D; ++d) {
-    for (int64_t t = 0; t < T; ++t) {
-      layout.step_begin[d * T + t] = d * tokens + layout.step_begin[t];
-    }
-  }
+  layout.step_begin[T] = layout.direction_rows = tokens;
   return layout;
 }
 
@@ -449,10 +453,10 @@ template <typename scalar_t>
 struct ForwardStep {
   scalar_t* gates;  // [rows, 4H]: pre-activations in; activated gates out when saving
   scalar_t* cell;   // [rows, H], written when saving
-  scalar_t* y;      // [rows, H]
+  scalar_t* y;      // rows of H, y_stride apart
   scalar_t* h;      // [rows, H] running state, updated in place
   scalar_t* c;      // [rows, H] running state, updated in place
-  int64_t rows, hidden;
+  int64_t rows, hidden, y_stride;
 };
 
 // kSave: keep the activated gates and the cell for the backward (training); inference keeps neither.
@@ -462,7 +466,7 @@ RNN_FAST_INLINE void forward_cells(const ForwardStep<scalar_t>& s) {
   for (int64_t r = 0; r < s.rows; ++r) {
     scalar_t* gates = s.gates + r * G;
     scalar_t* cell = s.cell + r * H;
-    scalar_t* y = s.y + r * H;
+    scalar_t* y = s.y + r * s.y_stride;
     scalar_t* h = s.h + r * H;
     scalar_t* c = s.c + r * H;
 #pragma omp simd
@@ -643,55 +647,72 @@ scalar_t* thread_scratch(size_t count) {
 
 template <typename scalar_t>
 struct ForwardTensors {
-  const scalar_t* xw;
-  const scalar_t* w_hh;
-  scalar_t* y;
+  const scalar_t* xw;                      // [D, rows, 4H]
+  std::array<const scalar_t*, 2> w_hh;     // [4H, H] of each direction
+  scalar_t* y;                             // row r of direction d at y + d * y_direction_stride + r * y_row_stride
+  int64_t y_direction_stride, y_row_stride;
   scalar_t* h;      // [D, B, H] running state, h0 in, h_n out
   scalar_t* c;      // [D, B, H] running state, c0 in, c_n out
   scalar_t* gates;  // nullptr for inference: pre-activations then live in a per-thread buffer
   scalar_t* cell;
+
+  scalar_t* y_row(const StepLayout& layout, int64_t direction, int64_t row) const {
+    return y + direction * y_direction_stride + (row - direction * layout.direction_rows) * y_row_stride;
+  }
 };
+
+// Steps [first, last) of the direction's processing order, for one block of rows.
+template <typename scalar_t>
+void forward_steps(const StepLayout& layout, int64_t H, const ForwardTensors<scalar_t>& out, RowBlock block,
+                   const RecurrentGemm<scalar_t>& accumulate_gates, scalar_t* scratch, int64_t first, int64_t last) {
+  const int64_t T = layout.T, B = layout.B, G = 4 * H;
+  const bool save = out.gates != nullptr;
+  const int64_t d = block.direction;
+  for (int64_t s = first; s < last; ++s) {
+    const int64_t t = d == 0 ? s : T - 1 - s;
+    const int64_t step_row = layout.first_row(d, t);
+    for_each_run(layout, t, block.begin, block.end, [&](int64_t b, int64_t end, bool runs) {
+      const int64_t rows = end - b, row = step_row + b;
+      scalar_t* y = out.y_row(layout, d, row);
+      if (!runs) {
+        if (layout.padded) {
+          for (int64_t r = 0; r < rows; ++r) {
+            zero_rows(y + r * out.y_row_stride, 1, H);
+          }
+          if (save) {
+            zero_rows(out.gates + row * G, rows, G);
+            zero_rows(out.cell + row * H, rows, H);
+          }
+        }
+        return;
+      }
+      scalar_t* pre = save ? out.gates + row * G : scratch;
+      scalar_t* h = out.h + (d * B + b) * H;
+      // xw is read in one streaming copy, and the GEMM then accumulates onto it in cache: cheaper than
+      // letting BLAS zero the block (beta = 0) and reading xw again in the elementwise pass.
+      std::memcpy(pre, out.xw + row * G, rows * G * sizeof(scalar_t));
+      accumulate_gates(h, pre, rows);
+      const ForwardStep<scalar_t> cells{pre, save ? out.cell + row * H : nullptr, y, h, out.c + (d * B + b) * H,
+                                        rows, H, out.y_row_stride};
+      if (save) {
+        forward_cells_vectorised(cells);
+      } else {
+        inference_cells_vectorised(cells);
+      }
+    });
+  }
+}
 
 template <typename scalar_t>
 void run_forward(const StepLayout& layout, int64_t H, const ForwardTensors<scalar_t>& out) {
-  const int64_t T = layout.T, B = layout.B, G = 4 * H;
-  const bool save = out.gates != nullptr;
+  const int64_t G = 4 * H;
   for_each_row_block(layout, [&](RowBlock block) {
-    const int64_t d = block.direction;
-    const RecurrentGemm<scalar_t> accumulate_gates(out.w_hh + d * G * H, H, RecurrentProduct::kGates, T,
-                                                   block.end - block.begin);
-    scalar_t* scratch =
-        save ? nullptr : thread_scratch<scalar_t>(std::min(kRowsPerSubBlock, block.end - block.begin) * G);
-    for (int64_t s = 0; s < T; ++s) {
-      const int64_t t = d == 0 ? s : T - 1 - s;
-      const int64_t step_row = layout.first_row(d, t);
-      for_each_run(layout, t, block.begin, block.end, [&](int64_t b, int64_t end, bool runs) {
-        const int64_t rows = end - b, row = step_row + b;
-        if (!runs) {
-          if (layout.padded) {
-            zero_rows(out.y + row * H, rows, H);
-            if (save) {
-              zero_rows(out.gates + row * G, rows, G);
-              zero_rows(out.cell + row * H, rows, H);
-            }
-          }
-          return;
-        }
-        scalar_t* pre = save ? out.gates + row * G : scratch;
-        scalar_t* h = out.h + (d * B + b) * H;
-        // xw is read in one streaming copy, and the GEMM then accumulates onto it in cache: cheaper than
-        // letting BLAS zero the block (beta = 0) and reading xw again in the elementwise pass.
-        std::memcpy(pre, out.xw + row * G, rows * G * sizeof(scalar_t));
-        accumulate_gates(h, pre, rows);
-        const ForwardStep<scalar_t> cells{pre, save ? out.cell + row * H : nullptr, out.y + row * H, h,
-                                          out.c + (d * B + b) * H, rows, H};
-        if (save) {
-          forward_cells_vectorised(cells);
-        } else {
-          inference_cells_vectorised(cells);
-        }
-      });
-    }
+    const RecurrentGemm<scalar_t> accumulate_gates(out.w_hh[block.direction], H, RecurrentProduct::kGates,
+                                                   layout.T, block.end - block.begin);
+    scalar_t* scratch = out.gates != nullptr
+                            ? nullptr
+                            : thread_scratch<scalar_t>(std::min(kRowsPerSubBlock, block.end - block.begin) * G);
+    forward_steps(layout, H, out, block, accumulate_gates, scratch, 0, layout.T);
   });
 }
 
@@ -832,10 +853,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_o
   auto h_n = h0.clone();
   auto c_n = c0.clone();
   DISPATCH_FLOAT_AND_DOUBLE(xw.scalar_type(), "lstm_recurrence_forward", [&] {
+    const scalar_t* w = w_hh.data_ptr<scalar_t>();
     run_forward(layout, H, ForwardTensors<scalar_t>{
-        xw.data_ptr<scalar_t>(), w_hh.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), h_n.data_ptr<scalar_t>(),
-        c_n.data_ptr<scalar_t>(), save ? gates.data_ptr<scalar_t>() : nullptr,
-        save ? cell.data_ptr<scalar_t>() : nullptr});
+        xw.data_ptr<scalar_t>(), {w, w + (layout.D - 1) * G * H}, y.data_ptr<scalar_t>(),
+        layout.direction_rows * H, H, h_n.data_ptr<scalar_t>(), c_n.data_ptr<scalar_t>(),
+        save ? gates.data_ptr<scalar_t>() : nullptr, save ? cell.data_ptr<scalar_t>() : nullptr});
   });
   return {y, h_n, c_n, gates, cell};
 }
@@ -1061,6 +1083,19 @@ std::vector<std::pair<at::Tensor, at::Tensor>> step_matrices(const at::Tensor& p
 // Below this many multiply-adds a projection runs on the calling thread: MKL's fork and join would cost more.
 constexpr int64_t kSequentialProjectionMacs = int64_t(1) << 21;
 
+// parts [P, T, B, K] as memory: element strides between parts, steps and batch rows, unit stride along K.
+template <typename scalar_t>
+struct PartsView {
+  const scalar_t* data;
+  int64_t P, T, B, K, part_stride, step_stride, row_stride;
+};
+
+template <typename scalar_t>
+PartsView<scalar_t> parts_view(const at::Tensor& parts) {
+  return {parts.data_ptr<scalar_t>(), parts.size(0),   parts.size(1),  parts.size(2),
+          parts.size(3),              parts.stride(0), parts.stride(1), parts.stride(2)};
+}
+
 // A block of rows of one part, one GEMM: `rows` input rows from `input` (row stride input_ld) into as many output
 // rows of xw[d] from `output` (row stride output_ld).
 struct ProjectionBlock {
@@ -1070,60 +1105,61 @@ struct ProjectionBlock {
 // How a part [T, B, K] tiles into GEMMs: all T * B rows at once when its steps follow each other in memory; one
 // GEMM of T rows per batch row when its batch rows do (a batch-first input seen time-major); else one of B rows per
 // step. Output offsets are into xw[d] [T, B, G].
-std::vector<ProjectionBlock> projection_blocks(const at::Tensor& parts, int64_t G) {
-  const int64_t T = parts.size(1), B = parts.size(2);
-  const int64_t step_stride = parts.stride(1), row_stride = parts.stride(2);
-  if (T == 1 || step_stride == B * row_stride) {
-    return {{0, row_stride, 0, G, T * B}};
+template <typename scalar_t>
+std::vector<ProjectionBlock> projection_blocks(const PartsView<scalar_t>& parts, int64_t G) {
+  const int64_t T = parts.T, B = parts.B;
+  if (T == 1 || parts.step_stride == B * parts.row_stride) {
+    return {{0, parts.row_stride, 0, G, T * B}};
   }
   std::vector<ProjectionBlock> blocks;
-  if (B == 1 || row_stride == T * step_stride) {
+  if (B == 1 || parts.row_stride == T * parts.step_stride) {
     for (int64_t b = 0; b < B; ++b) {
-      blocks.push_back({b * row_stride, step_stride, b * G, B * G, T});
+      blocks.push_back({b * parts.row_stride, parts.step_stride, b * G, B * G, T});
     }
   } else {
     for (int64_t t = 0; t < T; ++t) {
-      blocks.push_back({t * step_stride, row_stride, t * B * G, G, B});
+      blocks.push_back({t * parts.step_stride, parts.row_stride, t * B * G, G, B});
     }
   }
   return blocks;
 }
 
 // xw[d] = bias[d] (or 0), then += parts[p] @ w_ih[d][:, p*K:(p+1)*K]^T, straight to BLAS: at a streaming call's
-// size (one step, one row) the ATen ops around each GEMM would cost more than the GEMM. One block of rows is one
-// GEMM that MKL may thread; several blocks are shared among the threads, each GEMM on one thread.
+// size (one step, one row) the ATen ops around each GEMM would cost more than the GEMM. w_ih[d] is [G, P*K] and
+// bias[d] [G] (or nullptr) of direction d; xw[d] starts at xw + d * xw_direction_stride. One block of rows is one
+// GEMM that MKL may thread; several blocks are shared among the threads, each GEMM on one thread; with
+// may_thread false (inside a parallel region) everything runs on the calling thread.
 template <typename scalar_t>
-void project_parts(const at::Tensor& parts, const scalar_t* w_ih, const scalar_t* bias, scalar_t* xw, int64_t D,
-                   int64_t G) {
-  const int64_t P = parts.size(0), T = parts.size(1), B = parts.size(2), K = parts.size(3);
-  const int64_t part_stride = parts.stride(0);
-  const scalar_t* parts_p = parts.data_ptr<scalar_t>();
+void project_parts(const PartsView<scalar_t>& parts, std::array<const scalar_t*, 2> w_ih,
+                   std::array<const scalar_t*, 2> bias, scalar_t* xw, int64_t xw_direction_stride, int64_t D,
+                   int64_t G, bool may_thread) {
+  const int64_t P = parts.P, K = parts.K;
   const std::vector<ProjectionBlock> blocks = projection_blocks(parts, G);
   const int64_t num_tasks = D * static_cast<int64_t>(blocks.size());
   auto project = [&](int64_t task) {
     const int64_t d = task / static_cast<int64_t>(blocks.size());
     const ProjectionBlock& block = blocks[task % blocks.size()];
-    scalar_t* out = xw + d * T * B * G + block.output;
+    scalar_t* out = xw + d * xw_direction_stride + block.output;
     for (int64_t row = 0; row < block.rows; ++row) {
       scalar_t* out_row = out + row * block.output_ld;
-      if (bias == nullptr) {
+      if (bias[d] == nullptr) {
         std::fill(out_row, out_row + G, scalar_t(0));
       } else {
-        std::copy(bias + d * G, bias + (d + 1) * G, out_row);
+        std::copy(bias[d], bias[d] + G, out_row);
       }
     }
     for (int64_t p = 0; p < P; ++p) {
       // out[rows, G] += part[rows, K] @ w_ih[d][:, p*K:(p+1)*K]^T, as column-major out^T = W_p @ part^T.
-      blas_gemm("T", "N", static_cast<int>(G), static_cast<int>(block.rows), static_cast<int>(K),
-                w_ih + d * G * P * K + p * K, static_cast<int>(P * K), parts_p + p * part_stride + block.input,
+      blas_gemm("T", "N", static_cast<int>(G), static_cast<int>(block.rows), static_cast<int>(K), w_ih[d] + p * K,
+                static_cast<int>(P * K), parts.data + p * parts.part_stride + block.input,
                 static_cast<int>(block.input_ld), scalar_t(1), out, static_cast<int>(block.output_ld));
     }
   };
-  const int64_t threads = at::get_num_threads();
-  const bool small = D * T * B * P * K * G < kSequentialProjectionMacs;
+  const int64_t threads = may_thread ? at::get_num_threads() : 1;
+  const bool small = D * parts.T * parts.B * P * K * G < kSequentialProjectionMacs;
   if (blocks.size() == 1 || small || threads == 1) {
     std::optional<SequentialBlas> sequential;
-    if (small) {
+    if (small || !may_thread) {
       sequential.emplace();
     }
     for (int64_t task = 0; task < num_tasks; ++task) {
@@ -1137,6 +1173,14 @@ void project_parts(const at::Tensor& parts, const scalar_t* w_ih, const scalar_t
   }
 }
 
+void check_projection_sizes(const at::Tensor& parts, int64_t G) {
+  constexpr int64_t kMaxSize = std::numeric_limits<int>::max();
+  const int64_t T = parts.size(1), B = parts.size(2);
+  TORCH_CHECK(T * B <= kMaxSize && parts.stride(1) <= kMaxSize && parts.stride(2) <= kMaxSize &&
+                  parts.size(0) * parts.size(3) <= kMaxSize && B * G <= kMaxSize,
+              "the sizes of parts must fit in int32, got ", parts.sizes(), " with strides ", parts.strides());
+}
+
 at::Tensor input_projection_cpu(const at::Tensor& parts, const at::Tensor& w_ih, const std::optional<at::Tensor>& bias) {
   check_projection(parts, w_ih);
   const int64_t P = parts.size(0), T = parts.size(1), B = parts.size(2), K = parts.size(3);
@@ -1144,14 +1188,13 @@ at::Tensor input_projection_cpu(const at::Tensor& parts, const at::Tensor& w_ih,
   if (bias.has_value()) {
     RNN_FAST_CHECK_INPUT((*bias), parts.device(), parts.scalar_type(), D, G);
   }
-  constexpr int64_t kMaxSize = std::numeric_limits<int>::max();
-  TORCH_CHECK(T * B <= kMaxSize && parts.stride(1) <= kMaxSize && parts.stride(2) <= kMaxSize && P * K <= kMaxSize &&
-                  B * G <= kMaxSize,
-              "the sizes of parts must fit in int32, got ", parts.sizes(), " with strides ", parts.strides());
+  check_projection_sizes(parts, G);
   auto xw = empty_output({D, T, B, G}, parts.options());
   DISPATCH_FLOAT_AND_DOUBLE(parts.scalar_type(), "cpu_input_projection", [&] {
-    project_parts(parts, w_ih.data_ptr<scalar_t>(), bias.has_value() ? bias->data_ptr<scalar_t>() : nullptr,
-                  xw.data_ptr<scalar_t>(), D, G);
+    const scalar_t* w = w_ih.data_ptr<scalar_t>();
+    const scalar_t* b = bias.has_value() ? bias->data_ptr<scalar_t>() : nullptr;
+    project_parts(parts_view<scalar_t>(parts), {w, w + (D - 1) * G * P * K},
+                  {b, b == nullptr ? nullptr : b + (D - 1) * G}, xw.data_ptr<scalar_t>(), T * B * G, D, G, true);
   });
   return xw;
 }
