@@ -13,6 +13,7 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -22,6 +23,7 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <thread>
 #include <tuple>
 #include <type_traits>
 #include <unordered_map>
@@ -31,6 +33,8 @@
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
+
+#include <omp.h>
 
 #include "recurrence_checks.h"
 
@@ -1236,6 +1240,193 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> input_projection_backward_cpu(con
   return {grad_parts, grad_w_ih, grad_bias};
 }
 
+// ---------------------------------------------------------------------------------------------------------
+// Inference through a whole stack of layers in one op (rnn_fast::cpu_lstm_inference): nn.RNNBase's parameters read
+// where they lie (no stacked copies), no Python between layers, each layer's final state written straight into
+// h_n and c_n. A unidirectional stack of a few batch rows, whose one block of rows per layer would leave the other
+// threads idle, runs its layers at once: layer l takes a chunk of steps as soon as layer l-1 has finished it.
+
+constexpr int64_t kPipelineMaxRows = 8;  // batch rows up to which the layers of a stack run at once
+constexpr int64_t kPipelineSteps = 8;    // steps per chunk: the lag between one layer and the next
+
+template <typename scalar_t>
+struct StackLayer {
+  PartsView<scalar_t> input;
+  std::array<const scalar_t*, 2> w_ih;
+  std::vector<scalar_t> bias;  // [D, G]: b_ih + b_hh, empty without biases
+  scalar_t* xw;                // [D, rows, G]
+  ForwardTensors<scalar_t> recurrence;
+
+  std::array<const scalar_t*, 2> bias_rows(int64_t G) const {
+    return bias.empty() ? std::array<const scalar_t*, 2>{nullptr, nullptr}
+                        : std::array<const scalar_t*, 2>{bias.data(), bias.data() + (bias.size() / G - 1) * G};
+  }
+};
+
+// The steps [first, last) of parts that hold one row per (step, batch row) of the layout.
+template <typename scalar_t>
+PartsView<scalar_t> step_chunk(const PartsView<scalar_t>& parts, const StepLayout& layout, int64_t first,
+                               int64_t last) {
+  PartsView<scalar_t> chunk = parts;
+  if (layout.padded) {
+    chunk.data += first * parts.step_stride;
+    chunk.T = last - first;
+  } else {  // packed: one step of N rows
+    chunk.data += layout.step_begin[first] * parts.row_stride;
+    chunk.B = layout.step_begin[last] - layout.step_begin[first];
+  }
+  return chunk;
+}
+
+void wait_for_steps(const std::atomic<int64_t>& done, int64_t steps) {
+  for (int spins = 0; done.load(std::memory_order_acquire) < steps; ++spins) {
+    if (spins < 4096) {
+#if defined(__x86_64__)
+      __builtin_ia32_pause();
+#endif
+    } else {
+      std::this_thread::yield();  // a busy machine may have descheduled the layer below
+    }
+  }
+}
+
+template <typename scalar_t>
+void run_stack(const StepLayout& layout, int64_t H, std::vector<StackLayer<scalar_t>>& layers) {
+  const int64_t L = static_cast<int64_t>(layers.size()), G = 4 * H, D = layout.D;
+  const int64_t threads = at::get_num_threads();
+  const bool pipelined = D == 1 && L >= 2 && L <= kPackedWeightSlots && threads >= 2 &&
+                         layout.B <= kPipelineMaxRows && layout.T >= 2 * kPipelineSteps;
+  if (!pipelined) {
+    for (StackLayer<scalar_t>& layer : layers) {
+      project_parts(layer.input, layer.w_ih, layer.bias_rows(G), layer.xw, layout.direction_rows * G, D, G, true);
+      run_forward(layout, H, layer.recurrence);
+    }
+    return;
+  }
+  std::unique_ptr<std::atomic<int64_t>[]> done(new std::atomic<int64_t>[L]);
+  for (int64_t l = 0; l < L; ++l) {
+    done[l].store(0);
+  }
+#pragma omp parallel num_threads(std::min(threads, L))
+  {
+    // Thread k runs layers k, k + team, ...; in each chunk it runs them in order, so it never waits for itself.
+    const int64_t team = omp_get_num_threads(), rank = omp_get_thread_num();
+    const SequentialBlas sequential;
+    std::vector<RecurrentGemm<scalar_t>> gemms;
+    for (int64_t l = rank; l < L; l += team) {
+      gemms.emplace_back(layers[l].recurrence.w_hh[0], H, RecurrentProduct::kGates, layout.T, layout.B,
+                         static_cast<int>(gemms.size()));
+    }
+    scalar_t* scratch = thread_scratch<scalar_t>(layout.B * G);
+    for (int64_t first = 0; first < layout.T; first += kPipelineSteps) {
+      const int64_t last = std::min(layout.T, first + kPipelineSteps);
+      for (int64_t l = rank, own = 0; l < L; l += team, ++own) {
+        if (l > 0) {
+          wait_for_steps(done[l - 1], last);
+        }
+        const StackLayer<scalar_t>& layer = layers[l];
+        project_parts(step_chunk(layer.input, layout, first, last), layer.w_ih, layer.bias_rows(G),
+                      layer.xw + layout.step_begin[first] * G, 0, 1, G, false);
+        forward_steps(layout, H, layer.recurrence, RowBlock{0, 0, layout.B}, gemms[own], scratch, first, last);
+        done[l].store(last, std::memory_order_release);
+      }
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_inference_cpu(const at::Tensor& input, const at::Tensor& h0,
+                                                                  const at::Tensor& c0, at::TensorList params,
+                                                                  bool has_biases, int64_t num_layers,
+                                                                  bool bidirectional,
+                                                                  const std::optional<at::Tensor>& batch_sizes) {
+  const int64_t D = bidirectional ? 2 : 1, L = num_layers, per_direction = has_biases ? 4 : 2;
+  TORCH_CHECK(L >= 1 && static_cast<int64_t>(params.size()) == L * D * per_direction, "params must hold ",
+              L * D * per_direction, " tensors (w_ih, w_hh", has_biases ? ", b_ih, b_hh" : "",
+              " of each layer and direction, nn.RNNBase's _flat_weights), got ", params.size());
+  TORCH_CHECK(params[1].dim() == 2 && params[1].size(0) == 4 * params[1].size(1) && params[1].size(1) > 0,
+              "w_hh must have shape (4H, H), got ", params[1].sizes());
+  const int64_t H = params[1].size(1), G = 4 * H, I = input.size(-1);
+  std::vector<int64_t> lengths;
+  StepLayout layout;
+  if (batch_sizes.has_value()) {
+    TORCH_CHECK(input.dim() == 2, "packed input must have shape (N, I), got ", input.sizes());
+    check_packed_steps(input.unsqueeze(0), "input", 1, *batch_sizes);
+    layout = packed_layout(D, *batch_sizes, lengths);
+  } else {
+    TORCH_CHECK(input.dim() == 3 && input.size(0) >= 1, "input must have shape (T, B, I) with T >= 1, got ",
+                input.sizes());
+    check_supported_dtype(input.scalar_type());
+    TORCH_CHECK(input.device().is_cpu(), "input must be a CPU tensor, got one on ", input.device());
+    layout = padded_layout(D, input.size(0), input.size(1), nullptr);
+  }
+  const at::Tensor x = input.stride(-1) == 1 ? input : input.contiguous();
+  const auto device = x.device();
+  const auto dtype = x.scalar_type();
+  const int64_t B = layout.B, rows = layout.direction_rows;
+  RNN_FAST_CHECK_INPUT(h0, device, dtype, L * D, B, H);
+  RNN_FAST_CHECK_INPUT(c0, device, dtype, L * D, B, H);
+  for (int64_t l = 0; l < L; ++l) {
+    for (int64_t d = 0; d < D; ++d) {
+      const at::Tensor* p = params.data() + (l * D + d) * per_direction;
+      const at::Tensor &w_ih = p[0], &w_hh = p[1];
+      RNN_FAST_CHECK_INPUT(w_ih, device, dtype, G, l == 0 ? I : D * H);
+      RNN_FAST_CHECK_INPUT(w_hh, device, dtype, G, H);
+      if (has_biases) {
+        const at::Tensor &b_ih = p[2], &b_hh = p[3];
+        RNN_FAST_CHECK_INPUT(b_ih, device, dtype, G);
+        RNN_FAST_CHECK_INPUT(b_hh, device, dtype, G);
+      }
+    }
+  }
+  check_projection_sizes(batch_sizes.has_value() ? x.view({1, 1, rows, I}) : x.unsqueeze(0), G);
+
+  auto output = batch_sizes.has_value() ? empty_output({rows, D * H}, x.options())
+                                        : empty_output({layout.T, B, D * H}, x.options());
+  // The running state of every layer, updated in place step after step.
+  auto h_n = h0.clone();
+  auto c_n = c0.clone();
+  std::vector<at::Tensor> buffers;  // each layer's xw, and y below the last layer
+  DISPATCH_FLOAT_AND_DOUBLE(dtype, "cpu_lstm_inference", [&] {
+    std::vector<StackLayer<scalar_t>> layers(L);
+    PartsView<scalar_t> parts = batch_sizes.has_value()
+                                    ? PartsView<scalar_t>{x.data_ptr<scalar_t>(), 1, 1, rows, I, 0, 0, x.stride(0)}
+                                    : PartsView<scalar_t>{x.data_ptr<scalar_t>(), 1, layout.T, B, I, 0, x.stride(0),
+                                                          x.stride(1)};
+    for (int64_t l = 0; l < L; ++l) {
+      StackLayer<scalar_t>& layer = layers[l];
+      layer.input = parts;
+      for (int64_t d = 0; d < D; ++d) {
+        const at::Tensor* p = params.data() + (l * D + d) * per_direction;
+        layer.w_ih[d] = p[0].data_ptr<scalar_t>();
+        layer.recurrence.w_hh[d] = p[1].data_ptr<scalar_t>();
+        if (has_biases) {
+          const scalar_t* b_ih = p[2].data_ptr<scalar_t>();
+          const scalar_t* b_hh = p[3].data_ptr<scalar_t>();
+          for (int64_t j = 0; j < G; ++j) {
+            layer.bias.push_back(b_ih[j] + b_hh[j]);
+          }
+        }
+      }
+      buffers.push_back(empty_output({D, rows, G}, x.options()));
+      layer.xw = buffers.back().data_ptr<scalar_t>();
+      const bool last = l == L - 1;
+      if (!last) {
+        buffers.push_back(empty_output({D, rows, H}, x.options()));
+      }
+      scalar_t* y = last ? output.data_ptr<scalar_t>() : buffers.back().data_ptr<scalar_t>();
+      // The last layer writes the output [rows, D*H] (directions side by side), the others y [D, rows, H].
+      layer.recurrence = ForwardTensors<scalar_t>{layer.xw, layer.recurrence.w_hh, y, last ? H : rows * H,
+                                                  last ? D * H : H, h_n.data_ptr<scalar_t>() + l * D * B * H,
+                                                  c_n.data_ptr<scalar_t>() + l * D * B * H, nullptr, nullptr};
+      // The next layer's parts: this layer's y [D, T, B, H] (padded) or [D, 1, N, H] (packed).
+      parts = layout.padded ? PartsView<scalar_t>{y, D, layout.T, B, H, rows * H, B * H, H}
+                            : PartsView<scalar_t>{y, D, 1, rows, H, rows * H, 0, H};
+    }
+    run_stack(layout, H, layers);
+  });
+  return {output, h_n, c_n};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(rnn_fast, m) {
@@ -1246,6 +1437,11 @@ TORCH_LIBRARY_FRAGMENT(rnn_fast, m) {
       "cpu_input_projection_backward(Tensor grad_xw, Tensor parts, Tensor w_ih, bool[3] output_mask)"
       " -> (Tensor grad_parts, Tensor grad_w_ih, Tensor grad_bias)");
   m.def("cpu_packed_recurrent_weight_grad(Tensor grad_xw, Tensor y, Tensor h0, Tensor batch_sizes) -> Tensor");
+  // Inference through all layers at once; params as nn.RNNBase's _flat_weights, input [T, B, I] (any strides with
+  // a dense last dimension) or PackedSequence data [N, I] with its batch_sizes.
+  m.def(
+      "cpu_lstm_inference(Tensor input, Tensor h0, Tensor c0, Tensor[] params, bool has_biases, int num_layers,"
+      " bool bidirectional, Tensor? batch_sizes) -> (Tensor output, Tensor h_n, Tensor c_n)");
 }
 
 TORCH_LIBRARY_IMPL(rnn_fast, CPU, m) {
@@ -1256,6 +1452,7 @@ TORCH_LIBRARY_IMPL(rnn_fast, CPU, m) {
   m.impl("lstm_packed_recurrence_backward", &lstm_packed_recurrence_backward_cpu);
   m.impl("lstm_packed_recurrence_inference", &lstm_packed_recurrence_inference_cpu);
   m.impl("cpu_packed_recurrent_weight_grad", &packed_recurrent_weight_grad_cpu);
+  m.impl("cpu_lstm_inference", &lstm_inference_cpu);
   m.impl("cpu_input_projection", &input_projection_cpu);
   m.impl("cpu_input_projection_backward", &input_projection_backward_cpu);
 }

@@ -56,7 +56,6 @@ class LSTM(nn.RNNBase):
             if reason is not None:
                 raise RuntimeError(f"rnn_fast backend {backend!r} is unavailable: {reason}")
         self.backend = backend
-        self._lay_directions_side_by_side()
 
     get_expected_cell_size = nn.LSTM.get_expected_cell_size
     check_forward_args = nn.LSTM.check_forward_args
@@ -107,6 +106,12 @@ class LSTM(nn.RNNBase):
                 self.check_forward_args(data, hx, batch_sizes)
                 # Rows stay in the packed (sorted) order; hx is permuted into it like nn.LSTM does.
                 hx = self.permute_hidden(hx, sorted_indices)
+            if self._runs_stack_inference(choice, inference):
+                output, h_n, c_n = backend.lstm_stack_inference(data, *self._initial_state(hx, data, batch_sizes),
+                                                                self._flat_weights, self.bias, self.num_layers,
+                                                                self.bidirectional, batch_sizes)
+                return (PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices),
+                        self.permute_hidden((h_n, c_n), unsorted_indices))
             if choice.packed_layout:
                 output, (h_n, c_n) = self._run_packed_layers(backend, data, batch_sizes, hx, inference)
                 return (PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices),
@@ -141,7 +146,12 @@ class LSTM(nn.RNNBase):
         if packed_lengths is not None and bool((packed_lengths < seq_len).any()):
             lengths = packed_lengths.to(x.device)
 
-        output, h_n, c_n = self._run_layers(choice, x, hx[0], hx[1], lengths, inference)
+        if lengths is None and self._runs_stack_inference(choice, inference):
+            output, h_n, c_n = backend.lstm_stack_inference(x, hx[0].contiguous(), hx[1].contiguous(),
+                                                            self._flat_weights, self.bias, self.num_layers,
+                                                            self.bidirectional, None)
+        else:
+            output, h_n, c_n = self._run_layers(choice, x, hx[0], hx[1], lengths, inference)
 
         if is_packed:
             packed = pack_padded_sequence(output, packed_lengths)
@@ -177,30 +187,9 @@ class LSTM(nn.RNNBase):
         return (data.requires_grad or any(weight.requires_grad for weight in self._flat_weights)
                 or (hx is not None and (hx[0].requires_grad or hx[1].requires_grad)))
 
-    def _lay_directions_side_by_side(self) -> None:
-        """Puts each bidirectional layer's forward and reverse parameter of one kind side by side in one storage,
-        so that a call autograd will not differentiate reads both as one ``[2, ...]`` view (``_directions``)
-        instead of stacking a copy. Nothing is cached: a view always shows the parameters' current values."""
-        if not self.bidirectional:
-            return
-        with torch.no_grad():
-            for name in self._flat_weights_names:
-                if name.endswith("_reverse"):
-                    continue
-                forward, reverse = getattr(self, name), getattr(self, f"{name}_reverse")
-                if forward.shape == reverse.shape and forward.dtype == reverse.dtype and \
-                        forward.device == reverse.device:
-                    both = torch.stack([forward, reverse])
-                    forward.data, reverse.data = both[0], both[1]
-
-    def _apply(self, fn, recurse=True):
-        # .to(), .double(), .cuda() ... give the parameters new storage.
-        result = super()._apply(fn, recurse)
-        self._lay_directions_side_by_side()
-        return result
-
-    def _layer_weights(self, layer: int, inference: bool):
-        """``w_ih [D, 4H, In]``, ``w_hh [D, 4H, H]`` and the summed biases ``[D, 4H]`` (or None)."""
+    def _layer_weights(self, layer: int):
+        """``w_ih [D, 4H, In]``, ``w_hh [D, 4H, H]`` and the summed biases ``[D, 4H]`` (or None): views of the
+        parameters for one direction, stacked copies for two."""
         # _flat_weights (nn.RNNBase's, kept current when a parameter is replaced) holds each layer's directions'
         # (w_ih, w_hh[, b_ih, b_hh]) in order: read there, not through a getattr per parameter.
         num_directions = 2 if self.bidirectional else 1
@@ -208,8 +197,8 @@ class LSTM(nn.RNNBase):
         first = layer * num_directions * per_direction
 
         def directions(kind: int) -> torch.Tensor:
-            return _directions([self._flat_weights[first + d * per_direction + kind] for d in range(num_directions)],
-                               inference)
+            tensors = [self._flat_weights[first + d * per_direction + kind] for d in range(num_directions)]
+            return tensors[0].unsqueeze(0) if num_directions == 1 else torch.stack(tensors)
 
         if not self.bias:
             return directions(0), directions(1), None
@@ -225,38 +214,48 @@ class LSTM(nn.RNNBase):
         project = backend.input_projection
         recurrence = (backend.lstm_recurrence_inference if inference and choice.inference
                       else backend.lstm_recurrence)
-        y, h_n, c_n = self._stack_layers(project, recurrence, x.unsqueeze(0), lambda y: y, h0, c0, lengths,
-                                         inference)
+        y, h_n, c_n = self._stack_layers(project, recurrence, x.unsqueeze(0), lambda y: y, h0, c0, lengths)
         # One direction is a reshape of y (no copy, nor a zero-filled gradient as y[0] would have).
         output = (y.reshape(seq_len, batch, -1) if y.shape[0] == 1
                   else y.permute(1, 2, 0, 3).reshape(seq_len, batch, -1))
         return output, h_n, c_n
+
+    def _runs_stack_inference(self, choice: BackendChoice, inference: bool) -> bool:
+        """Whether the backend's one op through all layers runs this call: autograd will not differentiate it, and
+        no dropout applies between layers."""
+        return inference and choice.stack_inference and not (self.dropout > 0 and self.training
+                                                              and self.num_layers > 1)
+
+    def _initial_state(self, hx, data: torch.Tensor, batch_sizes: torch.Tensor):
+        """PackedSequence input's ``(h0, c0)``, contiguous, zeros when ``hx`` is None."""
+        if hx is None:
+            zeros = data.new_zeros(self.num_layers * (2 if self.bidirectional else 1), int(batch_sizes[0]),
+                                   self.hidden_size)
+            return zeros, zeros
+        return hx[0].contiguous(), hx[1].contiguous()
 
     def _run_packed_layers(self, backend, data: torch.Tensor, batch_sizes: torch.Tensor, hx, inference: bool):
         """PackedSequence ``data [N, I]`` through all layers in the packed layout (docs/contract.md), where every
         step, projection and weight gradient covers only the rows that run -> ``(output data [N, D*H], (h_n,
         c_n))``, rows in the packed (sorted) order."""
         num_tokens = data.shape[0]
-        if hx is None:
-            zeros = data.new_zeros(self.num_layers * (2 if self.bidirectional else 1), int(batch_sizes[0]),
-                                   self.hidden_size)
-            hx = (zeros, zeros)
+        hx = self._initial_state(hx, data, batch_sizes)
         project = backend.input_projection
         recurrence = backend.lstm_packed_recurrence_inference if inference else backend.lstm_packed_recurrence
         # The packed rows are one step of N rows to the projection: parts [P, 1, N, K], y [D, N, H] -> [D, 1, N, H].
         y, h_n, c_n = self._stack_layers(lambda parts, w_ih, bias: project(parts, w_ih, bias).flatten(1, 2),
                                          recurrence, data.view(1, 1, num_tokens, -1), lambda y: y.unsqueeze(1),
-                                         hx[0], hx[1], batch_sizes, inference)
+                                         hx[0], hx[1], batch_sizes)
         output = y.reshape(num_tokens, -1) if y.shape[0] == 1 else y.transpose(0, 1).reshape(num_tokens, -1)
         return output, (h_n, c_n)
 
-    def _stack_layers(self, project, recurrence, parts, as_parts, h0, c0, lengths, inference: bool):
+    def _stack_layers(self, project, recurrence, parts, as_parts, h0, c0, lengths):
         """Each layer: ``xw = project(parts, w_ih, bias)``, ``recurrence(xw, w_hh, h0, c0, lengths)``, dropout,
         and ``as_parts(y)`` as the next layer's input -> ``(last y, h_n, c_n)``."""
         num_directions = 2 if self.bidirectional else 1
         h_n, c_n = [], []
         for layer in range(self.num_layers):
-            w_ih, w_hh, bias = self._layer_weights(layer, inference)
+            w_ih, w_hh, bias = self._layer_weights(layer)
             xw = project(parts, w_ih, bias)
             states = slice(layer * num_directions, (layer + 1) * num_directions)
             y, layer_h_n, layer_c_n = recurrence(
@@ -270,25 +269,6 @@ class LSTM(nn.RNNBase):
         if self.num_layers == 1:
             return y, h_n[0], c_n[0]
         return y, torch.cat(h_n), torch.cat(c_n)
-
-
-def _directions(tensors, inference: bool) -> torch.Tensor:
-    """The directions' parameters of one kind as ``[D, ...]``: a view for one direction, and for two laid side by
-    side in one storage (``LSTM._lay_directions_side_by_side``) when autograd will not differentiate the call;
-    otherwise a copy."""
-    if len(tensors) == 1:
-        return tensors[0].unsqueeze(0)
-    forward, reverse = tensors
-    if inference and not torch.compiler.is_compiling() and _side_by_side(forward, reverse):
-        return forward.detach().as_strided((2, *forward.shape), (forward.numel(), *forward.stride()))
-    return torch.stack(tensors)
-
-
-def _side_by_side(first: torch.Tensor, second: torch.Tensor) -> bool:
-    return (first.is_contiguous() and second.is_contiguous() and first.shape == second.shape
-            and first.dtype == second.dtype and first.device == second.device
-            and first.untyped_storage().data_ptr() == second.untyped_storage().data_ptr()
-            and second.storage_offset() == first.storage_offset() + first.numel())
 
 
 def _rebuilt(source: nn.RNNBase, cls, **kwargs) -> nn.RNNBase:

@@ -265,6 +265,21 @@ def test_forward_rejects_bad_inputs(change, message):
         torch.ops.rnn_fast.lstm_recurrence_forward(*_bad_forward_args(change))
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
+def test_stack_inference_opcheck(bidirectional, packed):
+    lstm = torch.nn.LSTM(3, 2, num_layers=2, bidirectional=bidirectional, dtype=torch.float64)
+    params = [p.detach() for p in lstm._flat_weights]
+    state = torch.randn(4 if bidirectional else 2, 3, 2, dtype=torch.float64)
+    input = torch.randn(4, 3, 3, dtype=torch.float64)
+    batch_sizes = None
+    if packed:
+        packed_input = torch.nn.utils.rnn.pack_padded_sequence(input, torch.tensor([4, 2, 1]))
+        input, batch_sizes = packed_input.data, packed_input.batch_sizes
+    torch.library.opcheck(torch.ops.rnn_fast.cpu_lstm_inference.default,
+                          (input, state, state, params, True, 2, bidirectional, batch_sizes))
+
+
 def _bad_packed_args(change):
     args = dict(zip(("xw", "w_hh", "h0", "c0", "batch_sizes"), _packed_inputs(2, "mixed", 5, torch.float32)))
     return tuple(change(args).values())

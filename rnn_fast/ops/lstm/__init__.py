@@ -62,23 +62,37 @@ class PackedLayoutBackend(Protocol):
         """Its inference op: ``(y, h_n, c_n)``."""
 
 
+@runtime_checkable
+class StackInferenceBackend(Protocol):
+    """A backend that runs a whole stack of layers in one inference op, when autograd will not differentiate the
+    call and no dropout applies between layers."""
+
+    def lstm_stack_inference(self, input: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor,
+                             params: List[torch.Tensor], has_biases: bool, num_layers: int, bidirectional: bool,
+                             batch_sizes: Optional[torch.Tensor]
+                             ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(output, h_n, c_n)`` of time-major ``input [T, B, I]`` (or PackedSequence data ``[N, I]`` with its
+        ``batch_sizes``), ``params`` in ``nn.RNNBase._flat_weights`` order, states ``[L*D, B, H]``."""
+
+
 class BackendChoice(NamedTuple):
     """What runs: ``name`` (``"torch"`` for nn.LSTM's implementation), its ``module`` (None for torch), and
-    ``fallback_reason``: why the requested fused backend does not run, or None when nothing fell back. ``inference``
-    and ``packed_layout`` say whether the module is also an :class:`InferenceBackend` / a
-    :class:`PackedLayoutBackend` (checked once, when it is loaded: an isinstance check costs more than a streaming
-    step)."""
+    ``fallback_reason``: why the requested fused backend does not run, or None when nothing fell back. ``inference``,
+    ``packed_layout`` and ``stack_inference`` say whether the module is also an :class:`InferenceBackend`, a
+    :class:`PackedLayoutBackend`, a :class:`StackInferenceBackend` (checked once, when it is loaded: an isinstance
+    check costs more than a streaming step)."""
     name: str
     module: Optional[RecurrenceBackend]
     fallback_reason: Optional[str]
     inference: bool = False
     packed_layout: bool = False
+    stack_inference: bool = False
 
 
 _loaded: Dict[str, ModuleType] = {}
 _import_errors: Dict[str, str] = {}
-# backend name -> (InferenceBackend?, PackedLayoutBackend?)
-_capabilities: Dict[str, Tuple[bool, bool]] = {}
+# backend name -> (InferenceBackend?, PackedLayoutBackend?, StackInferenceBackend?)
+_capabilities: Dict[str, Tuple[bool, bool, bool]] = {}
 
 
 def load_backend(name: str) -> Optional[RecurrenceBackend]:
@@ -92,7 +106,8 @@ def load_backend(name: str) -> Optional[RecurrenceBackend]:
             if not isinstance(module, RecurrenceBackend):
                 raise TypeError(f"{module.__name__} does not provide the RecurrenceBackend interface")
             _loaded[name] = module
-            _capabilities[name] = (isinstance(module, InferenceBackend), isinstance(module, PackedLayoutBackend))
+            _capabilities[name] = tuple(isinstance(module, protocol) for protocol in
+                                        (InferenceBackend, PackedLayoutBackend, StackInferenceBackend))
     return _loaded.get(name)
 
 

@@ -23,6 +23,7 @@ SUPPORTED_DTYPES = (torch.float32, torch.float64)
 projection_op = torch.ops.rnn_fast.cpu_input_projection.default
 projection_backward_op = torch.ops.rnn_fast.cpu_input_projection_backward.default
 packed_weight_grad_op = torch.ops.rnn_fast.cpu_packed_recurrent_weight_grad.default
+stack_inference_op = torch.ops.rnn_fast.cpu_lstm_inference.default
 
 
 @torch.library.register_fake(packed_weight_grad_op)
@@ -31,6 +32,12 @@ def _packed_weight_grad_fake(grad_xw, y, h0, batch_sizes):
 
 
 register_recurrence_autograd(packed_forward_op, packed_backward_op, packed_weight_grad_op)
+
+
+@torch.library.register_fake(stack_inference_op)
+def _stack_inference_fake(input, h0, c0, params, has_biases, num_layers, bidirectional, batch_sizes):
+    width = (2 if bidirectional else 1) * params[1].shape[1]
+    return input.new_empty(*input.shape[:-1], width), torch.empty_like(h0), torch.empty_like(c0)
 
 
 @torch.library.register_fake(projection_op)
@@ -97,10 +104,11 @@ def lstm_recurrence(xw, w_hh, h0, c0, lengths):
     return forward_op(xw, w_hh, h0, c0, lengths)
 
 
-# InferenceBackend and PackedLayoutBackend (rnn_fast.ops.lstm): the ops themselves.
+# InferenceBackend, PackedLayoutBackend and StackInferenceBackend (rnn_fast.ops.lstm): the ops themselves.
 lstm_recurrence_inference = inference_op
 lstm_packed_recurrence = packed_forward_op
 lstm_packed_recurrence_inference = packed_inference_op
+lstm_stack_inference = stack_inference_op
 
 
 def release_cached_memory() -> int:
