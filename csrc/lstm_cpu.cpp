@@ -633,10 +633,12 @@ void for_each_row_block(const StepLayout& layout, const Body& body) {
   }
 }
 
-// A per-thread buffer of at least `count` elements, kept across calls (the inference pass's pre-activations).
+// Per-thread buffers of at least `count` elements, kept across calls: slot 0 for the inference pass's
+// pre-activations, slot 1 for the chunks of xw the whole-stack inference projects.
 template <typename scalar_t>
-scalar_t* thread_scratch(size_t count) {
-  thread_local std::vector<scalar_t> buffer;
+scalar_t* thread_scratch(size_t count, int slot = 0) {
+  thread_local std::array<std::vector<scalar_t>, 2> buffers;
+  std::vector<scalar_t>& buffer = buffers[slot];
   if (buffer.size() < count) {
     buffer.resize(count);
   }
@@ -665,10 +667,20 @@ struct ForwardTensors {
   }
 };
 
-// Steps [first, last) of the direction's processing order, for one block of rows.
+// A block's xw for a chunk of steps, projected just before they run: row b at time t is
+// data[((t - first_time) * rows + b - block.begin) * 4H], and the GEMM accumulates onto it in place.
+template <typename scalar_t>
+struct XwChunk {
+  scalar_t* data = nullptr;
+  int64_t first_time = 0, rows = 0;
+};
+
+// Steps [first, last) of the direction's processing order, for one block of rows. Pre-activations come from
+// out.xw (copied into the saved gates, or into `scratch` for inference) or, when given, from `chunk`.
 template <typename scalar_t>
 void forward_steps(const StepLayout& layout, int64_t H, const ForwardTensors<scalar_t>& out, RowBlock block,
-                   const RecurrentGemm<scalar_t>& accumulate_gates, scalar_t* scratch, int64_t first, int64_t last) {
+                   const RecurrentGemm<scalar_t>& accumulate_gates, scalar_t* scratch, int64_t first, int64_t last,
+                   XwChunk<scalar_t> chunk = {}) {
   const int64_t T = layout.T, B = layout.B, G = 4 * H;
   const bool save = out.gates != nullptr;
   const int64_t d = block.direction;
@@ -690,11 +702,16 @@ void forward_steps(const StepLayout& layout, int64_t H, const ForwardTensors<sca
         }
         return;
       }
-      scalar_t* pre = save ? out.gates + row * G : scratch;
+      scalar_t* pre;
+      if (chunk.data != nullptr) {
+        pre = chunk.data + ((t - chunk.first_time) * chunk.rows + b - block.begin) * G;
+      } else {
+        // xw is read in one streaming copy, and the GEMM then accumulates onto it in cache: cheaper than
+        // letting BLAS zero the block (beta = 0) and reading xw again in the elementwise pass.
+        pre = save ? out.gates + row * G : scratch;
+        std::memcpy(pre, out.xw + row * G, rows * G * sizeof(scalar_t));
+      }
       scalar_t* h = out.h + (d * B + b) * H;
-      // xw is read in one streaming copy, and the GEMM then accumulates onto it in cache: cheaper than
-      // letting BLAS zero the block (beta = 0) and reading xw again in the elementwise pass.
-      std::memcpy(pre, out.xw + row * G, rows * G * sizeof(scalar_t));
       accumulate_gates(h, pre, rows);
       const ForwardStep<scalar_t> cells{pre, save ? out.cell + row * H : nullptr, y, h, out.c + (d * B + b) * H,
                                         rows, H, out.y_row_stride};
@@ -1243,39 +1260,51 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> input_projection_backward_cpu(con
 // ---------------------------------------------------------------------------------------------------------
 // Inference through a whole stack of layers in one op (rnn_fast::cpu_lstm_inference): nn.RNNBase's parameters read
 // where they lie (no stacked copies), no Python between layers, each layer's final state written straight into
-// h_n and c_n. A unidirectional stack of a few batch rows, whose one block of rows per layer would leave the other
-// threads idle, runs its layers at once: layer l takes a chunk of steps as soon as layer l-1 has finished it.
+// h_n and c_n. Each thread projects its own block of rows a chunk of steps at a time, just before it runs them, so
+// no layer's whole xw exists (nn.LSTM's peak memory or less) and each chunk stays in cache. A unidirectional stack of
+// a few batch rows, whose one block per layer would leave the other threads idle, runs its layers at once: layer l
+// takes a chunk of steps as soon as layer l-1 has finished it.
 
-constexpr int64_t kPipelineMaxRows = 8;  // batch rows up to which the layers of a stack run at once
-constexpr int64_t kPipelineSteps = 8;    // steps per chunk: the lag between one layer and the next
+constexpr int64_t kPipelineMaxRows = 16;   // batch rows up to which the layers of a stack run at once
+constexpr int64_t kPipelineSteps = 8;      // steps per chunk there: the lag between one layer and the next
+constexpr int64_t kChunkBytes = 1 << 20;   // otherwise, a block's chunk of xw: within L2 with the weights
 
 template <typename scalar_t>
 struct StackLayer {
   PartsView<scalar_t> input;
   std::array<const scalar_t*, 2> w_ih;
-  std::vector<scalar_t> bias;  // [D, G]: b_ih + b_hh, empty without biases
-  scalar_t* xw;                // [D, rows, G]
-  ForwardTensors<scalar_t> recurrence;
-
-  std::array<const scalar_t*, 2> bias_rows(int64_t G) const {
-    return bias.empty() ? std::array<const scalar_t*, 2>{nullptr, nullptr}
-                        : std::array<const scalar_t*, 2>{bias.data(), bias.data() + (bias.size() / G - 1) * G};
-  }
+  std::array<std::vector<scalar_t>, 2> bias;  // b_ih + b_hh of each direction, empty without biases
+  ForwardTensors<scalar_t> recurrence;        // xw unused: chunks of it come from project_chunk
 };
 
-// The steps [first, last) of parts that hold one row per (step, batch row) of the layout.
+// Projects the rows of `block` for the processing steps [first, last) of its direction into a chunk buffer.
 template <typename scalar_t>
-PartsView<scalar_t> step_chunk(const PartsView<scalar_t>& parts, const StepLayout& layout, int64_t first,
-                               int64_t last) {
-  PartsView<scalar_t> chunk = parts;
+XwChunk<scalar_t> project_chunk(const StackLayer<scalar_t>& layer, const StepLayout& layout, RowBlock block,
+                                int64_t first, int64_t last, scalar_t* buffer, int64_t G) {
+  const int64_t d = block.direction, rows = block.end - block.begin;
+  const int64_t first_time = d == 0 ? first : layout.T - last, last_time = d == 0 ? last : layout.T - first;
+  const std::array<const scalar_t*, 2> w_ih{layer.w_ih[d], nullptr};
+  const std::array<const scalar_t*, 2> bias{layer.bias[d].empty() ? nullptr : layer.bias[d].data(), nullptr};
+  PartsView<scalar_t> view = layer.input;
   if (layout.padded) {
-    chunk.data += first * parts.step_stride;
-    chunk.T = last - first;
-  } else {  // packed: one step of N rows
-    chunk.data += layout.step_begin[first] * parts.row_stride;
-    chunk.B = layout.step_begin[last] - layout.step_begin[first];
+    // Times [first_time, last_time) of the block's rows: one GEMM when they follow each other, else one per step.
+    view.data += first_time * view.step_stride + block.begin * view.row_stride;
+    view.T = last_time - first_time;
+    view.B = rows;
+    project_parts(view, w_ih, bias, buffer, 0, 1, G, false);
+  } else {
+    // One GEMM per step over the block's rows that run it (a prefix: rows are sorted by length).
+    for (int64_t t = first_time; t < last_time; ++t) {
+      const int64_t running = std::min(block.end, layout.step_begin[t + 1] - layout.step_begin[t]) - block.begin;
+      if (running > 0) {
+        PartsView<scalar_t> step = view;
+        step.data += (layout.step_begin[t] + block.begin) * view.row_stride;
+        step.B = running;
+        project_parts(step, w_ih, bias, buffer + (t - first_time) * rows * G, 0, 1, G, false);
+      }
+    }
   }
-  return chunk;
+  return {buffer, first_time, rows};
 }
 
 void wait_for_steps(const std::atomic<int64_t>& done, int64_t steps) {
@@ -1290,44 +1319,53 @@ void wait_for_steps(const std::atomic<int64_t>& done, int64_t steps) {
   }
 }
 
+// One layer, its blocks of rows on the threads, each running chunk after chunk.
 template <typename scalar_t>
-void run_stack(const StepLayout& layout, int64_t H, std::vector<StackLayer<scalar_t>>& layers) {
-  const int64_t L = static_cast<int64_t>(layers.size()), G = 4 * H, D = layout.D;
-  const int64_t threads = at::get_num_threads();
-  const bool pipelined = D == 1 && L >= 2 && L <= kPackedWeightSlots && threads >= 2 &&
-                         layout.B <= kPipelineMaxRows && layout.T >= 2 * kPipelineSteps;
-  if (!pipelined) {
-    for (StackLayer<scalar_t>& layer : layers) {
-      project_parts(layer.input, layer.w_ih, layer.bias_rows(G), layer.xw, layout.direction_rows * G, D, G, true);
-      run_forward(layout, H, layer.recurrence);
+void run_layer_in_chunks(const StackLayer<scalar_t>& layer, const StepLayout& layout, int64_t H) {
+  const int64_t G = 4 * H;
+  for_each_row_block(layout, [&](RowBlock block) {
+    const int64_t rows = block.end - block.begin;
+    const int64_t steps = std::max<int64_t>(1, kChunkBytes / (rows * G * static_cast<int64_t>(sizeof(scalar_t))));
+    const RecurrentGemm<scalar_t> gemm(layer.recurrence.w_hh[block.direction], H, RecurrentProduct::kGates, layout.T,
+                                       rows);
+    scalar_t* buffer = thread_scratch<scalar_t>(steps * rows * G, 1);
+    for (int64_t first = 0; first < layout.T; first += steps) {
+      const int64_t last = std::min(layout.T, first + steps);
+      forward_steps(layout, H, layer.recurrence, block, gemm, static_cast<scalar_t*>(nullptr), first, last,
+                    project_chunk(layer, layout, block, first, last, buffer, G));
     }
-    return;
-  }
+  });
+}
+
+// All layers at once, thread k running layers k, k + team, ...: in each chunk of steps a thread runs its layers in
+// order, so it never waits for itself, and layer l waits only until layer l-1 has finished the chunk.
+template <typename scalar_t>
+void run_layers_at_once(const std::vector<StackLayer<scalar_t>>& layers, const StepLayout& layout, int64_t H) {
+  const int64_t L = static_cast<int64_t>(layers.size()), G = 4 * H, B = layout.B;
   std::unique_ptr<std::atomic<int64_t>[]> done(new std::atomic<int64_t>[L]);
   for (int64_t l = 0; l < L; ++l) {
     done[l].store(0);
   }
-#pragma omp parallel num_threads(std::min(threads, L))
+#pragma omp parallel num_threads(std::min<int64_t>(at::get_num_threads(), L))
   {
-    // Thread k runs layers k, k + team, ...; in each chunk it runs them in order, so it never waits for itself.
     const int64_t team = omp_get_num_threads(), rank = omp_get_thread_num();
     const SequentialBlas sequential;
     std::vector<RecurrentGemm<scalar_t>> gemms;
     for (int64_t l = rank; l < L; l += team) {
-      gemms.emplace_back(layers[l].recurrence.w_hh[0], H, RecurrentProduct::kGates, layout.T, layout.B,
+      gemms.emplace_back(layers[l].recurrence.w_hh[0], H, RecurrentProduct::kGates, layout.T, B,
                          static_cast<int>(gemms.size()));
     }
-    scalar_t* scratch = thread_scratch<scalar_t>(layout.B * G);
+    scalar_t* buffer = thread_scratch<scalar_t>(kPipelineSteps * B * G, 1);
     for (int64_t first = 0; first < layout.T; first += kPipelineSteps) {
       const int64_t last = std::min(layout.T, first + kPipelineSteps);
       for (int64_t l = rank, own = 0; l < L; l += team, ++own) {
         if (l > 0) {
           wait_for_steps(done[l - 1], last);
         }
-        const StackLayer<scalar_t>& layer = layers[l];
-        project_parts(step_chunk(layer.input, layout, first, last), layer.w_ih, layer.bias_rows(G),
-                      layer.xw + layout.step_begin[first] * G, 0, 1, G, false);
-        forward_steps(layout, H, layer.recurrence, RowBlock{0, 0, layout.B}, gemms[own], scratch, first, last);
+        const RowBlock all_rows{0, 0, B};
+        forward_steps(layout, H, layers[l].recurrence, all_rows, gemms[own], static_cast<scalar_t*>(nullptr), first,
+                      last,
+                      project_chunk(layers[l], layout, all_rows, first, last, buffer, G));
         done[l].store(last, std::memory_order_release);
       }
     }
@@ -1385,9 +1423,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_inference_cpu(const at::Tens
   // The running state of every layer, updated in place step after step.
   auto h_n = h0.clone();
   auto c_n = c0.clone();
-  std::vector<at::Tensor> buffers;  // each layer's xw, and y below the last layer
+  const bool at_once = D == 1 && L >= 2 && L <= kPackedWeightSlots && at::get_num_threads() >= 2 &&
+                       B <= kPipelineMaxRows && layout.T >= 2 * kPipelineSteps;
   DISPATCH_FLOAT_AND_DOUBLE(dtype, "cpu_lstm_inference", [&] {
     std::vector<StackLayer<scalar_t>> layers(L);
+    std::vector<at::Tensor> outputs;  // y [D, rows, H] of the layers below the last
     PartsView<scalar_t> parts = batch_sizes.has_value()
                                     ? PartsView<scalar_t>{x.data_ptr<scalar_t>(), 1, 1, rows, I, 0, 0, x.stride(0)}
                                     : PartsView<scalar_t>{x.data_ptr<scalar_t>(), 1, layout.T, B, I, 0, x.stride(0),
@@ -1395,34 +1435,42 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_inference_cpu(const at::Tens
     for (int64_t l = 0; l < L; ++l) {
       StackLayer<scalar_t>& layer = layers[l];
       layer.input = parts;
+      std::array<const scalar_t*, 2> w_hh{};
       for (int64_t d = 0; d < D; ++d) {
         const at::Tensor* p = params.data() + (l * D + d) * per_direction;
         layer.w_ih[d] = p[0].data_ptr<scalar_t>();
-        layer.recurrence.w_hh[d] = p[1].data_ptr<scalar_t>();
+        w_hh[d] = p[1].data_ptr<scalar_t>();
         if (has_biases) {
           const scalar_t* b_ih = p[2].data_ptr<scalar_t>();
           const scalar_t* b_hh = p[3].data_ptr<scalar_t>();
           for (int64_t j = 0; j < G; ++j) {
-            layer.bias.push_back(b_ih[j] + b_hh[j]);
+            layer.bias[d].push_back(b_ih[j] + b_hh[j]);
           }
         }
       }
-      buffers.push_back(empty_output({D, rows, G}, x.options()));
-      layer.xw = buffers.back().data_ptr<scalar_t>();
       const bool last = l == L - 1;
       if (!last) {
-        buffers.push_back(empty_output({D, rows, H}, x.options()));
+        outputs.push_back(empty_output({D, rows, H}, x.options()));
       }
-      scalar_t* y = last ? output.data_ptr<scalar_t>() : buffers.back().data_ptr<scalar_t>();
+      scalar_t* y = last ? output.data_ptr<scalar_t>() : outputs.back().data_ptr<scalar_t>();
       // The last layer writes the output [rows, D*H] (directions side by side), the others y [D, rows, H].
-      layer.recurrence = ForwardTensors<scalar_t>{layer.xw, layer.recurrence.w_hh, y, last ? H : rows * H,
-                                                  last ? D * H : H, h_n.data_ptr<scalar_t>() + l * D * B * H,
+      layer.recurrence = ForwardTensors<scalar_t>{nullptr, w_hh, y, last ? H : rows * H, last ? D * H : H,
+                                                  h_n.data_ptr<scalar_t>() + l * D * B * H,
                                                   c_n.data_ptr<scalar_t>() + l * D * B * H, nullptr, nullptr};
       // The next layer's parts: this layer's y [D, T, B, H] (padded) or [D, 1, N, H] (packed).
       parts = layout.padded ? PartsView<scalar_t>{y, D, layout.T, B, H, rows * H, B * H, H}
                             : PartsView<scalar_t>{y, D, 1, rows, H, rows * H, 0, H};
+      if (!at_once) {
+        run_layer_in_chunks(layer, layout, H);
+        if (outputs.size() > 1) {
+          outputs.front() = at::Tensor();  // the layer below this one's input: read by now
+          outputs.erase(outputs.begin());
+        }
+      }
     }
-    run_stack(layout, H, layers);
+    if (at_once) {
+      run_layers_at_once(layers, layout, H);
+    }
   });
   return {output, h_n, c_n};
 }
