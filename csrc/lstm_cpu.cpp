@@ -162,40 +162,16 @@ inline void blas_gemm(const char* transa, const char* transb, int m, int n, int 
   dgemm_(transa, transb, &m, &n, &k, &one, a, &lda, b, &ldb, &beta, c, &ldc);
 }
 
-// The per-step GEMM of one direction's recurrence, for one thread's block of rows over all its steps: forward
-// pre[rows, 4H] += h[rows, H] @ w_hh[4H, H]^T, backward dh[rows, H] += grad_pre[rows, 4H] @ w_hh[4H, H]. Where
-// MKL provides its packed GEMM (float), w_hh goes into MKL's packed format once, which about halves a GEMM of 1 to
-// 16 rows (4.3 -> 2.3 us for one row at H = 128). Packing costs about what 15 steps save, so only a block that
-// runs at least kMinStepsToPack steps packs.
-constexpr int64_t kMinStepsToPack = 16;
+// out[n, M] += in[n, K] @ op(W), for a weight W that stays fixed over many calls of few rows: a recurrence's steps,
+// a stack's chunks. op(W) = W^T for W [M, K] (transposed) or W for W [K, M], rows ldw apart. Where MKL provides its
+// packed GEMM (float), W goes into MKL's packed format once, which about halves a GEMM of 1 to 16 rows (4.3 -> 2.3
+// us for one row of w_hh at H = 128); packing costs about what 15 such calls save, so only a user that makes at
+// least kMinCallsToPack calls packs.
+constexpr int64_t kMinCallsToPack = 16;
 
-enum class RecurrentProduct { kGates, kHiddenGrad };
-
-template <typename scalar_t>
-class RecurrentGemm {
- public:
-  RecurrentGemm(const scalar_t* w_hh, int64_t hidden, RecurrentProduct product, int64_t /*steps*/,
-                int64_t /*rows*/, int /*slot*/ = 0)
-      : w_hh_(w_hh), hidden_(static_cast<int>(hidden)), product_(product) {}
-
-  void operator()(const scalar_t* in, scalar_t* out, int64_t rows) const {
-    const int H = hidden_, G = 4 * hidden_, n = static_cast<int>(rows);
-    if (product_ == RecurrentProduct::kGates) {
-      blas_gemm("T", "N", G, n, H, w_hh_, H, in, H, scalar_t(1), out, G);
-    } else {
-      blas_gemm("N", "N", H, n, G, w_hh_, H, in, G, scalar_t(1), out, H);
-    }
-  }
-
- private:
-  const scalar_t* w_hh_;
-  int hidden_;
-  RecurrentProduct product_;
-};
-
-// Packed w_hh buffers per thread, kept across calls (about 1 MB written of the 9 MB MKL asks for at H = 128): one
-// per layer a thread runs at once (slot), a few at most.
-constexpr int kPackedWeightSlots = 4;
+// Packed weights per thread, kept across calls (about 1 MB written of the 9 MB MKL asks for a 512 x 128 w_hh): one
+// per weight a thread uses at once (slot), a few at most.
+constexpr int kPackedWeightSlots = 6;
 
 class PackedWeightBuffer {
  public:
@@ -216,46 +192,60 @@ class PackedWeightBuffer {
   size_t bytes_ = 0;
 };
 
-template <>
-class RecurrentGemm<float> {
+template <typename scalar_t>
+class FixedWeightGemm {
  public:
-  RecurrentGemm(const float* w_hh, int64_t hidden, RecurrentProduct product, int64_t steps, int64_t rows,
-                int slot = 0)
-      : w_hh_(w_hh), hidden_(static_cast<int>(hidden)), product_(product) {
-    if (steps < kMinStepsToPack || cblas_sgemm_compute == nullptr || cblas_sgemm_pack == nullptr ||
-        cblas_sgemm_pack_get_size == nullptr) {
-      return;
-    }
-    const int H = hidden_, G = 4 * hidden_, n = static_cast<int>(std::min(rows, kRowsPerSubBlock));
-    const bool gates = product_ == RecurrentProduct::kGates;
-    packed_ = PackedWeightBuffer::get(cblas_sgemm_pack_get_size(kAMatrix, gates ? G : H, n, gates ? H : G), slot);
-    if (packed_ != nullptr) {
-      cblas_sgemm_pack(kColMajor, kAMatrix, gates ? kTrans : kNoTrans, gates ? G : H, n, gates ? H : G, 1.0f, w_hh,
-                       H, packed_);
+  FixedWeightGemm(const scalar_t* w, int64_t m, int64_t k, int64_t ldw, bool transposed, int64_t calls,
+                  int64_t rows, int slot = 0)
+      : w_(w), m_(static_cast<int>(m)), k_(static_cast<int>(k)), ldw_(static_cast<int>(ldw)),
+        transposed_(transposed) {
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      if (calls >= kMinCallsToPack && slot < kPackedWeightSlots && cblas_sgemm_compute != nullptr &&
+          cblas_sgemm_pack != nullptr && cblas_sgemm_pack_get_size != nullptr) {
+        const int n = static_cast<int>(std::min(rows, kRowsPerSubBlock));
+        packed_ = PackedWeightBuffer::get(cblas_sgemm_pack_get_size(kAMatrix, m_, n, k_), slot);
+        if (packed_ != nullptr) {
+          cblas_sgemm_pack(kColMajor, kAMatrix, transposed ? kTrans : kNoTrans, m_, n, k_, 1.0f, w, ldw_, packed_);
+        }
+      }
     }
   }
 
-  void operator()(const float* in, float* out, int64_t rows) const {
-    const int H = hidden_, G = 4 * hidden_, n = static_cast<int>(rows);
-    const bool gates = product_ == RecurrentProduct::kGates;
-    if (packed_ != nullptr) {
-      cblas_sgemm_compute(kColMajor, kPacked, kNoTrans, gates ? G : H, n, gates ? H : G, packed_, H, in,
-                          gates ? H : G, 1.0f, out, gates ? G : H);
-    } else if (gates) {
-      blas_gemm("T", "N", G, n, H, w_hh_, H, in, H, 1.0f, out, G);
-    } else {
-      blas_gemm("N", "N", H, n, G, w_hh_, H, in, G, 1.0f, out, H);
+  // Row-major out[rows, M] (rows out_ld apart) += in[rows, K] (rows in_ld apart) @ op(W), as column-major
+  // out^T = op(W)^T @ in^T.
+  void operator()(const scalar_t* in, int64_t in_ld, scalar_t* out, int64_t out_ld, int64_t rows) const {
+    const int n = static_cast<int>(rows);
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      if (packed_ != nullptr) {
+        cblas_sgemm_compute(kColMajor, kPacked, kNoTrans, m_, n, k_, packed_, ldw_, in, static_cast<int>(in_ld),
+                            1.0f, out, static_cast<int>(out_ld));
+        return;
+      }
     }
+    blas_gemm(transposed_ ? "T" : "N", "N", m_, n, k_, w_, ldw_, in, static_cast<int>(in_ld), scalar_t(1), out,
+              static_cast<int>(out_ld));
   }
 
  private:
   // CBLAS's enumerators.
   static constexpr int kColMajor = 102, kNoTrans = 111, kTrans = 112, kPacked = 151, kAMatrix = 161;
-  const float* w_hh_;
-  int hidden_;
-  RecurrentProduct product_;
+  const scalar_t* w_;
+  int m_, k_, ldw_;
+  bool transposed_;
   float* packed_ = nullptr;
 };
+
+// The recurrence's per-step GEMMs of one direction: forward pre[rows, 4H] += h[rows, H] @ w_hh[4H, H]^T, backward
+// dh[rows, H] += grad_pre[rows, 4H] @ w_hh[4H, H], for a block of rows over `steps` steps.
+template <typename scalar_t>
+FixedWeightGemm<scalar_t> gates_gemm(const scalar_t* w_hh, int64_t H, int64_t steps, int64_t rows, int slot = 0) {
+  return FixedWeightGemm<scalar_t>(w_hh, 4 * H, H, H, true, steps, rows, slot);
+}
+
+template <typename scalar_t>
+FixedWeightGemm<scalar_t> hidden_grad_gemm(const scalar_t* w_hh, int64_t H, int64_t steps, int64_t rows) {
+  return FixedWeightGemm<scalar_t>(w_hh, H, 4 * H, H, false, steps, rows);
+}
 
 // ---------------------------------------------------------------------------------------------------------
 // Outputs. Fresh memory costs a page fault and the kernel zeroing each page at first touch; for the
@@ -679,7 +669,7 @@ struct XwChunk {
 // out.xw (copied into the saved gates, or into `scratch` for inference) or, when given, from `chunk`.
 template <typename scalar_t>
 void forward_steps(const StepLayout& layout, int64_t H, const ForwardTensors<scalar_t>& out, RowBlock block,
-                   const RecurrentGemm<scalar_t>& accumulate_gates, scalar_t* scratch, int64_t first, int64_t last,
+                   const FixedWeightGemm<scalar_t>& accumulate_gates, scalar_t* scratch, int64_t first, int64_t last,
                    XwChunk<scalar_t> chunk = {}) {
   const int64_t T = layout.T, B = layout.B, G = 4 * H;
   const bool save = out.gates != nullptr;
@@ -712,7 +702,7 @@ void forward_steps(const StepLayout& layout, int64_t H, const ForwardTensors<sca
         std::memcpy(pre, out.xw + row * G, rows * G * sizeof(scalar_t));
       }
       scalar_t* h = out.h + (d * B + b) * H;
-      accumulate_gates(h, pre, rows);
+      accumulate_gates(h, H, pre, G, rows);
       const ForwardStep<scalar_t> cells{pre, save ? out.cell + row * H : nullptr, y, h, out.c + (d * B + b) * H,
                                         rows, H, out.y_row_stride};
       if (save) {
@@ -728,8 +718,7 @@ template <typename scalar_t>
 void run_forward(const StepLayout& layout, int64_t H, const ForwardTensors<scalar_t>& out) {
   const int64_t G = 4 * H;
   for_each_row_block(layout, [&](RowBlock block) {
-    const RecurrentGemm<scalar_t> accumulate_gates(out.w_hh[block.direction], H, RecurrentProduct::kGates,
-                                                   layout.T, block.end - block.begin);
+    const auto accumulate_gates = gates_gemm(out.w_hh[block.direction], H, layout.T, block.end - block.begin);
     scalar_t* scratch = out.gates != nullptr
                             ? nullptr
                             : thread_scratch<scalar_t>(std::min(kRowsPerSubBlock, block.end - block.begin) * G);
@@ -754,8 +743,7 @@ void run_backward(const StepLayout& layout, int64_t H, const BackwardTensors<sca
   const int64_t T = layout.T, B = layout.B, G = 4 * H;
   for_each_row_block(layout, [&](RowBlock block) {
     const int64_t d = block.direction;
-    const RecurrentGemm<scalar_t> accumulate_hidden_grad(out.w_hh + d * G * H, H, RecurrentProduct::kHiddenGrad, T,
-                                                         block.end - block.begin);
+    const auto accumulate_hidden_grad = hidden_grad_gemm(out.w_hh + d * G * H, H, T, block.end - block.begin);
     const int64_t first_step = d == 0 ? 0 : T - 1;
     // Steps in reverse processing order: direction 0 goes t = T-1 .. 0, direction 1 goes t = 0 .. T-1.
     for (int64_t s = 0; s < T; ++s) {
@@ -778,7 +766,7 @@ void run_backward(const StepLayout& layout, int64_t H, const BackwardTensors<sca
             prev_row < 0 ? nullptr : out.cell + (prev_row + b) * H, out.c0 + state_row * H, out.grad_xw + row * G,
             out.dh + state_row * H, out.dc + state_row * H, layout.lengths == nullptr ? nullptr : layout.lengths + b,
             t, first_step, rows, H, d == 1});
-        accumulate_hidden_grad(out.grad_xw + row * G, out.dh + state_row * H, rows);
+        accumulate_hidden_grad(out.grad_xw + row * G, G, out.dh + state_row * H, H, rows);
       });
     }
   });
@@ -1146,15 +1134,14 @@ std::vector<ProjectionBlock> projection_blocks(const PartsView<scalar_t>& parts,
 }
 
 // xw[d] = bias[d] (or 0), then += parts[p] @ w_ih[d][:, p*K:(p+1)*K]^T, straight to BLAS: at a streaming call's
-// size (one step, one row) the ATen ops around each GEMM would cost more than the GEMM. w_ih[d] is [G, P*K] and
-// bias[d] [G] (or nullptr) of direction d; xw[d] starts at xw + d * xw_direction_stride. One block of rows is one
-// GEMM that MKL may thread; several blocks are shared among the threads, each GEMM on one thread; with
-// may_thread false (inside a parallel region) everything runs on the calling thread.
-template <typename scalar_t>
-void project_parts(const PartsView<scalar_t>& parts, std::array<const scalar_t*, 2> w_ih,
-                   std::array<const scalar_t*, 2> bias, scalar_t* xw, int64_t xw_direction_stride, int64_t D,
-                   int64_t G, bool may_thread) {
-  const int64_t P = parts.P, K = parts.K;
+// size (one step, one row) the ATen ops around each GEMM would cost more than the GEMM. bias[d] is [G] (or nullptr)
+// and xw[d] starts at xw + d * xw_direction_stride; part_gemm(d, p, in, in_ld, out, out_ld, rows) adds
+// in[rows, K] @ w_ih[d][:, p*K:(p+1)*K]^T to out. One block of rows is one GEMM that MKL may thread; several
+// blocks are shared among the threads, each GEMM on one thread; with may_thread false (inside a parallel region)
+// everything runs on the calling thread.
+template <typename scalar_t, typename PartGemm>
+void project_parts(const PartsView<scalar_t>& parts, std::array<const scalar_t*, 2> bias, scalar_t* xw,
+                   int64_t xw_direction_stride, int64_t D, int64_t G, bool may_thread, const PartGemm& part_gemm) {
   const std::vector<ProjectionBlock> blocks = projection_blocks(parts, G);
   const int64_t num_tasks = D * static_cast<int64_t>(blocks.size());
   auto project = [&](int64_t task) {
@@ -1169,15 +1156,13 @@ void project_parts(const PartsView<scalar_t>& parts, std::array<const scalar_t*,
         std::copy(bias[d], bias[d] + G, out_row);
       }
     }
-    for (int64_t p = 0; p < P; ++p) {
-      // out[rows, G] += part[rows, K] @ w_ih[d][:, p*K:(p+1)*K]^T, as column-major out^T = W_p @ part^T.
-      blas_gemm("T", "N", static_cast<int>(G), static_cast<int>(block.rows), static_cast<int>(K), w_ih[d] + p * K,
-                static_cast<int>(P * K), parts.data + p * parts.part_stride + block.input,
-                static_cast<int>(block.input_ld), scalar_t(1), out, static_cast<int>(block.output_ld));
+    for (int64_t p = 0; p < parts.P; ++p) {
+      part_gemm(d, p, parts.data + p * parts.part_stride + block.input, block.input_ld, out, block.output_ld,
+                block.rows);
     }
   };
   const int64_t threads = may_thread ? at::get_num_threads() : 1;
-  const bool small = D * parts.T * parts.B * P * K * G < kSequentialProjectionMacs;
+  const bool small = D * parts.T * parts.B * parts.P * parts.K * G < kSequentialProjectionMacs;
   if (blocks.size() == 1 || small || threads == 1) {
     std::optional<SequentialBlas> sequential;
     if (small || !may_thread) {
@@ -1214,8 +1199,14 @@ at::Tensor input_projection_cpu(const at::Tensor& parts, const at::Tensor& w_ih,
   DISPATCH_FLOAT_AND_DOUBLE(parts.scalar_type(), "cpu_input_projection", [&] {
     const scalar_t* w = w_ih.data_ptr<scalar_t>();
     const scalar_t* b = bias.has_value() ? bias->data_ptr<scalar_t>() : nullptr;
-    project_parts(parts_view<scalar_t>(parts), {w, w + (D - 1) * G * P * K},
-                  {b, b == nullptr ? nullptr : b + (D - 1) * G}, xw.data_ptr<scalar_t>(), T * B * G, D, G, true);
+    project_parts(parts_view<scalar_t>(parts), {b, b == nullptr ? nullptr : b + (D - 1) * G}, xw.data_ptr<scalar_t>(),
+                  T * B * G, D, G, true,
+                  [&](int64_t d, int64_t p, const scalar_t* in, int64_t in_ld, scalar_t* out, int64_t out_ld,
+                      int64_t rows) {
+                    blas_gemm("T", "N", static_cast<int>(G), static_cast<int>(rows), static_cast<int>(K),
+                              w + d * G * P * K + p * K, static_cast<int>(P * K), in, static_cast<int>(in_ld),
+                              scalar_t(1), out, static_cast<int>(out_ld));
+                  });
   });
   return xw;
 }
@@ -1277,21 +1268,38 @@ struct StackLayer {
   ForwardTensors<scalar_t> recurrence;        // xw unused: chunks of it come from project_chunk
 };
 
+// The input projection of one direction of a layer for one thread's block of rows, a GEMM per part of its input.
+template <typename scalar_t>
+struct ChunkProjection {
+  std::vector<FixedWeightGemm<scalar_t>> parts;
+
+  // slot: the first of the parts' packed-weight slots.
+  ChunkProjection(const StackLayer<scalar_t>& layer, int64_t direction, int64_t G, int64_t calls, int64_t rows,
+                  int slot) {
+    const int64_t P = layer.input.P, K = layer.input.K;
+    for (int64_t p = 0; p < P; ++p) {
+      parts.emplace_back(layer.w_ih[direction] + p * K, G, K, P * K, true, calls, rows, slot + static_cast<int>(p));
+    }
+  }
+};
+
 // Projects the rows of `block` for the processing steps [first, last) of its direction into a chunk buffer.
 template <typename scalar_t>
-XwChunk<scalar_t> project_chunk(const StackLayer<scalar_t>& layer, const StepLayout& layout, RowBlock block,
-                                int64_t first, int64_t last, scalar_t* buffer, int64_t G) {
+XwChunk<scalar_t> project_chunk(const StackLayer<scalar_t>& layer, const ChunkProjection<scalar_t>& projection,
+                                const StepLayout& layout, RowBlock block, int64_t first, int64_t last,
+                                scalar_t* buffer, int64_t G) {
   const int64_t d = block.direction, rows = block.end - block.begin;
   const int64_t first_time = d == 0 ? first : layout.T - last, last_time = d == 0 ? last : layout.T - first;
-  const std::array<const scalar_t*, 2> w_ih{layer.w_ih[d], nullptr};
   const std::array<const scalar_t*, 2> bias{layer.bias[d].empty() ? nullptr : layer.bias[d].data(), nullptr};
+  auto part_gemm = [&](int64_t, int64_t p, const scalar_t* in, int64_t in_ld, scalar_t* out, int64_t out_ld,
+                       int64_t n) { projection.parts[p](in, in_ld, out, out_ld, n); };
   PartsView<scalar_t> view = layer.input;
   if (layout.padded) {
     // Times [first_time, last_time) of the block's rows: one GEMM when they follow each other, else one per step.
     view.data += first_time * view.step_stride + block.begin * view.row_stride;
     view.T = last_time - first_time;
     view.B = rows;
-    project_parts(view, w_ih, bias, buffer, 0, 1, G, false);
+    project_parts(view, bias, buffer, 0, 1, G, false, part_gemm);
   } else {
     // One GEMM per step over the block's rows that run it (a prefix: rows are sorted by length).
     for (int64_t t = first_time; t < last_time; ++t) {
@@ -1300,7 +1308,7 @@ XwChunk<scalar_t> project_chunk(const StackLayer<scalar_t>& layer, const StepLay
         PartsView<scalar_t> step = view;
         step.data += (layout.step_begin[t] + block.begin) * view.row_stride;
         step.B = running;
-        project_parts(step, w_ih, bias, buffer + (t - first_time) * rows * G, 0, 1, G, false);
+        project_parts(step, bias, buffer + (t - first_time) * rows * G, 0, 1, G, false, part_gemm);
       }
     }
   }
@@ -1326,13 +1334,13 @@ void run_layer_in_chunks(const StackLayer<scalar_t>& layer, const StepLayout& la
   for_each_row_block(layout, [&](RowBlock block) {
     const int64_t rows = block.end - block.begin;
     const int64_t steps = std::max<int64_t>(1, kChunkBytes / (rows * G * static_cast<int64_t>(sizeof(scalar_t))));
-    const RecurrentGemm<scalar_t> gemm(layer.recurrence.w_hh[block.direction], H, RecurrentProduct::kGates, layout.T,
-                                       rows);
+    const auto gemm = gates_gemm(layer.recurrence.w_hh[block.direction], H, layout.T, rows);
+    const ChunkProjection<scalar_t> projection(layer, block.direction, G, layout.T, rows, 1);
     scalar_t* buffer = thread_scratch<scalar_t>(steps * rows * G, 1);
     for (int64_t first = 0; first < layout.T; first += steps) {
       const int64_t last = std::min(layout.T, first + steps);
       forward_steps(layout, H, layer.recurrence, block, gemm, static_cast<scalar_t*>(nullptr), first, last,
-                    project_chunk(layer, layout, block, first, last, buffer, G));
+                    project_chunk(layer, projection, layout, block, first, last, buffer, G));
     }
   });
 }
@@ -1350,10 +1358,13 @@ void run_layers_at_once(const std::vector<StackLayer<scalar_t>>& layers, const S
   {
     const int64_t team = omp_get_num_threads(), rank = omp_get_thread_num();
     const SequentialBlas sequential;
-    std::vector<RecurrentGemm<scalar_t>> gemms;
+    // Each of this thread's layers packs its w_hh and w_ih (one part: unidirectional) in slots of their own.
+    std::vector<FixedWeightGemm<scalar_t>> gemms;
+    std::vector<ChunkProjection<scalar_t>> projections;
     for (int64_t l = rank; l < L; l += team) {
-      gemms.emplace_back(layers[l].recurrence.w_hh[0], H, RecurrentProduct::kGates, layout.T, B,
-                         static_cast<int>(gemms.size()));
+      const int slot = 2 * static_cast<int>(gemms.size());
+      gemms.push_back(gates_gemm(layers[l].recurrence.w_hh[0], H, layout.T, B, slot));
+      projections.emplace_back(layers[l], 0, G, layout.T, B, slot + 1);
     }
     scalar_t* buffer = thread_scratch<scalar_t>(kPipelineSteps * B * G, 1);
     for (int64_t first = 0; first < layout.T; first += kPipelineSteps) {
@@ -1365,7 +1376,7 @@ void run_layers_at_once(const std::vector<StackLayer<scalar_t>>& layers, const S
         const RowBlock all_rows{0, 0, B};
         forward_steps(layout, H, layers[l].recurrence, all_rows, gemms[own], static_cast<scalar_t*>(nullptr), first,
                       last,
-                      project_chunk(layers[l], layout, all_rows, first, last, buffer, G));
+                      project_chunk(layers[l], projections[own], layout, all_rows, first, last, buffer, G));
         done[l].store(last, std::memory_order_release);
       }
     }
@@ -1423,7 +1434,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_inference_cpu(const at::Tens
   // The running state of every layer, updated in place step after step.
   auto h_n = h0.clone();
   auto c_n = c0.clone();
-  const bool at_once = D == 1 && L >= 2 && L <= kPackedWeightSlots && at::get_num_threads() >= 2 &&
+  const bool at_once = D == 1 && L >= 2 && at::get_num_threads() >= 2 &&
                        B <= kPipelineMaxRows && layout.T >= 2 * kPipelineSteps;
   DISPATCH_FLOAT_AND_DOUBLE(dtype, "cpu_lstm_inference", [&] {
     std::vector<StackLayer<scalar_t>> layers(L);
