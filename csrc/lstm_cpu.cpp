@@ -31,7 +31,10 @@
 #include <vector>
 
 #if defined(__linux__)
+#include <linux/futex.h>
 #include <sys/mman.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 #endif
 
 #include <omp.h>
@@ -1315,17 +1318,58 @@ XwChunk<scalar_t> project_chunk(const StackLayer<scalar_t>& layer, const ChunkPr
   return {buffer, first_time, rows};
 }
 
-void wait_for_steps(const std::atomic<int64_t>& done, int64_t steps) {
-  for (int spins = 0; done.load(std::memory_order_acquire) < steps; ++spins) {
-    if (spins < 4096) {
+// How many steps of a layer are done, for the layer above to wait on: a short spin, then asleep in the kernel
+// (futex) rather than spinning or yielding. On a busy machine the layer below may have been descheduled; a spinning
+// waiter would keep the core it could run on, and every chunk would cost a scheduler time slice.
+class StepProgress {
+ public:
+  void publish(int32_t steps) {
+    steps_.store(steps, std::memory_order_seq_cst);
+    if (sleepers_.load(std::memory_order_seq_cst) > 0) {
+      wake();
+    }
+  }
+
+  void wait_for(int32_t steps) {
+    for (int spins = 0; spins < kSpins; ++spins) {
+      if (steps_.load(std::memory_order_acquire) >= steps) {
+        return;
+      }
 #if defined(__x86_64__)
       __builtin_ia32_pause();
 #endif
-    } else {
-      std::this_thread::yield();  // a busy machine may have descheduled the layer below
     }
+    sleepers_.fetch_add(1, std::memory_order_seq_cst);
+    for (int32_t seen = steps_.load(std::memory_order_seq_cst); seen < steps;
+         seen = steps_.load(std::memory_order_seq_cst)) {
+      sleep_while(seen);
+    }
+    sleepers_.fetch_sub(1, std::memory_order_seq_cst);
   }
-}
+
+ private:
+  static constexpr int kSpins = 2000;  // about 20 us of pause instructions
+
+  void sleep_while(int32_t seen) {
+#if defined(__linux__)
+    // Returns at once if the count is no longer `seen`, so a publish between the load and the call is not lost.
+    syscall(SYS_futex, reinterpret_cast<int32_t*>(&steps_), FUTEX_WAIT_PRIVATE, seen, nullptr, nullptr, 0);
+#else
+    (void)seen;
+    std::this_thread::yield();
+#endif
+  }
+
+  void wake() {
+#if defined(__linux__)
+    syscall(SYS_futex, reinterpret_cast<int32_t*>(&steps_), FUTEX_WAKE_PRIVATE, INT32_MAX, nullptr, nullptr, 0);
+#endif
+  }
+
+  std::atomic<int32_t> steps_{0};
+  std::atomic<int32_t> sleepers_{0};
+  static_assert(sizeof(std::atomic<int32_t>) == sizeof(int32_t), "futex needs a plain 32-bit word");
+};
 
 // One layer, its blocks of rows on the threads, each running chunk after chunk.
 template <typename scalar_t>
@@ -1335,7 +1379,14 @@ void run_layer_in_chunks(const StackLayer<scalar_t>& layer, const StepLayout& la
     const int64_t rows = block.end - block.begin;
     const int64_t steps = std::max<int64_t>(1, kChunkBytes / (rows * G * static_cast<int64_t>(sizeof(scalar_t))));
     const auto gemm = gates_gemm(layer.recurrence.w_hh[block.direction], H, layout.T, rows);
-    const ChunkProjection<scalar_t> projection(layer, block.direction, G, layout.T, rows, 1);
+    // How many GEMMs the chunks' projections make, for deciding whether packing w_ih repays itself.
+    const int64_t chunks = (layout.T + steps - 1) / steps;
+    PartsView<scalar_t> chunk_view = layer.input;
+    chunk_view.T = std::min(steps, layout.T);
+    chunk_view.B = rows;
+    const int64_t calls =
+        chunks * (layout.padded ? static_cast<int64_t>(projection_blocks(chunk_view, G).size()) : chunk_view.T);
+    const ChunkProjection<scalar_t> projection(layer, block.direction, G, calls, rows, 1);
     scalar_t* buffer = thread_scratch<scalar_t>(steps * rows * G, 1);
     for (int64_t first = 0; first < layout.T; first += steps) {
       const int64_t last = std::min(layout.T, first + steps);
@@ -1350,10 +1401,7 @@ void run_layer_in_chunks(const StackLayer<scalar_t>& layer, const StepLayout& la
 template <typename scalar_t>
 void run_layers_at_once(const std::vector<StackLayer<scalar_t>>& layers, const StepLayout& layout, int64_t H) {
   const int64_t L = static_cast<int64_t>(layers.size()), G = 4 * H, B = layout.B;
-  std::unique_ptr<std::atomic<int64_t>[]> done(new std::atomic<int64_t>[L]);
-  for (int64_t l = 0; l < L; ++l) {
-    done[l].store(0);
-  }
+  std::unique_ptr<StepProgress[]> done(new StepProgress[L]);
 #pragma omp parallel num_threads(std::min<int64_t>(at::get_num_threads(), L))
   {
     const int64_t team = omp_get_num_threads(), rank = omp_get_thread_num();
@@ -1371,13 +1419,13 @@ void run_layers_at_once(const std::vector<StackLayer<scalar_t>>& layers, const S
       const int64_t last = std::min(layout.T, first + kPipelineSteps);
       for (int64_t l = rank, own = 0; l < L; l += team, ++own) {
         if (l > 0) {
-          wait_for_steps(done[l - 1], last);
+          done[l - 1].wait_for(static_cast<int32_t>(last));
         }
         const RowBlock all_rows{0, 0, B};
         forward_steps(layout, H, layers[l].recurrence, all_rows, gemms[own], static_cast<scalar_t*>(nullptr), first,
                       last,
                       project_chunk(layers[l], projections[own], layout, all_rows, first, last, buffer, G));
-        done[l].store(last, std::memory_order_release);
+        done[l].publish(static_cast<int32_t>(last));
       }
     }
   }
