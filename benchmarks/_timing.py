@@ -10,7 +10,7 @@ import shlex
 import statistics
 import sys
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, List, Optional
+from typing import Callable, Dict, Iterable, Iterator, List, Optional
 
 import torch
 
@@ -69,6 +69,25 @@ def peak_memory_probe(device: torch.device) -> Callable[[], float]:
     Path("/proc/self/clear_refs").write_text("5")
     resident = _rss_high_water_kib()
     return lambda: (_rss_high_water_kib() - resident) / 2 ** 10
+
+
+TRAINING_PASSES = ("forward", "backward", "forward+backward")
+
+
+def training_passes(module: torch.nn.Module, x: torch.Tensor, weight: torch.Tensor) -> Dict[str, tuple]:
+    """``pass -> (call, setup or None)`` for a training forward (building the graph), its backward (``setup``
+    returns the arguments: a loss from an untimed forward) and both; the loss is ``output * weight`` summed."""
+
+    def loss():
+        output, _ = module(x)
+        return (output * weight).float().sum()
+
+    def backward(value):
+        value.backward()
+        module.zero_grad(set_to_none=True)
+
+    return {"forward": (loss, None), "backward": (backward, lambda: (loss(),)),
+            "forward+backward": (lambda: backward(loss()), None)}
 
 
 def summary(seconds: Iterable[float]) -> dict:

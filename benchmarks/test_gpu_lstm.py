@@ -7,8 +7,8 @@
 B in {256, 768, 2048}; Triton unidirectional and bidirectional, the CUDA backend bidirectional (its target), in
 two precisions:
 
-- ``tf32``: float32 with TF32 allowed for cuDNN (its default, which both fused recurrences follow) and for the
-  driver's matmuls (``torch.backends.cuda.matmul.allow_tf32``), so that both sides use tensor cores throughout;
+- ``tf32``: float32 with TF32 allowed for cuDNN's RNNs (its default), which both fused recurrences and the driver's
+  GEMMs follow (``rnn_fast.ops.lstm.common.cudnn_fp32_precision``), so that both sides use tensor cores throughout;
 - ``bf16``: parameters and input in bfloat16 (state in fp32 on both sides).
 
 Passes: ``forward`` (a training forward, building the autograd graph), ``backward`` (of a forward run in the
@@ -28,12 +28,12 @@ from torch import nn
 import rnn_fast
 from rnn_fast.ops.lstm import unavailable_reason
 
-from _timing import report, summary, synchronize, synchronized, write_results
+from _timing import (TRAINING_PASSES, report, summary, synchronize, synchronized, training_passes,
+                     write_results)
 
 INPUT_SIZE, HIDDEN, LAYERS, SEQ_LEN = 160, 128, 2, 100
 BATCHES = (256, 768, 2048)
 PRECISIONS = {"tf32": torch.float32, "bf16": torch.bfloat16}
-PASSES = ("forward", "backward", "forward+backward")
 # fused backend -> the directions it is benchmarked with
 FUSED = {"triton": (False, True), "cuda": (True,)}
 ROUNDS = int(os.environ.get("RNN_FAST_BENCH_ROUNDS", "30"))
@@ -83,13 +83,11 @@ def results_files():
 
 @pytest.fixture
 def precision_flags(precision):
-    """TF32 for cuDNN and for matmuls in the ``tf32`` cases; the previous flags come back afterwards."""
-    allow_tf32 = precision == "tf32"
-    previous = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = allow_tf32
-    with torch.backends.cudnn.flags(enabled=True, allow_tf32=allow_tf32):
-        yield
-    torch.backends.cuda.matmul.allow_tf32 = previous
+    """cuDNN's RNN precision: TF32 in the ``tf32`` cases, IEEE otherwise; the previous setting comes back after."""
+    previous = torch.backends.cudnn.rnn.fp32_precision
+    torch.backends.cudnn.rnn.fp32_precision = "tf32" if precision == "tf32" else "ieee"
+    yield
+    torch.backends.cudnn.rnn.fp32_precision = previous
 
 
 def _stack(implementation: str, bidirectional: bool, dtype: torch.dtype) -> nn.Module:
@@ -101,21 +99,9 @@ def _stack(implementation: str, bidirectional: bool, dtype: torch.dtype) -> nn.M
 
 
 def _rounds(module: nn.Module, x: torch.Tensor, weight: torch.Tensor, pass_name: str):
-    """``(timed call, untimed setup)`` of one pass; every call ends synchronised."""
-
-    def loss():
-        output, _ = module(x)
-        return (output * weight).float().sum()
-
-    def backward(value):
-        value.backward()
-        module.zero_grad(set_to_none=True)
-
-    if pass_name == "forward":
-        return synchronized(loss, DEVICE), None
-    if pass_name == "backward":
-        return synchronized(backward, DEVICE), synchronized(lambda: ((loss(),), {}), DEVICE)
-    return synchronized(lambda: backward(loss()), DEVICE), None
+    """``(timed call, untimed setup)`` of one pass, as pytest-benchmark takes them; every call ends synchronised."""
+    call, setup = training_passes(module, x, weight)[pass_name]
+    return synchronized(call, DEVICE), None if setup is None else synchronized(lambda: (setup(), {}), DEVICE)
 
 
 def _implementations():
@@ -131,7 +117,7 @@ def _implementations():
 
 
 @pytest.mark.parametrize("implementation, bidirectional", list(_implementations()))
-@pytest.mark.parametrize("pass_name", PASSES)
+@pytest.mark.parametrize("pass_name", TRAINING_PASSES)
 @pytest.mark.parametrize("precision", list(PRECISIONS))
 @pytest.mark.parametrize("batch", BATCHES, ids=lambda batch: f"B{batch}")
 def test_lstm_stack(benchmark, precision_flags, batch, precision, pass_name, implementation, bidirectional):

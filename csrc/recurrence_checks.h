@@ -67,11 +67,11 @@ inline RecurrenceSizes check_forward_inputs(const at::Tensor& xw, const at::Tens
   return sizes;
 }
 
-// Everything on w_hh's device and of w_hh's dtype, except the saved gates and cells in its state dtype.
+// Everything on w_hh's device and of w_hh's dtype, except the saved gates and cells in `saved_dtype`.
 inline RecurrenceSizes check_backward_inputs(const at::Tensor& grad_y, const at::Tensor& grad_h_n,
                                              const at::Tensor& grad_c_n, const at::Tensor& w_hh, const at::Tensor& c0,
                                              const at::Tensor& gates, const at::Tensor& cell,
-                                             const std::optional<at::Tensor>& lengths) {
+                                             const std::optional<at::Tensor>& lengths, at::ScalarType saved_dtype) {
   const RecurrenceSizes sizes = step_tensor_sizes(gates, "gates");
   const auto [D, T, B, H] = sizes;
   const at::Device device = w_hh.device();
@@ -81,10 +81,19 @@ inline RecurrenceSizes check_backward_inputs(const at::Tensor& grad_y, const at:
   RNN_FAST_CHECK_INPUT(grad_c_n, device, dtype, D, B, H);
   RNN_FAST_CHECK_INPUT(w_hh, device, dtype, D, 4 * H, H);
   RNN_FAST_CHECK_INPUT(c0, device, dtype, D, B, H);
-  RNN_FAST_CHECK_INPUT(gates, device, state_type(dtype), D, T, B, 4 * H);
-  RNN_FAST_CHECK_INPUT(cell, device, state_type(dtype), D, T, B, H);
+  RNN_FAST_CHECK_INPUT(gates, device, saved_dtype, D, T, B, 4 * H);
+  RNN_FAST_CHECK_INPUT(cell, device, saved_dtype, D, T, B, H);
   check_lengths(lengths, device, B);
   return sizes;
+}
+
+// The contract's saved state: w_hh's state dtype (the CUDA backend's saved_16bit variant also takes 16 bits).
+inline RecurrenceSizes check_backward_inputs(const at::Tensor& grad_y, const at::Tensor& grad_h_n,
+                                             const at::Tensor& grad_c_n, const at::Tensor& w_hh, const at::Tensor& c0,
+                                             const at::Tensor& gates, const at::Tensor& cell,
+                                             const std::optional<at::Tensor>& lengths) {
+  return check_backward_inputs(grad_y, grad_h_n, grad_c_n, w_hh, c0, gates, cell, lengths,
+                               state_type(w_hh.scalar_type()));
 }
 
 }  // namespace rnn_fast

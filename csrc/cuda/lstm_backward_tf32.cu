@@ -1,4 +1,5 @@
-// The backward recurrence for tf32 (see lstm_recurrence.cuh).
+// The backward recurrence for tf32, with its variants (see lstm_recurrence.cuh).
 #include "lstm_recurrence.cuh"
 
-RNN_FAST_RECURRENCE_ENTRY(lstm_backward_tf32, rnn_fast::cuda::Precision::kTf32, false)
+RNN_FAST_RECURRENCE_ENTRY(lstm_backward_tf32, kTf32, kBackward, float)
+RNN_FAST_RECURRENCE_ENTRY(lstm_backward_tf32, kTf32, kBackward, __half)

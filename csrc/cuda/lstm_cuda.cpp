@@ -1,6 +1,7 @@
-// CUDA kernels of the rnn_fast::lstm_recurrence_forward/backward ops (schemas in csrc/rnn_fast.cpp): input
-// checks, dtype dispatch, output allocation and the launch on the current stream. The kernels themselves are
-// framework-free (lstm_recurrence.cuh) and reached through the plain entry points of lstm_recurrence.h.
+// CUDA kernels of the rnn_fast::lstm_recurrence_forward/backward/inference ops (schemas in csrc/rnn_fast.cpp):
+// input checks, dtype dispatch, the kernel variants of RNN_FAST_CUDA_VARIANTS, output allocation and the launch on
+// the current stream. The kernels themselves are framework-free (lstm_recurrence.cuh) and reached through the
+// plain entry points of lstm_recurrence.h.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -8,7 +9,11 @@
 #include <torch/library.h>
 
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <limits>
+#include <map>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -28,44 +33,34 @@ namespace {
 namespace rc = rnn_fast::cuda;
 using rc::Precision;
 
-// The element types of each precision and its two entry points.
+// The element types of each precision and its entry points (overloaded on the saved-state type).
+#define RNN_FAST_ENTRIES(PRECISION, ELEM, STATE, SUFFIX)                                       \
+  template <>                                                                                 \
+  struct Entry<Precision::PRECISION> {                                                        \
+    using Elem = ELEM;                                                                        \
+    using State = STATE;                                                                      \
+    template <class Args>                                                                     \
+    static cudaError_t forward(const Args& args, unsigned variants, cudaStream_t stream) {   \
+      return rc::lstm_forward_##SUFFIX(args, variants, stream);                               \
+    }                                                                                         \
+    template <class Args>                                                                     \
+    static cudaError_t inference(const Args& args, unsigned variants, cudaStream_t stream) { \
+      return rc::lstm_inference_##SUFFIX(args, variants, stream);                             \
+    }                                                                                         \
+    template <class Args>                                                                     \
+    static cudaError_t backward(const Args& args, unsigned variants, cudaStream_t stream) {  \
+      return rc::lstm_backward_##SUFFIX(args, variants, stream);                              \
+    }                                                                                         \
+  };
+
 template <Precision P>
 struct Entry;
-template <>
-struct Entry<Precision::kBfloat16> {
-  using Elem = __nv_bfloat16;
-  using State = float;
-  static constexpr auto forward = &rc::lstm_forward_bf16;
-  static constexpr auto backward = &rc::lstm_backward_bf16;
-};
-template <>
-struct Entry<Precision::kFloat16> {
-  using Elem = __half;
-  using State = float;
-  static constexpr auto forward = &rc::lstm_forward_fp16;
-  static constexpr auto backward = &rc::lstm_backward_fp16;
-};
-template <>
-struct Entry<Precision::kTf32> {
-  using Elem = float;
-  using State = float;
-  static constexpr auto forward = &rc::lstm_forward_tf32;
-  static constexpr auto backward = &rc::lstm_backward_tf32;
-};
-template <>
-struct Entry<Precision::kFloat32> {
-  using Elem = float;
-  using State = float;
-  static constexpr auto forward = &rc::lstm_forward_fp32;
-  static constexpr auto backward = &rc::lstm_backward_fp32;
-};
-template <>
-struct Entry<Precision::kFloat64> {
-  using Elem = double;
-  using State = double;
-  static constexpr auto forward = &rc::lstm_forward_fp64;
-  static constexpr auto backward = &rc::lstm_backward_fp64;
-};
+RNN_FAST_ENTRIES(kBfloat16, __nv_bfloat16, float, bf16)
+RNN_FAST_ENTRIES(kFloat16, __half, float, fp16)
+RNN_FAST_ENTRIES(kTf32, float, float, tf32)
+RNN_FAST_ENTRIES(kFloat32, float, float, fp32)
+RNN_FAST_ENTRIES(kFloat64, double, double, fp64)
+#undef RNN_FAST_ENTRIES
 
 template <typename Op, typename = void>
 struct HasOperatorTf32Switch : std::false_type {};
@@ -102,6 +97,80 @@ Precision precision_of(at::ScalarType dtype) {
   }
 }
 
+// RNN_FAST_CUDA_VARIANTS as a set of rc::Variant flags, read at every call and parsed once per distinct value.
+unsigned requested_variants() {
+  static std::mutex mutex;
+  static std::string parsed_text;
+  static unsigned parsed = 0;
+  const char* env = std::getenv("RNN_FAST_CUDA_VARIANTS");
+  const char* text = env == nullptr ? "" : env;
+  const std::lock_guard<std::mutex> lock(mutex);
+  if (std::strcmp(text, parsed_text.c_str()) == 0) return parsed;
+  unsigned variants = 0;
+  const char* bad = nullptr;
+  int bad_length = 0;
+  if (!rc::parse_variants(text, variants, bad, bad_length)) {
+    std::string valid;
+    for (const char* name : rc::kVariantNames) valid += (valid.empty() ? "" : ", ") + std::string(name);
+    TORCH_CHECK(false, "RNN_FAST_CUDA_VARIANTS names an unknown variant '", std::string(bad, bad_length),
+                "'; valid names are ", valid);
+  }
+  parsed_text = text;
+  parsed = variants;
+  return parsed;
+}
+
+// The device's compute capability major, asked once per device.
+int compute_major(const at::Device& device) {
+  static std::mutex mutex;
+  static std::map<int, int> majors;
+  const std::lock_guard<std::mutex> lock(mutex);
+  const auto found = majors.find(device.index());
+  if (found != majors.end()) return found->second;
+  int major = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device.index()));
+  majors.emplace(device.index(), major);
+  return major;
+}
+
+// The 16-bit saved-state dtype of `precision` (saved_16bit), or nullopt where there is none.
+std::optional<at::ScalarType> half_saved_type(Precision precision) {
+  switch (precision) {
+    case Precision::kBfloat16:
+      return at::ScalarType::BFloat16;
+    case Precision::kFloat16:
+    case Precision::kTf32:
+      return at::ScalarType::Half;
+    default:
+      return std::nullopt;
+  }
+}
+
+// The dtype of the gates and cells a forward saves: 16 bits under saved_16bit on sm_90 where the precision has
+// a 16-bit type, else the contract's fp32 / fp64 state.
+at::ScalarType saved_type(Precision precision, at::ScalarType dtype, const at::Device& device) {
+  const std::optional<at::ScalarType> half = half_saved_type(precision);
+  if (half.has_value() && (requested_variants() & rc::kSaved16bit) != 0 && compute_major(device) >= 9) return *half;
+  return rnn_fast::state_type(dtype);
+}
+
+// The variant set the kernels will run for `pass`; fails with the reason where this build has no kernel for it.
+unsigned variants_for(Precision precision, rc::Pass pass, bool saves_half, const at::Device& device) {
+  if (compute_major(device) < 9) {
+    TORCH_CHECK(!saves_half, "16-bit saved gates and cells (RNN_FAST_CUDA_VARIANTS=saved_16bit) need sm_90");
+    return 0;
+  }
+  const unsigned variants = (requested_variants() & rc::applicable_variants(precision, pass) & ~rc::kSaved16bit) |
+                            (saves_half ? rc::kSaved16bit : 0u);
+  TORCH_CHECK(rc::variant_set_compiled(precision, pass, variants), "RNN_FAST_CUDA_VARIANTS=",
+              std::getenv("RNN_FAST_CUDA_VARIANTS") == nullptr ? "" : std::getenv("RNN_FAST_CUDA_VARIANTS"),
+              ": this build compiles the CUDA kernel variants one at a time or all together, not this combination",
+              saves_half && (requested_variants() & rc::kSaved16bit) == 0
+                  ? " (the backward's 16-bit saved gates and cells count as saved_16bit)"
+                  : "");
+  return variants;
+}
+
 void check_supported(Precision precision, int64_t hidden, at::ScalarType dtype) {
   const char* reason = rc::recurrence_unsupported_reason(precision, static_cast<int>(hidden));
   TORCH_CHECK(reason == nullptr, "rnn_fast's CUDA LSTM recurrence cannot run ", dtype, " with hidden_size=", hidden,
@@ -122,6 +191,53 @@ const int64_t* lengths_ptr(const std::optional<at::Tensor>& lengths) {
   return lengths.has_value() ? lengths->data_ptr<int64_t>() : nullptr;
 }
 
+template <typename T>
+struct TypeTag {
+  using type = T;
+};
+
+// `body(Entry<P>{}, TypeTag<Saved>{})` for the runtime precision and the saved-state type: the precision's State,
+// or its SavedHalf when `saves_half`.
+template <class Body>
+void dispatch_entry(Precision precision, bool saves_half, Body&& body) {
+  rc::dispatch_precision(precision, [&](auto tag) {
+    constexpr Precision P = decltype(tag)::value;
+    using Half = typename rc::SavedHalf<P>::type;
+    if constexpr (!std::is_void<Half>::value) {
+      if (saves_half) return body(Entry<P>{}, TypeTag<Half>{});
+    }
+    body(Entry<P>{}, TypeTag<typename Entry<P>::State>{});
+  });
+}
+
+// The forward op's launch, with or without saved gates and cells (the inference op).
+template <bool kSaves>
+void run_forward(const at::Tensor& xw, const at::Tensor& w_hh, const at::Tensor& h0, const at::Tensor& c0,
+                 const std::optional<at::Tensor>& lengths, Precision precision, at::Tensor& y, at::Tensor& h_n,
+                 at::Tensor& c_n, at::Tensor* gates, at::Tensor* cell) {
+  const int64_t D = xw.size(0), T = xw.size(1), B = xw.size(2), H = w_hh.size(2);
+  const bool saves_half = kSaves && gates->scalar_type() != rnn_fast::state_type(xw.scalar_type());
+  const rc::Pass pass = kSaves ? rc::Pass::kForward : rc::Pass::kInference;
+  const unsigned variants = variants_for(precision, pass, saves_half, xw.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(xw.device().index()).stream();
+  dispatch_entry(precision, saves_half, [&](auto entry, auto saved) {
+    using E = decltype(entry);
+    using Elem = typename E::Elem;
+    using Saved = typename decltype(saved)::type;
+    const rc::RecurrenceForwardArgs<Elem, Saved> args{
+        in<Elem>(xw), in<Elem>(w_hh), in<Elem>(h0), in<Elem>(c0), lengths_ptr(lengths),
+        out<Elem>(y), out<Elem>(h_n), out<Elem>(c_n),
+        kSaves ? out<Saved>(*gates) : nullptr, kSaves ? out<Saved>(*cell) : nullptr,
+        static_cast<int>(D), static_cast<int>(T), static_cast<int>(B), static_cast<int>(H)};
+    if constexpr (kSaves) {
+      C10_CUDA_CHECK(E::forward(args, variants, stream));
+    } else if constexpr (std::is_same<Saved, typename E::State>::value) {
+      C10_CUDA_CHECK(E::inference(args, variants, stream));
+    }
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_recurrence_forward_cuda(
     const at::Tensor& xw, const at::Tensor& w_hh, const at::Tensor& h0, const at::Tensor& c0,
     const std::optional<at::Tensor>& lengths) {
@@ -133,58 +249,78 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_recu
   const c10::cuda::CUDAGuard guard(device);
   const Precision precision = precision_of(dtype);
   check_supported(precision, H, dtype);
+  const at::ScalarType saved = saved_type(precision, dtype, device);
   at::Tensor y = at::empty({D, T, B, H}, xw.options());
   at::Tensor h_n = at::empty({D, B, H}, xw.options());
   at::Tensor c_n = at::empty({D, B, H}, xw.options());
-  at::Tensor gates = at::empty({D, T, B, G}, xw.options().dtype(rnn_fast::state_type(dtype)));
-  at::Tensor cell = at::empty({D, T, B, H}, xw.options().dtype(rnn_fast::state_type(dtype)));
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
-
-  rc::dispatch_precision(precision, [&](auto tag) {
-    using E = Entry<decltype(tag)::value>;
-    using Elem = typename E::Elem;
-    using State = typename E::State;
-    const rc::RecurrenceForwardArgs<Elem, State> args{
-        in<Elem>(xw), in<Elem>(w_hh), in<Elem>(h0), in<Elem>(c0), lengths_ptr(lengths),
-        out<Elem>(y), out<Elem>(h_n), out<Elem>(c_n), out<State>(gates), out<State>(cell),
-        static_cast<int>(D), static_cast<int>(T), static_cast<int>(B), static_cast<int>(H)};
-    C10_CUDA_CHECK(E::forward(args, stream));
-  });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  at::Tensor gates = at::empty({D, T, B, G}, xw.options().dtype(saved));
+  at::Tensor cell = at::empty({D, T, B, H}, xw.options().dtype(saved));
+  run_forward<true>(xw, w_hh, h0, c0, lengths, precision, y, h_n, c_n, &gates, &cell);
   return {y, h_n, c_n, gates, cell};
+}
+
+// The forward that saves nothing: the same kernels without their gate and cell stores.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_recurrence_inference_cuda(
+    const at::Tensor& xw, const at::Tensor& w_hh, const at::Tensor& h0, const at::Tensor& c0,
+    const std::optional<at::Tensor>& lengths) {
+  const rnn_fast::RecurrenceSizes sizes = rnn_fast::check_forward_inputs(xw, w_hh, h0, c0, lengths);
+  const int64_t D = sizes.D, T = sizes.T, B = sizes.B, H = sizes.H;
+  const at::Device device = xw.device();
+  const at::ScalarType dtype = xw.scalar_type();
+
+  const c10::cuda::CUDAGuard guard(device);
+  const Precision precision = precision_of(dtype);
+  check_supported(precision, H, dtype);
+  at::Tensor y = at::empty({D, T, B, H}, xw.options());
+  at::Tensor h_n = at::empty({D, B, H}, xw.options());
+  at::Tensor c_n = at::empty({D, B, H}, xw.options());
+  run_forward<false>(xw, w_hh, h0, c0, lengths, precision, y, h_n, c_n, nullptr, nullptr);
+  return {y, h_n, c_n};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_recurrence_backward_cuda(
     const at::Tensor& grad_y, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n,
     const at::Tensor& w_hh, const at::Tensor& c0, const at::Tensor& gates, const at::Tensor& cell,
     const std::optional<at::Tensor>& lengths) {
-  const rnn_fast::RecurrenceSizes sizes =
-      rnn_fast::check_backward_inputs(grad_y, grad_h_n, grad_c_n, w_hh, c0, gates, cell, lengths);
+  const at::ScalarType dtype = w_hh.scalar_type();
+  const Precision precision = precision_of(dtype);
+  // Saved state in the precision's 16-bit type is what a saved_16bit forward wrote: the kernel follows the data.
+  const std::optional<at::ScalarType> half = half_saved_type(precision);
+  const bool saves_half = half.has_value() && gates.scalar_type() == *half;
+  const rnn_fast::RecurrenceSizes sizes = rnn_fast::check_backward_inputs(
+      grad_y, grad_h_n, grad_c_n, w_hh, c0, gates, cell, lengths, saves_half ? *half : rnn_fast::state_type(dtype));
   const int64_t D = sizes.D, T = sizes.T, B = sizes.B, H = sizes.H, G = 4 * H;
   const at::Device device = w_hh.device();
-  const at::ScalarType dtype = w_hh.scalar_type();
 
   const c10::cuda::CUDAGuard guard(device);
-  const Precision precision = precision_of(dtype);
   check_supported(precision, H, dtype);
+  const unsigned variants = variants_for(precision, rc::Pass::kBackward, saves_half, device);
   at::Tensor grad_xw = at::empty({D, T, B, G}, w_hh.options());
   at::Tensor grad_h0 = at::empty({D, B, H}, w_hh.options());
   at::Tensor grad_c0 = at::empty({D, B, H}, w_hh.options());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
 
-  rc::dispatch_precision(precision, [&](auto tag) {
-    using E = Entry<decltype(tag)::value>;
+  dispatch_entry(precision, saves_half, [&](auto entry, auto saved) {
+    using E = decltype(entry);
     using Elem = typename E::Elem;
-    using State = typename E::State;
-    const rc::RecurrenceBackwardArgs<Elem, State> args{
+    using Saved = typename decltype(saved)::type;
+    const rc::RecurrenceBackwardArgs<Elem, Saved> args{
         in<Elem>(grad_y), in<Elem>(grad_h_n), in<Elem>(grad_c_n), in<Elem>(w_hh), in<Elem>(c0),
-        in<State>(gates), in<State>(cell), lengths_ptr(lengths),
+        in<Saved>(gates), in<Saved>(cell), lengths_ptr(lengths),
         out<Elem>(grad_xw), out<Elem>(grad_h0), out<Elem>(grad_c0),
         static_cast<int>(D), static_cast<int>(T), static_cast<int>(B), static_cast<int>(H)};
-    C10_CUDA_CHECK(E::backward(args, stream));
+    C10_CUDA_CHECK(E::backward(args, variants, stream));
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {grad_xw, grad_h0, grad_c0};
+}
+
+// The dtype a forward on `device` in `dtype` saves its gates and cells in, now: for the ops' fake registration
+// (rnn_fast/ops/lstm/extension.py), so that it says what the launcher does.
+at::ScalarType lstm_recurrence_cuda_saved_dtype(const at::Device& device, at::ScalarType dtype) {
+  TORCH_CHECK(device.is_cuda(), "expected a CUDA device, got ", device);
+  const at::Device indexed = device.has_index() ? device : at::Device(at::kCUDA, c10::cuda::current_device());
+  return saved_type(precision_of(dtype), dtype, indexed);
 }
 
 // "" when the kernels run `dtype` at `hidden_size` on `device`, else why not; for the backend's
@@ -214,9 +350,12 @@ std::string lstm_recurrence_cuda_unsupported_reason(const at::Device& device, at
 TORCH_LIBRARY_FRAGMENT(rnn_fast, m) {
   m.def("lstm_recurrence_cuda_unsupported_reason(Device device, ScalarType dtype, int hidden_size) -> str",
         &lstm_recurrence_cuda_unsupported_reason);
+  m.def("lstm_recurrence_cuda_saved_dtype(Device device, ScalarType dtype) -> ScalarType",
+        &lstm_recurrence_cuda_saved_dtype);
 }
 
 TORCH_LIBRARY_IMPL(rnn_fast, CUDA, m) {
   m.impl("lstm_recurrence_forward", &lstm_recurrence_forward_cuda);
   m.impl("lstm_recurrence_backward", &lstm_recurrence_backward_cuda);
+  m.impl("lstm_recurrence_inference", &lstm_recurrence_inference_cuda);
 }

@@ -1,4 +1,5 @@
-// The forward recurrence for fp16 (see lstm_recurrence.cuh).
+// The forward recurrence for fp16, with its variants (see lstm_recurrence.cuh).
 #include "lstm_recurrence.cuh"
 
-RNN_FAST_RECURRENCE_ENTRY(lstm_forward_fp16, rnn_fast::cuda::Precision::kFloat16, true)
+RNN_FAST_RECURRENCE_ENTRY(lstm_forward_fp16, kFloat16, kForward, float)
+RNN_FAST_RECURRENCE_ENTRY(lstm_forward_fp16, kFloat16, kForward, __half)

@@ -1,4 +1,4 @@
-// The forward recurrence for fp32 (see lstm_recurrence.cuh).
+// The forward recurrence for fp32, with its variants (see lstm_recurrence.cuh).
 #include "lstm_recurrence.cuh"
 
-RNN_FAST_RECURRENCE_ENTRY(lstm_forward_fp32, rnn_fast::cuda::Precision::kFloat32, true)
+RNN_FAST_RECURRENCE_ENTRY(lstm_forward_fp32, kFloat32, kForward, float)

@@ -37,8 +37,23 @@
 //   scale is applied to the fp32 accumulator. Weights below 2^-14 of their row's largest become fp16
 //   subnormals: their absolute error stays below TF32's rounding of the row's largest products.
 // * backward: TF32 proper (m16n8k8), since gate gradients have no bound that fp16 could hold.
-// Activations: bf16 uses tanh.approx.f32 (relative error ~2^-11, below bf16's 2^-8); fp16 and TF32 use
-// __expf-based sigmoid/tanh (~1e-6); float32/float64 use expf/tanhf (exp/tanh), to match nn.LSTM at 2e-5.
+// Activations: bf16, fp16 and TF32 use __expf-based sigmoid/tanh (~1e-6; tanh.approx.f32, relative error
+// ~2^-11, under the kTanhApprox variant); float32/float64 use expf/tanhf (exp/tanh), to match nn.LSTM at 2e-5.
+//
+// Lengths
+// -------
+// A batch tile steps only as long as its longest row (the reverse direction starts each row at its own end, so
+// in processing order every row runs a prefix of the steps): steps past it are all padding, and only their zero
+// outputs are written, with no multiply and no barrier. Any order of lengths is correct; sorted (packed) order
+// puts the short rows together, whose tiles then stop early.
+//
+// Variants
+// --------
+// lstm_recurrence.h's Variant flags select alternative kernels at run time (csrc/cuda/README.md "Kernel
+// variants"): the cluster exchange through st.async and mbarriers instead of barrier.cluster (MbarrierExchange),
+// 16-bit saved gates and cells, tanh.approx activations, a 32-row TF32 backward with part of W_hh in shared
+// memory, and a backward whose inputs are staged in shared memory several steps ahead (RingInputs). They are
+// compiled for sm_90 only; elsewhere a variant kernel is a trap the launcher never selects.
 //
 // Requirements checked by the planner: hidden <= 128; K is padded to a multiple of 32 with zero weights, the
 // units past H own nothing. A thread moves its two adjacent units as one vector access when H is even and every
@@ -50,6 +65,9 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <map>
+#include <mutex>
+#include <tuple>
 #include <type_traits>
 #include <utility>
 
@@ -210,6 +228,105 @@ __device__ __forceinline__ void step_barrier(int cluster) {
   step_wait(cluster);
 }
 
+// How a step's new state tile reaches every CTA of the cluster: publish() each value into tile `buffer`, then
+// arrive(buffer); wait(buffer) returns once every CTA's values of that step are in this CTA's tile. Between
+// arrive and wait the step's global stores overlap the exchange.
+//
+// Baseline: DSMEM stores and one barrier.cluster arrive/wait per step. Its release/acquire compiles to a GPU-wide
+// MEMBAR before every arrive, which waits for the step's global stores and prefetched loads as well.
+struct BarrierExchange {
+  int cluster;
+  __device__ __forceinline__ BarrierExchange(unsigned char*, int cluster_size, int, uint32_t)
+      : cluster(cluster_size) {}
+  template <typename Raw>
+  __device__ __forceinline__ void publish(void* local, Raw v, int) const {
+    detail::publish(local, v, cluster);
+  }
+  __device__ __forceinline__ void arrive(int) const { step_arrive(cluster); }
+  __device__ __forceinline__ void wait(int) const { step_wait(cluster); }
+};
+
+// kClusterMbarrier: one mbarrier per state tile in every CTA. A thread writes its values into its own CTA's tile
+// with plain stores and into each peer's with st.async, which completes that many bytes on the peer's mbarrier;
+// each warp then arrives once on its own CTA's (thread 0 also announces the bytes the peers will send). A CTA
+// waits on its own mbarrier only: no cluster-wide barrier and no fence in the step loop. Two tiles suffice: a
+// CTA overwrites a peer's tile of step s-1 only after it has received the peer's values of step s, which the
+// peer computed after reading that tile. The last step publishes nothing, so no st.async is in flight into a
+// CTA that has exited.
+struct MbarrierExchange {
+  int cluster, rank;
+  uint32_t barriers;    // shared::cta address of tile 0's mbarrier; tile 1's follows
+  uint32_t peer_bytes;  // bytes the peers write into one tile of this CTA per step
+  uint32_t parity;      // bit b: the parity of the phase the next wait on tile b waits for
+
+  // `bytes_per_thread`: what one thread publishes per step.
+  __device__ __forceinline__ MbarrierExchange(unsigned char* barrier_memory, int cluster_size, int cta_rank,
+                                              uint32_t bytes_per_thread)
+      : cluster(cluster_size), rank(cta_rank), barriers(0), parity(0) {
+    peer_bytes = static_cast<uint32_t>(cluster - 1) * blockDim.x * bytes_per_thread;
+    if (cluster == 1) return;
+#if RNN_FAST_HAS_CLUSTERS
+    barriers = shared_address(barrier_memory);
+    if (threadIdx.x == 0) {
+      const int warps = static_cast<int>(blockDim.x) / kWarpSize;
+      mbarrier_init(barriers, warps);
+      mbarrier_init(barriers + 8, warps);
+      fence_mbarrier_init();  // published to the peers by the kernel's first cluster barrier
+    }
+#endif
+  }
+
+  template <typename Raw>
+  __device__ __forceinline__ void publish(void* local, Raw v, int buffer) const {
+    *reinterpret_cast<Raw*>(local) = v;
+    if (cluster == 1) return;
+#if RNN_FAST_HAS_CLUSTERS
+    const uint32_t addr = shared_address(local), barrier = barriers + 8 * buffer;
+    // Staggered, rank+1 first, so that the CTAs do not all write to one peer first; counted without %, which
+    // would be an integer division per store.
+    for (int peer = 1, target = rank + 1; peer < cluster; ++peer, ++target) {
+      if (target == cluster) target = 0;
+      store_async(cluster_address(addr, target), v, cluster_address(barrier, target));
+    }
+#else
+    __trap();
+#endif
+  }
+
+  __device__ __forceinline__ void arrive(int buffer) const {
+    if (cluster == 1) {
+      __syncthreads();
+      return;
+    }
+#if RNN_FAST_HAS_CLUSTERS
+    __syncwarp();  // the warp's local stores, before its one release
+    if (threadIdx.x % kWarpSize == 0) {
+      const uint32_t barrier = barriers + 8 * buffer;
+      if (threadIdx.x == 0) {
+        mbarrier_arrive_expect_tx(barrier, peer_bytes);
+      } else {
+        mbarrier_arrive(barrier);
+      }
+    }
+#else
+    __trap();
+#endif
+  }
+
+  __device__ __forceinline__ void wait(int buffer) {
+    if (cluster == 1) return;
+#if RNN_FAST_HAS_CLUSTERS
+    mbarrier_wait_parity(barriers + 8 * buffer, (parity >> buffer) & 1u);
+    parity ^= 1u << buffer;
+#else
+    __trap();
+#endif
+  }
+};
+
+template <bool kMbarrier>
+using Exchange = typename std::conditional<kMbarrier, MbarrierExchange, BarrierExchange>::type;
+
 // ---------------------------------------------------------------------------------------------------------
 // Activations.
 
@@ -223,6 +340,10 @@ struct ExpActivations {
   static __device__ __forceinline__ float sigmoid(float x) { return __fdividef(1.0f, 1.0f + __expf(-x)); }
   static __device__ __forceinline__ float tanh(float x) { return fmaf(2.0f, sigmoid(2.0f * x), -1.0f); }
 };
+
+// The activations of the tensor-core precisions: kTanhApprox picks MUFU.TANH.
+template <bool kApprox>
+using ReducedActivations = typename std::conditional<kApprox, ApproxActivations, ExpActivations>::type;
 
 template <typename S>
 struct ExactActivations;
@@ -310,30 +431,60 @@ __device__ __forceinline__ auto pack_operands(float a, float b) {
 //
 // `fetch(k, nt, unit)` gives the weight B[k][column] of n-tile nt's column for hidden unit `unit`.
 
-// Weights in registers as B fragments; tensor-core MMAs. kScaledRows: each column (a row of W_hh) is divided
-// by a power of two at load and the accumulator multiplied back (the TF32-as-fp16 forward).
-template <class Op, class Act, bool kScaledRows>
+// Weights as MMA B fragments; tensor-core MMAs. kScaledRows: each column (a row of W_hh) is divided by a power
+// of two at load and the accumulator multiplied back (the TF32-as-fp16 forward). The fragments of the first
+// kRegisterK values of K live in registers; the rest, if any (kBackwardTf32Wide), in shared memory as
+// [warp][n-tile][chunk][lane] 16-byte lane fragments, so that a warp's read of one chunk is 512 contiguous bytes.
+template <class Op, class Act, bool kScaledRows, int kRegisterK = kGates * kMaxHidden>
 struct MmaPolicy {
   using Operand = typename Op::Operand;
   using State = float;
   using Activations = Act;
-  static constexpr bool kWeightsInSmem = false;
   static constexpr int kLaneElems = kLaneBytes / sizeof(Operand);
   static constexpr int kChunkElems = 4 * kLaneElems;  // K per 64-byte chunk
+  static constexpr int kChunkBytes = kWarpSize * kLaneBytes;
+
+  // The chunks of k_total that live in shared memory.
+  static __host__ __device__ __forceinline__ int shared_chunks(int k_total) {
+    const int chunks = (k_total + kChunkElems - 1) / kChunkElems, in_registers = kRegisterK / kChunkElems;
+    return chunks > in_registers ? chunks - in_registers : 0;
+  }
+
+  static size_t weight_smem_bytes(int warps, int NT, int k_total, int /*w_row_bytes*/) {
+    return static_cast<size_t>(warps) * NT * shared_chunks(k_total) * kChunkBytes;
+  }
 
   template <int NT, int kMaxK>
   struct Weights {
     static constexpr int kChunks = kMaxK / kChunkElems;
-    uint4 frag[NT][kChunks];
+    static constexpr int kRegisterChunks = kChunks < kRegisterK / kChunkElems ? kChunks : kRegisterK / kChunkElems;
+    uint4 frag[NT][kRegisterChunks];
+    const uint4* shared;  // this warp's first shared chunk, at this lane
+    int shared_stride;    // uint4s from one n-tile's shared chunks to the next's
     float column_scale[NT][2];
     __device__ __forceinline__ float scale(int nt, int e) const { return kScaledRows ? column_scale[nt][e] : 1.0f; }
+    // j is a compile-time constant in the unrolled loops; the clamped index only keeps the dead branch in bounds.
+    __device__ __forceinline__ uint4 fragment(int nt, int j) const {
+      if (j < kRegisterChunks) return frag[nt][j < kRegisterChunks ? j : 0];
+      return shared[nt * shared_stride + (j - kRegisterChunks) * kWarpSize];
+    }
+    __device__ __forceinline__ void set(int nt, int j, uint4 v) {
+      if (j < kRegisterChunks) {
+        frag[nt][j < kRegisterChunks ? j : 0] = v;
+      } else {
+        const_cast<uint4*>(shared)[nt * shared_stride + (j - kRegisterChunks) * kWarpSize] = v;
+      }
+    }
   };
 
   template <int NT, int kMaxK, class Fetch>
   static __device__ __forceinline__ void load(Weights<NT, kMaxK>& w, const Fetch& fetch, int k_total,
-                                              unsigned char* /*smem*/, int /*w_stride*/, int warps, int rank) {
-    const int lane = threadIdx.x % kWarpSize, g = lane / 4, t = lane % 4;
-    const int unit = (rank * warps + static_cast<int>(threadIdx.x) / kWarpSize) * kUnitsPerWarp + g;
+                                              unsigned char* smem, int /*w_stride*/, int warps, int rank) {
+    const int lane = threadIdx.x % kWarpSize, g = lane / 4, t = lane % 4, warp = threadIdx.x / kWarpSize;
+    const int unit = (rank * warps + warp) * kUnitsPerWarp + g;
+    const int shared_chunks_used = shared_chunks(k_total);
+    w.shared_stride = shared_chunks_used * kWarpSize;
+    w.shared = reinterpret_cast<const uint4*>(smem) + warp * NT * w.shared_stride + lane;
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
       float inv_scale = 1.0f;
@@ -367,7 +518,7 @@ struct MmaPolicy {
           const int k = j * kChunkElems + t * kLaneElems + i;
           v[i] = k < k_total ? fetch(k, nt, unit) * inv_scale : 0.0f;
         }
-        w.frag[nt][j] = pack_lane<Op>(v);
+        if (j * kChunkElems < k_total || j < Weights<NT, kMaxK>::kRegisterChunks) w.set(nt, j, pack_lane<Op>(v));
       }
     }
   }
@@ -393,6 +544,9 @@ struct MmaPolicy {
 #pragma unroll
     for (int j = 0; j < Weights<NT, kMaxK>::kChunks; ++j) {
       if (j * kChunkElems < k_total) {
+        uint4 b[NT];
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) b[nt] = w.fragment(nt, j);
 #pragma unroll
         for (int m = 0; m < MT; ++m) {
           const unsigned char* p = base + (m * kTileRows) * row_bytes + j * 4 * kLaneBytes;
@@ -400,9 +554,8 @@ struct MmaPolicy {
           const uint4 hi = *reinterpret_cast<const uint4*>(p + 8 * row_bytes);
 #pragma unroll
           for (int nt = 0; nt < NT; ++nt) {
-            const uint4 b = w.frag[nt][j];
-            Op::mma(part[j % kSplit][m][nt], lo.x, hi.x, lo.y, hi.y, b.x, b.y);
-            Op::mma(part[j % kSplit][m][nt], lo.z, hi.z, lo.w, hi.w, b.z, b.w);
+            Op::mma(part[j % kSplit][m][nt], lo.x, hi.x, lo.y, hi.y, b[nt].x, b[nt].y);
+            Op::mma(part[j % kSplit][m][nt], lo.z, hi.z, lo.w, hi.w, b[nt].z, b[nt].w);
           }
         }
       }
@@ -431,9 +584,12 @@ struct FmaPolicy {
   using State = S;
   using Activations = ExactActivations<S>;
   using Vec = typename std::conditional<sizeof(S) == 4, float4, double2>::type;
-  static constexpr bool kWeightsInSmem = true;
   static constexpr int kLaneElems = kLaneBytes / sizeof(S);
   static constexpr int kChunkElems = kLaneElems;
+
+  static size_t weight_smem_bytes(int warps, int NT, int /*k_total*/, int w_row_bytes) {
+    return static_cast<size_t>(warps) * NT * kUnitsPerWarp * w_row_bytes;
+  }
 
   template <int NT, int kMaxK>
   struct Weights {
@@ -550,12 +706,15 @@ struct BackwardWeights {
 // Launch geometry, shared by host and device.
 
 struct Layout {
-  int hidden_padded;  // Hp: hidden rounded up to kHiddenAlign; K is Hp (forward) or 4*Hp (backward)
-  int cluster;        // CTAs per cluster, splitting the hidden units
-  int warps;          // per CTA; the CTA owns warps * 8 units
-  int a_stride;       // Operand elements per row of the state tile
-  int w_stride;       // Operand elements per weight row in shared memory (FmaPolicy)
-  int a_offset;       // bytes from the start of dynamic shared memory to the two state tiles
+  int hidden_padded;   // Hp: hidden rounded up to kHiddenAlign; K is Hp (forward) or 4*Hp (backward)
+  int cluster;         // CTAs per cluster, splitting the hidden units
+  int warps;           // per CTA; the CTA owns warps * 8 units
+  int a_stride;        // Operand elements per row of the state tile
+  int w_stride;        // Operand elements per weight row in shared memory (FmaPolicy)
+  int a_offset;        // bytes from the start of dynamic shared memory to the two state tiles
+  int ring_offset;     // bytes to the backward's input slots (kBackwardPrefetch)
+  int ring_slots;      // how many (0 without the variant)
+  int barrier_offset;  // bytes to the two mbarriers (kClusterMbarrier)
 };
 
 template <class Args>
@@ -597,18 +756,123 @@ struct ThreadRows {
   __device__ __forceinline__ int time(int i, int s, int dir) const {
     return (dir != 0 && s < length[i]) ? length[i] - 1 - s : s;
   }
+  // The steps the whole tile runs: its longest row's length, the same in every thread of the cluster (the
+  // lanes of a warp hold all the tile's rows between them, 8 groups of 4 lanes).
+  __device__ __forceinline__ int tile_steps() const {
+    int longest = 0;
+#pragma unroll
+    for (int i = 0; i < kCount; ++i) longest = length[i] > longest ? length[i] : longest;
+#pragma unroll
+    for (int mask = 4; mask < kWarpSize; mask *= 2) {
+      const int other = __shfl_xor_sync(kFullMask, longest, mask);
+      longest = other > longest ? other : longest;
+    }
+    return longest;
+  }
 };
 
 // ---------------------------------------------------------------------------------------------------------
-// Forward kernel.
+// Which policy runs which precision, and what a variant set changes.
 
-template <class Policy, typename Elem, int MT>
-__global__ void __launch_bounds__(kMaxThreads, 1)
-    lstm_forward_kernel(const Problem<RecurrenceForwardArgs<Elem, typename Policy::State>> problem) {
+// bf16 and fp16 multiply in their own type, forward and backward.
+template <class Op>
+struct HalfTraits {
+  using Elem = typename Op::Operand;
+  template <bool kApprox>
+  using Forward = MmaPolicy<Op, ReducedActivations<kApprox>, false>;
+  template <bool kApprox>
+  using Backward = Forward<kApprox>;
+  template <bool kApprox>
+  using BackwardWide = Backward<kApprox>;
+  static constexpr int kForwardTiles = 2;
+  static constexpr int kBackwardTiles = 2;
+};
+
+// IEEE float32 and float64: FMAs, exact activations, no variant of the arithmetic.
+template <typename S>
+struct FmaTraits {
+  using Elem = S;
+  template <bool>
+  using Forward = FmaPolicy<S>;
+  template <bool>
+  using Backward = FmaPolicy<S>;
+  template <bool>
+  using BackwardWide = FmaPolicy<S>;
+  static constexpr int kForwardTiles = 1;
+  static constexpr int kBackwardTiles = 1;
+};
+
+template <Precision P>
+struct PrecisionTraits;
+template <>
+struct PrecisionTraits<Precision::kBfloat16> : HalfTraits<Bf16Mma> {};
+template <>
+struct PrecisionTraits<Precision::kFloat16> : HalfTraits<Fp16Mma> {};
+template <>
+struct PrecisionTraits<Precision::kTf32> {
+  using Elem = float;
+  template <bool kApprox>
+  using Forward = MmaPolicy<Fp16Mma, ReducedActivations<kApprox>, true>;
+  template <bool kApprox>
+  using Backward = MmaPolicy<Tf32Mma, ReducedActivations<kApprox>, false>;
+  // kBackwardTf32Wide: half of K (256 of the 512 at H=128) in registers, 64 of them instead of 128, the rest in
+  // shared memory. All of it there would not fit next to two 32-row state tiles (128 + 132 KiB).
+  template <bool kApprox>
+  using BackwardWide = MmaPolicy<Tf32Mma, ReducedActivations<kApprox>, false, 2 * kMaxHidden>;
+  static constexpr int kForwardTiles = 2;
+  static constexpr int kBackwardTiles = 1;  // 128 weight registers leave no room for a second m-tile
+};
+template <>
+struct PrecisionTraits<Precision::kFloat32> : FmaTraits<float> {};
+template <>
+struct PrecisionTraits<Precision::kFloat64> : FmaTraits<double> {};
+
+// The kernels of precision P under variant set V (cut down to applicable_variants).
+template <Precision P, unsigned V>
+struct Config {
+  using Traits = PrecisionTraits<P>;
+  using Elem = typename Traits::Elem;
+  static constexpr bool kMbarrier = (V & kClusterMbarrier) != 0;
+  static constexpr bool kApprox = (V & kTanhApprox) != 0;
+  static constexpr bool kWide = (V & kBackwardTf32Wide) != 0;
+  static constexpr bool kPrefetch = (V & kBackwardPrefetch) != 0;
+  using ForwardPolicy = typename Traits::template Forward<kApprox>;
+  template <int MT>
+  using BackwardPolicy = typename std::conditional<kWide && MT == 2, typename Traits::template BackwardWide<kApprox>,
+                                                   typename Traits::template Backward<kApprox>>::type;
+  using State = typename ForwardPolicy::State;
+  using Saved = typename std::conditional<(V & kSaved16bit) != 0, typename SavedHalf<P>::type, State>::type;
+  static constexpr int kForwardTiles = Traits::kForwardTiles;
+  static constexpr int kBackwardTiles = kWide ? 2 : Traits::kBackwardTiles;
+  // The 32-row TF32 backward leaves no shared memory for the input slots: it loads as the baseline does.
+  static constexpr bool ring(int MT) { return kPrefetch && !(kWide && MT == 2); }
+};
+
+template <Precision P, Pass kPass, typename Saved>
+using PassArgs = typename std::conditional<kPass == Pass::kBackward,
+                                           RecurrenceBackwardArgs<typename PrecisionTraits<P>::Elem, Saved>,
+                                           RecurrenceForwardArgs<typename PrecisionTraits<P>::Elem, Saved>>::type;
+
+template <Precision P, unsigned V, Pass kPass>
+using ConfigArgs = PassArgs<P, kPass, typename Config<P, V>::Saved>;
+
+// Variant kernels are compiled for sm_90 only (the launcher runs them nowhere else).
+template <unsigned V>
+constexpr bool kCompiledForThisArchitecture = V == 0 || RNN_FAST_HAS_CLUSTERS;
+
+// ---------------------------------------------------------------------------------------------------------
+// Forward kernel (kSaveState: also the saved gates and cells; without, the inference kernel).
+
+template <Precision P, unsigned V, int MT, bool kSaveState>
+__device__ __forceinline__ void forward_steps(const Problem<ConfigArgs<P, V, Pass::kForward>>& problem) {
+  using C = Config<P, V>;
+  using Policy = typename C::ForwardPolicy;
+  using Elem = typename C::Elem;
   using S = typename Policy::State;
   using Operand = typename Policy::Operand;
   using Act = typename Policy::Activations;
   using ElemPair = typename PairOf<Elem>::type;
+  using Raw = decltype(Policy::operands(S(), S()));
   constexpr int NT = kGates;
   constexpr int R = 2 * MT;
   unsigned char* smem = dynamic_shared_memory();
@@ -622,6 +886,7 @@ __global__ void __launch_bounds__(kMaxThreads, 1)
   const bool unit_ok[2] = {unit < H, unit + 1 < H};
   const bool paired = problem.paired;
   const ThreadRows<MT> rows(tile, g, B, T, a.lengths);
+  const int steps = rows.tile_steps();
 
   typename Policy::template Weights<NT, kMaxHidden> weights;
   Policy::load(weights, ForwardWeights<Elem, S>{a.w_hh + static_cast<int64_t>(dir) * G * H, H}, Hp, smem,
@@ -645,6 +910,8 @@ __global__ void __launch_bounds__(kMaxThreads, 1)
     unpack(load_pair(a.c0 + at, io0, io1, paired), c[i][0], c[i][1]);
   }
 
+  Exchange<C::kMbarrier> exchange(smem + layout.barrier_offset, layout.cluster, rank, R * sizeof(Raw));
+
   // xw of the next step, in flight while this step multiplies.
   ElemPair xw[R][NT];
   auto load_xw = [&](int s) {
@@ -658,10 +925,31 @@ __global__ void __launch_bounds__(kMaxThreads, 1)
       }
     }
   };
-  load_xw(0);
-  step_barrier(layout.cluster);  // tile 0 and shared weights written; every CTA of the cluster running
+  if (steps > 0) load_xw(0);
+  step_barrier(layout.cluster);  // tile 0, shared weights and mbarriers written; every CTA of the cluster running
 
-  for (int s = 0; s < T; ++s) {
+  // The outputs of step s: y, and the saved gates (the accumulator layout) and cells.
+  auto store_step = [&](int s, const S (&gates_out)[MT][NT][4], const S (&cell_out)[R][2], const S (&y_out)[R][2]) {
+#pragma unroll
+    for (int m = 0; m < MT; ++m)
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int i = 2 * m + half;
+        const bool io0 = rows.valid[i] && unit_ok[0], io1 = rows.valid[i] && unit_ok[1];
+        const int64_t row = step_row(dir, T, rows.time(i, s, dir), B, rows.batch[i]);
+        if constexpr (kSaveState) {
+#pragma unroll
+          for (int gate = 0; gate < NT; ++gate) {
+            store_pair(a.gates + row * G + gate * H + unit, gates_out[m][gate][2 * half],
+                       gates_out[m][gate][2 * half + 1], io0, io1, paired);
+          }
+          store_pair(a.cell + row * H + unit, cell_out[i][0], cell_out[i][1], io0, io1, paired);
+        }
+        store_pair(a.y + row * H + unit, y_out[i][0], y_out[i][1], io0, io1, paired);
+      }
+  };
+
+  for (int s = 0; s < steps; ++s) {
     S acc[MT][NT][4];
     Policy::multiply(acc, weights, tiles + (s & 1) * tile_elems, layout.a_stride, Hp);
 #pragma unroll
@@ -675,7 +963,8 @@ __global__ void __launch_bounds__(kMaxThreads, 1)
           acc[m][gate][2 * half] = fma(acc[m][gate][2 * half], weights.scale(gate, 0), x0);
           acc[m][gate][2 * half + 1] = fma(acc[m][gate][2 * half + 1], weights.scale(gate, 1), x1);
         }
-    if (s + 1 < T) load_xw(s + 1);
+    const bool more = s + 1 < steps;
+    if (more) load_xw(s + 1);
 
     S cell_out[R][2], y_out[R][2];
 #pragma unroll
@@ -706,30 +995,34 @@ __global__ void __launch_bounds__(kMaxThreads, 1)
         }
       }
 
-    // h enters every CTA's next tile; rows that stopped keep their last h, which only their own row reads.
-    Operand* next = tiles + ((s + 1) & 1) * tile_elems;
+    // h enters every CTA's next tile; rows that stopped keep their last h, which only their own row reads. The
+    // last step has no next tile.
+    const int next = (s + 1) & 1;
+    if (more) {
+      Operand* next_tile = tiles + next * tile_elems;
 #pragma unroll
-    for (int i = 0; i < R; ++i) {
-      publish(next + ThreadRows<MT>::local(i, g) * layout.a_stride + unit, Policy::operands(h[i][0], h[i][1]),
-              layout.cluster);
+      for (int i = 0; i < R; ++i) {
+        exchange.publish(next_tile + ThreadRows<MT>::local(i, g) * layout.a_stride + unit,
+                         Policy::operands(h[i][0], h[i][1]), next);
+      }
+      exchange.arrive(next);
     }
-    step_arrive(layout.cluster);
+    store_step(s, acc, cell_out, y_out);
+    if (more) exchange.wait(next);
+  }
+
+  // Steps past the tile's longest row: padding for every row, so zeros.
+  if (steps < T) {
+    S zero_gates[MT][NT][4], zero[R][2];
 #pragma unroll
     for (int m = 0; m < MT; ++m)
 #pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        const int i = 2 * m + half;
-        const bool io0 = rows.valid[i] && unit_ok[0], io1 = rows.valid[i] && unit_ok[1];
-        const int64_t row = step_row(dir, T, rows.time(i, s, dir), B, rows.batch[i]);
+      for (int gate = 0; gate < NT; ++gate)
 #pragma unroll
-        for (int gate = 0; gate < NT; ++gate) {
-          store_pair(a.gates + row * G + gate * H + unit, acc[m][gate][2 * half], acc[m][gate][2 * half + 1], io0,
-                     io1, paired);
-        }
-        store_pair(a.cell + row * H + unit, cell_out[i][0], cell_out[i][1], io0, io1, paired);
-        store_pair(a.y + row * H + unit, y_out[i][0], y_out[i][1], io0, io1, paired);
-      }
-    step_wait(layout.cluster);
+        for (int col = 0; col < 4; ++col) zero_gates[m][gate][col] = S(0);
+#pragma unroll
+    for (int i = 0; i < R; ++i) zero[i][0] = zero[i][1] = S(0);
+    for (int s = steps; s < T; ++s) store_step(s, zero_gates, zero, zero);
   }
 
 #pragma unroll
@@ -741,19 +1034,176 @@ __global__ void __launch_bounds__(kMaxThreads, 1)
   }
 }
 
+template <Precision P, unsigned V, int MT, bool kSaveState>
+__global__ void __launch_bounds__(kMaxThreads, 1)
+    lstm_forward_kernel(const Problem<ConfigArgs<P, V, Pass::kForward>> problem) {
+  if constexpr (kCompiledForThisArchitecture<V>) {
+    forward_steps<P, V, MT, kSaveState>(problem);
+  } else {
+    __trap();
+  }
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // Backward kernel: processing steps in reverse; per step the elementwise gate gradients of the thread's
 // (row, unit) pairs, published to the cluster, then dh = dgates @ W_hh for the thread's pairs.
 
-template <class Policy, typename Elem, int MT>
-__global__ void __launch_bounds__(kMaxThreads, 1)
-    lstm_backward_kernel(const Problem<RecurrenceBackwardArgs<Elem, typename Policy::State>> problem) {
+// Where step s's inputs of a thread's row i are: its 4 saved gates and grad_y at the step's position, and the
+// cell of the step processed before it (its c_{t-1}; none at s == 0, where it is c0).
+template <class Args, int MT>
+struct StepInputs {
+  const Args& a;
+  const ThreadRows<MT>& rows;
+  int dir, unit;
+  bool unit_ok[2], paired;
+  __device__ __forceinline__ int64_t row(int i, int s) const {
+    return step_row(dir, a.seq_len, rows.time(i, s, dir), a.batch, rows.batch[i]);
+  }
+  __device__ __forceinline__ bool runs(int i, int s, int e) const { return s < rows.length[i] && unit_ok[e]; }
+  __device__ __forceinline__ bool has_prev(int i, int s, int e) const {
+    return s >= 1 && s - 1 < rows.length[i] && unit_ok[e];
+  }
+  __device__ __forceinline__ decltype(Args::gates) gate(int i, int s, int gate) const {
+    return a.gates + row(i, s) * (kGates * a.hidden) + gate * a.hidden + unit;
+  }
+  __device__ __forceinline__ decltype(Args::grad_y) grad_y(int i, int s) const {
+    return a.grad_y + row(i, s) * a.hidden + unit;
+  }
+  __device__ __forceinline__ decltype(Args::cell) cell_prev(int i, int s) const {
+    return a.cell + row(i, s >= 1 ? s - 1 : 0) * a.hidden + unit;
+  }
+};
+
+// Baseline: what step s reads, loaded into registers one step ahead, after the step's gate-gradient stores have
+// freed theirs.
+template <typename Saved, typename Elem, int R>
+struct RegisterInputs {
+  using SavedPair = typename PairOf<Saved>::type;
+  using ElemPair = typename PairOf<Elem>::type;
+  SavedPair gates_in[R][kGates], cell_prev_in[R];
+  ElemPair grad_y_in[R];
+
+  __device__ __forceinline__ RegisterInputs(unsigned char*, const Layout&) {}
+  template <class Where>
+  __device__ __forceinline__ void load(const Where& at, int s) {
+#pragma unroll
+    for (int i = 0; i < R; ++i) {
+      const bool ok0 = at.runs(i, s, 0), ok1 = at.runs(i, s, 1);
+#pragma unroll
+      for (int gate = 0; gate < kGates; ++gate) gates_in[i][gate] = load_pair(at.gate(i, s, gate), ok0, ok1, at.paired);
+      grad_y_in[i] = load_pair(at.grad_y(i, s), ok0, ok1, at.paired);
+      cell_prev_in[i] = load_pair(at.cell_prev(i, s), at.has_prev(i, s, 0), at.has_prev(i, s, 1), at.paired);
+    }
+  }
+  template <class Where>
+  __device__ __forceinline__ void start(const Where& at, int first) {
+    load(at, first);
+  }
+  __device__ __forceinline__ void ready(int) {}
+  // After step s (processing index q) has stored its gate gradients.
+  template <class Where>
+  __device__ __forceinline__ void next(const Where& at, int s, int) {
+    if (s > 0) load(at, s - 1);
+  }
+  __device__ __forceinline__ SavedPair gate(int i, int gate) const { return gates_in[i][gate]; }
+  __device__ __forceinline__ ElemPair grad_y(int i) const { return grad_y_in[i]; }
+  __device__ __forceinline__ SavedPair cell_prev(int i) const { return cell_prev_in[i]; }
+};
+
+// kBackwardPrefetch: step s's inputs are copied (cp.async) into one of `ring_slots` shared-memory slots
+// ring_slots-1 steps ahead, and read from there when the step runs, so no register holds them across the MMA.
+// A slot holds, per thread, 6 pairs per row (4 gates, grad_y, the previous cell), laid out [pair][thread] so that a
+// warp's accesses are contiguous. Each thread reads only what it copied itself: cp.async.wait_group is the only
+// synchronisation. Elements a step does not run are zeros stored directly; so are unpaired (odd-H) ones, loaded
+// synchronously, since cp.async copies at least 4 bytes.
+template <typename Saved, typename Elem, int R>
+struct RingInputs {
+  using SavedPair = typename PairOf<Saved>::type;
+  using ElemPair = typename PairOf<Elem>::type;
+  static constexpr int kPairsPerRow = kGates + 2;
+  static constexpr int kPairBytes = sizeof(SavedPair) > sizeof(ElemPair) ? sizeof(SavedPair) : sizeof(ElemPair);
+  static constexpr int kBytesPerThread = R * kPairsPerRow * kPairBytes;  // one slot
+  unsigned char* base;
+  int slots, current;
+
+  __device__ __forceinline__ RingInputs(unsigned char* smem, const Layout& layout)
+      : base(smem + layout.ring_offset), slots(layout.ring_slots), current(0) {}
+
+  __device__ __forceinline__ unsigned char* at_slot(int slot, int i, int pair) const {
+    return base + ((static_cast<int>(slot * R + i) * kPairsPerRow + pair) * static_cast<int>(blockDim.x) +
+                   static_cast<int>(threadIdx.x)) *
+                      kPairBytes;
+  }
+  template <typename T>
+  __device__ __forceinline__ void fill(unsigned char* dst, const T* src, bool ok0, bool ok1, bool paired) {
+    using Pair = typename PairOf<T>::type;
+    if (paired && ok0) {
+      cp_async(dst, src, sizeof(Pair));
+    } else {
+      *reinterpret_cast<Pair*>(dst) = load_pair(src, ok0, ok1, paired);  // load_pair reads nothing that is not ok
+    }
+  }
+  template <class Where>
+  __device__ __forceinline__ void issue(const Where& at, int s, int slot) {
+#pragma unroll
+    for (int i = 0; i < R; ++i) {
+      const bool ok0 = at.runs(i, s, 0), ok1 = at.runs(i, s, 1);
+#pragma unroll
+      for (int gate = 0; gate < kGates; ++gate) fill(at_slot(slot, i, gate), at.gate(i, s, gate), ok0, ok1, at.paired);
+      fill(at_slot(slot, i, kGates), at.grad_y(i, s), ok0, ok1, at.paired);
+      fill(at_slot(slot, i, kGates + 1), at.cell_prev(i, s), at.has_prev(i, s, 0), at.has_prev(i, s, 1), at.paired);
+    }
+  }
+  // Steps first, first-1, ... into slots 0, 1, ...: one commit group per step, ring_slots-1 of them.
+  template <class Where>
+  __device__ __forceinline__ void start(const Where& at, int first) {
+    for (int q = 0; q + 1 < slots; ++q) {
+      if (first - q >= 0) issue(at, first - q, q);
+      cp_async_commit();
+    }
+  }
+  // Step q's group has landed once at most the ring_slots-2 newer ones are in flight.
+  __device__ __forceinline__ void ready(int q) {
+    cp_async_wait(slots - 2);
+    current = q % slots;
+  }
+  // Step s - (ring_slots-1) into the slot step q-1 has finished reading.
+  template <class Where>
+  __device__ __forceinline__ void next(const Where& at, int s, int q) {
+    const int ahead = s - (slots - 1);
+    if (ahead >= 0) issue(at, ahead, (q + slots - 1) % slots);
+    cp_async_commit();  // possibly empty, so that every step waits for the same count
+  }
+  __device__ __forceinline__ SavedPair gate(int i, int gate) const {
+    return *reinterpret_cast<const SavedPair*>(at_slot(current, i, gate));
+  }
+  __device__ __forceinline__ ElemPair grad_y(int i) const {
+    return *reinterpret_cast<const ElemPair*>(at_slot(current, i, kGates));
+  }
+  __device__ __forceinline__ SavedPair cell_prev(int i) const {
+    return *reinterpret_cast<const SavedPair*>(at_slot(current, i, kGates + 1));
+  }
+};
+
+template <Precision P, unsigned V, int MT>
+using BackwardInputs = typename std::conditional<Config<P, V>::ring(MT),
+                                                 RingInputs<typename Config<P, V>::Saved, typename Config<P, V>::Elem, 2 * MT>,
+                                                 RegisterInputs<typename Config<P, V>::Saved, typename Config<P, V>::Elem, 2 * MT>>::type;
+
+template <Precision P, unsigned V, int MT>
+__device__ __forceinline__ void backward_steps(const Problem<ConfigArgs<P, V, Pass::kBackward>>& problem) {
+  using C = Config<P, V>;
+  using Policy = typename C::template BackwardPolicy<MT>;
+  using Elem = typename C::Elem;
+  using Saved = typename C::Saved;
   using S = typename Policy::State;
   using Operand = typename Policy::Operand;
   using Act = typename Policy::Activations;
+  using SavedPair = typename PairOf<Saved>::type;
   using ElemPair = typename PairOf<Elem>::type;
-  using StatePair = typename PairOf<S>::type;
   using Wide = decltype(widen(std::declval<Elem>()));  // Elem's arithmetic type
+  using Raw = decltype(Policy::operands(S(), S()));
+  using Args = ConfigArgs<P, V, Pass::kBackward>;
   constexpr int R = 2 * MT;
   unsigned char* smem = dynamic_shared_memory();
 
@@ -767,6 +1217,7 @@ __global__ void __launch_bounds__(kMaxThreads, 1)
   const bool unit_ok[2] = {unit < H, unit + 1 < H};
   const bool paired = problem.paired;
   const ThreadRows<MT> rows(tile, g, B, T, a.lengths);
+  const int steps = rows.tile_steps();
 
   typename Policy::template Weights<1, kGates * kMaxHidden> weights;
   Policy::load(weights, BackwardWeights<Elem, S>{a.w_hh + static_cast<int64_t>(dir) * G * H, H, Hp}, K, smem,
@@ -774,6 +1225,19 @@ __global__ void __launch_bounds__(kMaxThreads, 1)
 
   Operand* tiles = reinterpret_cast<Operand*>(smem + layout.a_offset);
   const int tile_elems = kTileRows * MT * layout.a_stride;
+  const StepInputs<Args, MT> where{a, rows, dir, unit, {unit_ok[0], unit_ok[1]}, paired};
+
+  // Steps past the tile's longest row: padding for every row, zero gate gradients.
+  for (int s = steps; s < T; ++s) {
+#pragma unroll
+    for (int i = 0; i < R; ++i) {
+      const bool io0 = rows.valid[i] && unit_ok[0], io1 = rows.valid[i] && unit_ok[1];
+#pragma unroll
+      for (int gate = 0; gate < kGates; ++gate) {
+        store_pair(a.grad_xw + where.row(i, s) * G + gate * H + unit, S(0), S(0), io0, io1, paired);
+      }
+    }
+  }
 
   // dh, dc: gradients flowing into the state after the current step; c_t: the cell of the current step;
   // c_first: c0, the cell before each row's first step.
@@ -785,49 +1249,31 @@ __global__ void __launch_bounds__(kMaxThreads, 1)
     unpack(load_pair(a.grad_h_n + at, io0, io1, paired), dh[i][0], dh[i][1]);
     unpack(load_pair(a.grad_c_n + at, io0, io1, paired), dc[i][0], dc[i][1]);
     unpack(load_pair(a.c0 + at, io0, io1, paired), c_first[i][0], c_first[i][1]);
-    const bool runs_last = T - 1 < rows.length[i];
-    const int64_t last = step_row(dir, T, rows.time(i, T - 1, dir), B, rows.batch[i]);
-    unpack(load_pair(a.cell + last * H + unit, runs_last && unit_ok[0], runs_last && unit_ok[1], paired), c_t[i][0],
-           c_t[i][1]);
+    const int last = steps > 0 ? steps - 1 : 0;
+    unpack(load_pair(a.cell + where.row(i, last) * H + unit, where.runs(i, last, 0), where.runs(i, last, 1), paired),
+           c_t[i][0], c_t[i][1]);
   }
 
-  // What step s reads, loaded one step ahead: its gates and grad_y, and the cell of the step processed
-  // before it (its c_{t-1}), which is also the next iteration's c_t.
-  StatePair gates_in[R][kGates], cell_prev_in[R];
-  ElemPair grad_y_in[R];
-  auto load_step = [&](int s) {
-#pragma unroll
-    for (int i = 0; i < R; ++i) {
-      const bool runs = s < rows.length[i];
-      const bool ok0 = runs && unit_ok[0], ok1 = runs && unit_ok[1];
-      const int64_t row = step_row(dir, T, rows.time(i, s, dir), B, rows.batch[i]);
-#pragma unroll
-      for (int gate = 0; gate < kGates; ++gate) {
-        gates_in[i][gate] = load_pair(a.gates + row * G + gate * H + unit, ok0, ok1, paired);
-      }
-      grad_y_in[i] = load_pair(a.grad_y + row * H + unit, ok0, ok1, paired);
-      const bool has_prev = s >= 1 && s - 1 < rows.length[i];
-      const int64_t prev = step_row(dir, T, rows.time(i, s >= 1 ? s - 1 : 0, dir), B, rows.batch[i]);
-      cell_prev_in[i] =
-          load_pair(a.cell + prev * H + unit, has_prev && unit_ok[0], has_prev && unit_ok[1], paired);
-    }
-  };
-  load_step(T - 1);
-  step_barrier(layout.cluster);  // shared weights written; every CTA of the cluster running
+  Exchange<C::kMbarrier> exchange(smem + layout.barrier_offset, layout.cluster, rank, R * kGates * sizeof(Raw));
+  BackwardInputs<P, V, MT> inputs(smem, layout);
+  if (steps > 0) inputs.start(where, steps - 1);
+  step_barrier(layout.cluster);  // shared weights and mbarriers written; every CTA of the cluster running
 
-  for (int s = T - 1; s >= 0; --s) {
+  for (int s = steps - 1; s >= 0; --s) {
+    const int q = steps - 1 - s, buffer = q & 1;  // q: processing index
+    inputs.ready(q);
     S dgate[R][kGates][2];
 #pragma unroll
     for (int i = 0; i < R; ++i) {
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
         const bool active = s < rows.length[i] && unit_ok[e];
-        const S ig = component<StatePair, S>(gates_in[i][0], e);
-        const S fg = component<StatePair, S>(gates_in[i][1], e);
-        const S gg = component<StatePair, S>(gates_in[i][2], e);
-        const S og = component<StatePair, S>(gates_in[i][3], e);
-        const S c_prev = s == 0 ? c_first[i][e] : component<StatePair, S>(cell_prev_in[i], e);
-        const S dh_t = static_cast<S>(component<ElemPair, Wide>(grad_y_in[i], e)) + dh[i][e];
+        const S ig = component<SavedPair, S>(inputs.gate(i, 0), e);
+        const S fg = component<SavedPair, S>(inputs.gate(i, 1), e);
+        const S gg = component<SavedPair, S>(inputs.gate(i, 2), e);
+        const S og = component<SavedPair, S>(inputs.gate(i, 3), e);
+        const S c_prev = s == 0 ? c_first[i][e] : component<SavedPair, S>(inputs.cell_prev(i), e);
+        const S dh_t = static_cast<S>(component<ElemPair, Wide>(inputs.grad_y(i), e)) + dh[i][e];
         const S tanh_c = Act::tanh(c_t[i][e]);
         const S dc_t = dc[i][e] + dh_t * og * (S(1) - tanh_c * tanh_c);
         dgate[i][0][e] = active ? dc_t * gg * ig * (S(1) - ig) : S(0);
@@ -839,27 +1285,27 @@ __global__ void __launch_bounds__(kMaxThreads, 1)
       }
     }
 
-    Operand* current = tiles + (s & 1) * tile_elems;
+    Operand* current = tiles + buffer * tile_elems;
 #pragma unroll
     for (int i = 0; i < R; ++i)
 #pragma unroll
       for (int gate = 0; gate < kGates; ++gate) {
-        publish(current + ThreadRows<MT>::local(i, g) * layout.a_stride + gate * Hp + unit,
-                Policy::operands(dgate[i][gate][0], dgate[i][gate][1]), layout.cluster);
+        exchange.publish(current + ThreadRows<MT>::local(i, g) * layout.a_stride + gate * Hp + unit,
+                         Policy::operands(dgate[i][gate][0], dgate[i][gate][1]), buffer);
       }
-    step_arrive(layout.cluster);
+    exchange.arrive(buffer);
 #pragma unroll
     for (int i = 0; i < R; ++i) {
       const bool io0 = rows.valid[i] && unit_ok[0], io1 = rows.valid[i] && unit_ok[1];
-      const int64_t row = step_row(dir, T, rows.time(i, s, dir), B, rows.batch[i]);
+      const int64_t row = where.row(i, s);
 #pragma unroll
       for (int gate = 0; gate < kGates; ++gate) {
         store_pair(a.grad_xw + row * G + gate * H + unit, dgate[i][gate][0], dgate[i][gate][1], io0, io1, paired);
       }
     }
     // Only now, with the gate gradients stored, the next step's loads take their registers.
-    if (s > 0) load_step(s - 1);
-    step_wait(layout.cluster);
+    inputs.next(where, s, q);
+    exchange.wait(buffer);
 
     S acc[MT][1][4];
     Policy::multiply(acc, weights, current, layout.a_stride, K);
@@ -884,51 +1330,18 @@ __global__ void __launch_bounds__(kMaxThreads, 1)
   }
 }
 
-// ---------------------------------------------------------------------------------------------------------
-// Host side: which policy runs which precision, the launch plan, and the launch.
+template <Precision P, unsigned V, int MT>
+__global__ void __launch_bounds__(kMaxThreads, 1)
+    lstm_backward_kernel(const Problem<ConfigArgs<P, V, Pass::kBackward>> problem) {
+  if constexpr (kCompiledForThisArchitecture<V>) {
+    backward_steps<P, V, MT>(problem);
+  } else {
+    __trap();
+  }
+}
 
-template <Precision P>
-struct PrecisionTraits;
-template <>
-struct PrecisionTraits<Precision::kBfloat16> {
-  using Elem = __nv_bfloat16;
-  using Forward = MmaPolicy<Bf16Mma, ApproxActivations, false>;
-  using Backward = MmaPolicy<Bf16Mma, ApproxActivations, false>;
-  static constexpr int kForwardTiles = 2;
-  static constexpr int kBackwardTiles = 2;
-};
-template <>
-struct PrecisionTraits<Precision::kFloat16> {
-  using Elem = __half;
-  using Forward = MmaPolicy<Fp16Mma, ExpActivations, false>;
-  using Backward = MmaPolicy<Fp16Mma, ExpActivations, false>;
-  static constexpr int kForwardTiles = 2;
-  static constexpr int kBackwardTiles = 2;
-};
-template <>
-struct PrecisionTraits<Precision::kTf32> {
-  using Elem = float;
-  using Forward = MmaPolicy<Fp16Mma, ExpActivations, true>;
-  using Backward = MmaPolicy<Tf32Mma, ExpActivations, false>;
-  static constexpr int kForwardTiles = 2;
-  static constexpr int kBackwardTiles = 1;  // 128 weight registers leave no room for a second m-tile
-};
-template <>
-struct PrecisionTraits<Precision::kFloat32> {
-  using Elem = float;
-  using Forward = FmaPolicy<float>;
-  using Backward = FmaPolicy<float>;
-  static constexpr int kForwardTiles = 1;
-  static constexpr int kBackwardTiles = 1;
-};
-template <>
-struct PrecisionTraits<Precision::kFloat64> {
-  using Elem = double;
-  using Forward = FmaPolicy<double>;
-  using Backward = FmaPolicy<double>;
-  static constexpr int kForwardTiles = 1;
-  static constexpr int kBackwardTiles = 1;
-};
+// ---------------------------------------------------------------------------------------------------------
+// Host side: the launch plan, its cache, and the launch.
 
 struct DeviceLimits {
   int major;
@@ -936,10 +1349,8 @@ struct DeviceLimits {
   int shared_memory_optin;
 };
 
-inline cudaError_t query_device(DeviceLimits& limits) {
-  int device = 0;
-  cudaError_t error = cudaGetDevice(&device);
-  if (error == cudaSuccess) error = cudaDeviceGetAttribute(&limits.major, cudaDevAttrComputeCapabilityMajor, device);
+inline cudaError_t query_device(int device, DeviceLimits& limits) {
+  cudaError_t error = cudaDeviceGetAttribute(&limits.major, cudaDevAttrComputeCapabilityMajor, device);
   if (error == cudaSuccess) {
     error = cudaDeviceGetAttribute(&limits.multiprocessors, cudaDevAttrMultiProcessorCount, device);
   }
@@ -947,6 +1358,12 @@ inline cudaError_t query_device(DeviceLimits& limits) {
     error = cudaDeviceGetAttribute(&limits.shared_memory_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
   }
   return error;
+}
+
+inline cudaError_t query_device(DeviceLimits& limits) {
+  int device = 0;
+  const cudaError_t error = cudaGetDevice(&device);
+  return error == cudaSuccess ? query_device(device, limits) : error;
 }
 
 inline int round_up(int x, int multiple) { return (x + multiple - 1) / multiple * multiple; }
@@ -957,12 +1374,23 @@ struct LaunchShape {
   size_t shared_bytes;
 };
 
+// Shared memory a variant adds: the two mbarriers, and the backward's input slots (bytes per thread and slot).
+struct SharedExtras {
+  bool barriers;
+  int ring_bytes_per_thread;
+};
+
+constexpr int kMaxRingSlots = 4;  // kBackwardPrefetch: inputs up to 3 steps ahead
+constexpr int kBarrierBytes = 16;
+
 // The smallest cluster whose CTAs have at most kMaxWarps warps and whose shared memory fits the device.
 // Row strides: the state tile's are 64 bytes off a multiple of 128 so that the 8 lanes of each quarter-warp
 // 16-byte read (rows g, g+1 x 4 lanes) hit distinct banks; the FMA weights' rows are 16 bytes off, so that the
-// 4 column pairs a quarter-warp reads do.
+// 4 column pairs a quarter-warp reads do. The input slots take what is left, up to kMaxRingSlots; fewer than 2
+// (the baseline's one step ahead) leave the shape unfit.
 template <class Policy, int NT>
-inline LaunchShape plan_shape(int hidden, int k_per_unit, int tiles, const DeviceLimits& device) {
+inline LaunchShape plan_shape(int hidden, int k_per_unit, int tiles, const DeviceLimits& device,
+                              const SharedExtras& extras) {
   LaunchShape shape{};
   shape.ok = false;
   if (hidden < 1 || hidden > kMaxHidden) return shape;
@@ -972,60 +1400,193 @@ inline LaunchShape plan_shape(int hidden, int k_per_unit, int tiles, const Devic
   const int a_row_bytes = round_up(k_bytes, 128) + 64;
   const int w_row_bytes = round_up(k_bytes, 128) + 16;
   const int total_warps = hp / kUnitsPerWarp;
+  const size_t optin = static_cast<size_t>(device.shared_memory_optin);
   for (int cluster = 1; cluster <= kMaxCluster; cluster *= 2) {
     if (cluster > 1 && device.major < 9) break;
     if (total_warps % cluster != 0 || total_warps / cluster > kMaxWarps) continue;
     const int warps = total_warps / cluster;
-    const size_t weight_bytes =
-        Policy::kWeightsInSmem ? static_cast<size_t>(warps) * NT * kUnitsPerWarp * w_row_bytes : 0;
-    const size_t bytes = weight_bytes + 2 * static_cast<size_t>(kTileRows) * tiles * a_row_bytes;
-    if (bytes > static_cast<size_t>(device.shared_memory_optin)) continue;
+    const size_t weight_bytes = Policy::weight_smem_bytes(warps, NT, k_per_unit * hp, w_row_bytes);
+    size_t bytes = weight_bytes + 2 * static_cast<size_t>(kTileRows) * tiles * a_row_bytes;
+    const size_t barrier_bytes = extras.barriers ? kBarrierBytes : 0;
+    const int ring_offset = static_cast<int>(bytes);
+    int slots = 0;
+    if (extras.ring_bytes_per_thread > 0) {
+      const size_t slot_bytes = static_cast<size_t>(extras.ring_bytes_per_thread) * warps * kWarpSize;
+      const size_t room = bytes + barrier_bytes < optin ? optin - bytes - barrier_bytes : 0;
+      slots = static_cast<int>(room / slot_bytes < kMaxRingSlots ? room / slot_bytes : kMaxRingSlots);
+      if (slots < 2) continue;
+      bytes += slots * slot_bytes;
+    }
+    const int barrier_offset = static_cast<int>(bytes);
+    bytes += barrier_bytes;
+    if (bytes > optin) continue;
     shape.ok = true;
     shape.layout = Layout{hp, cluster, warps, a_row_bytes / operand, w_row_bytes / operand,
-                          static_cast<int>(weight_bytes)};
+                          static_cast<int>(weight_bytes), ring_offset, slots, barrier_offset};
     shape.shared_bytes = bytes;
     return shape;
   }
   return shape;
 }
 
+// What precision P's kernels of pass kPass under variant set V look like.
+template <Precision P, Pass kPass, unsigned V>
+struct KernelFor {
+  using C = Config<P, V>;
+  static constexpr bool kBackward = kPass == Pass::kBackward;
+  using Args = ConfigArgs<P, V, kPass>;
+  template <int MT>
+  static constexpr auto get() {
+    if constexpr (kBackward) {
+      return &lstm_backward_kernel<P, V, MT>;
+    } else {
+      return &lstm_forward_kernel<P, V, MT, kPass == Pass::kForward>;
+    }
+  }
+  static constexpr int kMaxTiles = kBackward ? C::kBackwardTiles : C::kForwardTiles;
+  // Variant kernels exist at the largest batch tile only, the one B=768 runs: every kernel costs seconds of nvcc
+  // time, and the variants are there to be timed at that shape. The baseline has every tile.
+  static constexpr int kMinTiles = V == 0 ? 1 : kMaxTiles;
+  template <int MT>
+  static LaunchShape shape_of(int hidden, const DeviceLimits& device) {
+    if constexpr (kBackward) {
+      using Ring = RingInputs<typename C::Saved, typename C::Elem, 2 * MT>;
+      const SharedExtras extras{C::kMbarrier, C::ring(MT) ? Ring::kBytesPerThread : 0};
+      return plan_shape<typename C::template BackwardPolicy<MT>, 1>(hidden, kGates, MT, device, extras);
+    } else {
+      return plan_shape<typename C::ForwardPolicy, kGates>(hidden, 1, MT, device, SharedExtras{C::kMbarrier, 0});
+    }
+  }
+  static LaunchShape shape(int hidden, int tiles, const DeviceLimits& device) {
+    if constexpr (kMaxTiles >= 2) {
+      if (tiles == 2) return shape_of<2>(hidden, device);
+    }
+    return tiles == 1 && kMinTiles == 1 ? shape_of<1>(hidden, device) : LaunchShape{};
+  }
+};
+
 template <Precision P>
 inline LaunchShape forward_shape(int hidden, int tiles, const DeviceLimits& device) {
-  return plan_shape<typename PrecisionTraits<P>::Forward, kGates>(hidden, 1, tiles, device);
+  return KernelFor<P, Pass::kForward, 0>::shape(hidden, tiles, device);
 }
 
 template <Precision P>
 inline LaunchShape backward_shape(int hidden, int tiles, const DeviceLimits& device) {
-  return plan_shape<typename PrecisionTraits<P>::Backward, 1>(hidden, kGates, tiles, device);
+  return KernelFor<P, Pass::kBackward, 0>::shape(hidden, tiles, device);
 }
 
-// How many clusters of this shape the whole GPU holds at once.
-template <typename Kernel>
-inline cudaError_t resident_clusters(Kernel kernel, const LaunchShape& shape, const DeviceLimits& device,
-                                     int& clusters) {
-  clusters = 0;
-  cudaError_t error =
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shape.shared_bytes));
-  if (error != cudaSuccess) return error;
-  const int threads = shape.layout.warps * kWarpSize;
-  if (shape.layout.cluster == 1) {
-    int blocks = 0;
-    error = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, threads, shape.shared_bytes);
-    clusters = blocks * device.multiprocessors;
+// `body(std::integral_constant<unsigned, V>{})` for the compiled variant set V equal to `variants` (cut down to
+// applicable_variants), or cudaErrorNotSupported when the build has none: the one switch from a runtime variant
+// set to the kernels' compile-time one.
+template <Precision P, Pass kPass, class Body, size_t... I>
+inline cudaError_t dispatch_variants(unsigned variants, Body&& body, std::index_sequence<I...>) {
+  constexpr unsigned kApplicable = applicable_variants(P, kPass);
+  cudaError_t result = cudaErrorNotSupported;
+  const bool found =
+      ((variants == (kCompiledVariantSets[I] & kApplicable) &&
+        (result = body(std::integral_constant<unsigned, kCompiledVariantSets[I] & kApplicable>{}), true)) ||
+       ...);
+  (void)found;
+  return result;
+}
+
+template <Precision P, Pass kPass, class Body>
+inline cudaError_t dispatch_variants(unsigned variants, Body&& body) {
+  constexpr size_t kSets = sizeof(kCompiledVariantSets) / sizeof(kCompiledVariantSets[0]);
+  return dispatch_variants<P, kPass>(variants, static_cast<Body&&>(body), std::make_index_sequence<kSets>{});
+}
+
+// The occupancy queries, asked once per (device, kernel, shape) and kept: a launch then costs no driver query
+// beyond cudaGetDevice and the launch itself. `Runtime` performs the queries (CudaRuntime below; the emulation
+// tests count them with a stand-in). Thread-safe; a kernel's shared-memory attribute only ever grows, so a shape
+// planned earlier with more shared memory still launches.
+template <class Runtime>
+class LaunchCache {
+ public:
+  cudaError_t device(int index, DeviceLimits& limits) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    const auto found = devices_.find(index);
+    if (found != devices_.end()) {
+      limits = found->second;
+      return cudaSuccess;
+    }
+    const cudaError_t error = Runtime::query_device(index, limits);
+    if (error == cudaSuccess) devices_.emplace(index, limits);
     return error;
   }
-  cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(shape.layout.cluster, 1, 1);
-  config.blockDim = dim3(threads, 1, 1);
-  config.dynamicSmemBytes = shape.shared_bytes;
-  cudaLaunchAttribute attribute = {};
+
+  // How many clusters of `shape` the whole GPU holds at once.
+  cudaError_t resident_clusters(int index, const void* kernel, const LaunchShape& shape, int multiprocessors,
+                                int& clusters) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    const ShapeKey key{index, kernel, shape.layout.cluster, shape.layout.warps, shape.shared_bytes};
+    const auto found = resident_.find(key);
+    if (found != resident_.end()) {
+      clusters = found->second;
+      return cudaSuccess;
+    }
+    size_t& attribute = shared_attribute_[KernelKey{index, kernel}];
+    if (shape.shared_bytes > attribute) {
+      const cudaError_t error = Runtime::set_shared_memory(index, kernel, shape.shared_bytes);
+      if (error != cudaSuccess) return error;
+      attribute = shape.shared_bytes;
+    }
+    const cudaError_t error = Runtime::resident_clusters(kernel, shape, multiprocessors, clusters);
+    if (error == cudaSuccess) resident_.emplace(key, clusters);
+    return error;
+  }
+
+ private:
+  using KernelKey = std::pair<int, const void*>;
+  using ShapeKey = std::tuple<int, const void*, int, int, size_t>;
+  std::mutex mutex_;
+  std::map<int, DeviceLimits> devices_;
+  std::map<KernelKey, size_t> shared_attribute_;
+  std::map<ShapeKey, int> resident_;
+};
+
+// Makes `config` launch clusters of `cluster` CTAs along x, through `attribute` (which must outlive it).
+inline void set_cluster_dimension(cudaLaunchConfig_t& config, cudaLaunchAttribute& attribute, int cluster) {
   attribute.id = cudaLaunchAttributeClusterDimension;
-  attribute.val.clusterDim.x = shape.layout.cluster;
+  attribute.val.clusterDim.x = cluster;
   attribute.val.clusterDim.y = 1;
   attribute.val.clusterDim.z = 1;
   config.attrs = &attribute;
   config.numAttrs = 1;
-  return cudaOccupancyMaxActiveClusters(&clusters, kernel, &config);
+}
+
+struct CudaRuntime {
+  static cudaError_t query_device(int index, DeviceLimits& limits) { return detail::query_device(index, limits); }
+
+  // On the current device, which is `index` (the launch asked cudaGetDevice).
+  static cudaError_t set_shared_memory(int /*index*/, const void* kernel, size_t bytes) {
+    return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+  }
+
+  static cudaError_t resident_clusters(const void* kernel, const LaunchShape& shape, int multiprocessors,
+                                       int& clusters) {
+    clusters = 0;
+    const int threads = shape.layout.warps * kWarpSize;
+    if (shape.layout.cluster == 1) {
+      int blocks = 0;
+      const cudaError_t error =
+          cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, threads, shape.shared_bytes);
+      clusters = blocks * multiprocessors;
+      return error;
+    }
+    cudaLaunchConfig_t config = {};
+    config.gridDim = dim3(shape.layout.cluster, 1, 1);
+    config.blockDim = dim3(threads, 1, 1);
+    config.dynamicSmemBytes = shape.shared_bytes;
+    cudaLaunchAttribute attribute = {};
+    set_cluster_dimension(config, attribute, shape.layout.cluster);
+    return cudaOccupancyMaxActiveClusters(&clusters, kernel, &config);
+  }
+};
+
+inline LaunchCache<CudaRuntime>& launch_cache() {
+  static LaunchCache<CudaRuntime> cache;
+  return cache;
 }
 
 // grid.x: the batch tiles' clusters, side by side; grid.y: the directions.
@@ -1041,7 +1602,8 @@ inline bool pair_aligned(const T* p) {
   return reinterpret_cast<uintptr_t>(p) % (2 * sizeof(T)) == 0;
 }
 
-// Whether every pair of adjacent units is one aligned vector in global memory (load_pair / store_pair).
+// Whether every pair of adjacent units is one aligned vector in global memory (load_pair / store_pair). The
+// inference kernels' null gates and cells count as aligned.
 template <typename Elem, typename State>
 inline bool paired_io(const RecurrenceForwardArgs<Elem, State>& a) {
   return a.hidden % 2 == 0 && pair_aligned(a.xw) && pair_aligned(a.h0) && pair_aligned(a.c0) && pair_aligned(a.y) &&
@@ -1064,14 +1626,7 @@ inline cudaError_t launch_kernel(Kernel kernel, const LaunchShape& shape, int ti
   config.dynamicSmemBytes = shape.shared_bytes;
   config.stream = stream;
   cudaLaunchAttribute attribute = {};
-  if (shape.layout.cluster > 1) {
-    attribute.id = cudaLaunchAttributeClusterDimension;
-    attribute.val.clusterDim.x = shape.layout.cluster;
-    attribute.val.clusterDim.y = 1;
-    attribute.val.clusterDim.z = 1;
-    config.attrs = &attribute;
-    config.numAttrs = 1;
-  }
+  if (shape.layout.cluster > 1) set_cluster_dimension(config, attribute, shape.layout.cluster);
   return cudaLaunchKernelEx(&config, kernel, Problem<Args>{args, shape.layout, paired_io(args)});
 }
 
@@ -1084,11 +1639,12 @@ struct TileChoice {
 };
 
 template <typename Kernel, class Args>
-inline cudaError_t consider(Kernel kernel, const LaunchShape& shape, int tiles, const Args& args,
+inline cudaError_t consider(Kernel kernel, const LaunchShape& shape, int tiles, const Args& args, int device_index,
                             const DeviceLimits& device, TileChoice& best) {
   if (!shape.ok) return cudaSuccess;
   int resident = 0;
-  const cudaError_t error = resident_clusters(kernel, shape, device, resident);
+  const cudaError_t error = launch_cache().resident_clusters(device_index, reinterpret_cast<const void*>(kernel),
+                                                             shape, device.multiprocessors, resident);
   if (error != cudaSuccess || resident == 0) return error;
   const long long clusters =
       static_cast<long long>(args.directions) * ((args.batch + kTileRows * tiles - 1) / (kTileRows * tiles));
@@ -1098,59 +1654,79 @@ inline cudaError_t consider(Kernel kernel, const LaunchShape& shape, int tiles, 
   return cudaSuccess;
 }
 
-template <Precision P, bool kForward>
-struct KernelFor {
-  using Traits = PrecisionTraits<P>;
-  using Policy = typename std::conditional<kForward, typename Traits::Forward, typename Traits::Backward>::type;
-  using Args = typename std::conditional<kForward, RecurrenceForwardArgs<typename Traits::Elem, typename Policy::State>,
-                                         RecurrenceBackwardArgs<typename Traits::Elem, typename Policy::State>>::type;
-  template <int MT>
-  static constexpr auto get() {
-    if constexpr (kForward) {
-      return &lstm_forward_kernel<Policy, typename Traits::Elem, MT>;
+// The planner's tile choice for variant set V, and the launch.
+template <Precision P, Pass kPass, unsigned V, class Args>
+inline cudaError_t launch_variant(const Args& args, int device_index, const DeviceLimits& device,
+                                  cudaStream_t stream) {
+  using K = KernelFor<P, kPass, V>;
+  if constexpr (!std::is_same<typename K::Args, Args>::value) {
+    return cudaErrorNotSupported;  // V's saved-state type is not the args' (dispatch never gets here)
+  } else {
+    TileChoice best{};
+    cudaError_t error = cudaSuccess;
+    if constexpr (K::kMinTiles == 1) {
+      error = consider(K::template get<1>(), K::shape(args.hidden, 1, device), 1, args, device_index, device, best);
+    }
+    if constexpr (K::kMaxTiles >= 2) {
+      if (error == cudaSuccess) {
+        error = consider(K::template get<2>(), K::shape(args.hidden, 2, device), 2, args, device_index, device, best);
+      }
+    }
+    if (error != cudaSuccess) return error;
+    if (best.tiles == 0) return cudaErrorInvalidConfiguration;
+    if constexpr (K::kMaxTiles >= 2) {
+      if (best.tiles == 2) return launch_kernel(K::template get<2>(), best.shape, 2, args, stream);
+    }
+    if constexpr (K::kMinTiles == 1) {
+      return launch_kernel(K::template get<1>(), best.shape, 1, args, stream);
     } else {
-      return &lstm_backward_kernel<Policy, typename Traits::Elem, MT>;
+      return cudaErrorInvalidConfiguration;
     }
   }
-  static constexpr int kMaxTiles = kForward ? Traits::kForwardTiles : Traits::kBackwardTiles;
-  static LaunchShape shape(int hidden, int tiles, const DeviceLimits& device) {
-    return kForward ? forward_shape<P>(hidden, tiles, device) : backward_shape<P>(hidden, tiles, device);
-  }
-};
+}
 
-template <Precision P, bool kForward>
-inline cudaError_t launch(const typename KernelFor<P, kForward>::Args& args, cudaStream_t stream) {
-  using K = KernelFor<P, kForward>;
+template <typename Elem, typename State>
+constexpr bool saves_half(const RecurrenceForwardArgs<Elem, State>*) {
+  return sizeof(State) == 2;
+}
+template <typename Elem, typename State>
+constexpr bool saves_half(const RecurrenceBackwardArgs<Elem, State>*) {
+  return sizeof(State) == 2;
+}
+
+template <Precision P, Pass kPass, class Args>
+inline cudaError_t launch(const Args& args, unsigned variants, cudaStream_t stream) {
   if (args.batch == 0 || args.directions == 0 || args.seq_len == 0) return cudaSuccess;
+  int device_index = 0;
+  cudaError_t error = cudaGetDevice(&device_index);
   DeviceLimits device{};
-  cudaError_t error = query_device(device);
+  if (error == cudaSuccess) error = launch_cache().device(device_index, device);
   if (error != cudaSuccess) return error;
-  TileChoice best{};
-  error = consider(K::template get<1>(), K::shape(args.hidden, 1, device), 1, args, device, best);
-  if constexpr (K::kMaxTiles >= 2) {
-    if (error == cudaSuccess) {
-      error = consider(K::template get<2>(), K::shape(args.hidden, 2, device), 2, args, device, best);
-    }
+  // The saved-state type is the args', whatever the flag says.
+  constexpr bool kHalf = saves_half(static_cast<const Args*>(nullptr));
+  unsigned set = (variants & applicable_variants(P, kPass) & ~kSaved16bit) | (kHalf ? kSaved16bit : 0u);
+  if (device.major < 9) {
+    if (kHalf) return cudaErrorNotSupported;
+    set = 0;  // variants are compiled for sm_90 only
   }
-  if (error != cudaSuccess) return error;
-  if (best.tiles == 0) return cudaErrorInvalidConfiguration;
-  if constexpr (K::kMaxTiles >= 2) {
-    if (best.tiles == 2) return launch_kernel(K::template get<2>(), best.shape, 2, args, stream);
-  }
-  return launch_kernel(K::template get<1>(), best.shape, 1, args, stream);
+  return dispatch_variants<P, kPass>(set, [&](auto v) {
+    return launch_variant<P, kPass, decltype(v)::value>(args, device_index, device, stream);
+  });
 }
 
 }  // namespace detail
 }  // namespace cuda
 }  // namespace rnn_fast
 
-// Defines the entry point NAME of lstm_recurrence.h; each lstm_<direction>_<precision>.cu holds one, so that
-// every kernel instantiation compiles in its own translation unit.
-#define RNN_FAST_RECURRENCE_ENTRY(NAME, PRECISION, FORWARD)                                                   \
-  namespace rnn_fast {                                                                                        \
-  namespace cuda {                                                                                            \
-  cudaError_t NAME(const typename detail::KernelFor<PRECISION, FORWARD>::Args& args, cudaStream_t stream) { \
-    return detail::launch<PRECISION, FORWARD>(args, stream);                                                 \
-  }                                                                                                           \
-  }                                                                                                           \
+// Defines the entry point NAME of lstm_recurrence.h for Precision::PRECISION, Pass::PASS and saved-state type
+// SAVED; each lstm_<pass>_<precision>.cu holds the entries of one precision and pass, so that every kernel
+// instantiation, variants included, compiles in the translation unit of its precision and pass.
+#define RNN_FAST_RECURRENCE_ENTRY(NAME, PRECISION, PASS, SAVED)                                          \
+  namespace rnn_fast {                                                                                   \
+  namespace cuda {                                                                                       \
+  cudaError_t NAME(const detail::PassArgs<Precision::PRECISION, Pass::PASS, SAVED>& args, unsigned variants, \
+                   cudaStream_t stream) {                                                                \
+    return detail::launch<Precision::PRECISION, Pass::PASS>(args, variants, stream);                    \
+  }                                                                                                      \
+  }                                                                                                      \
   }

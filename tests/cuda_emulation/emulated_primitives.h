@@ -6,12 +6,17 @@
 // the PTX ISA's fragment definitions, independently of how the kernels arrange their operands. Shared memory
 // starts as 0xFF bytes (NaN in every float type): a kernel that reads what it never wrote produces NaNs.
 //
+// Asynchronous operations land as late as the PTX ISA allows, so that a missing or early wait reads stale data:
+// a cp.async at the cp.async.wait_group that retires its group; an st.async when the CTA that owns its mbarrier
+// next waits on that mbarrier. A run where every thread waits and none can proceed aborts as a deadlock.
+//
 // Included by lstm_recurrence.cuh through -DRNN_FAST_PRIMITIVES_HEADER='"emulated_primitives.h"'.
 #pragma once
 
 #include <ucontext.h>
 
 #include <array>
+#include <map>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -32,6 +37,13 @@ struct Rendezvous {
   unsigned generation = 0;
 };
 
+// A copy that has been issued and has not landed yet.
+struct Copy {
+  void* dst;
+  const void* src;
+  int bytes;
+};
+
 struct Fiber {
   uint3 thread_idx;
   uint3 block_idx;
@@ -41,6 +53,23 @@ struct Fiber {
   bool done;
   ucontext_t context;
   std::vector<char> stack;
+  std::vector<Copy> open_group;                // cp.async since the last commit
+  std::vector<std::vector<Copy>> committed;    // oldest first
+};
+
+// An mbarrier's phase: `pending` arrivals and `tx` bytes still to come (tx may go negative in between).
+struct Mbarrier {
+  int expected = 0;
+  int pending = 0;
+  long tx = 0;
+  unsigned phase = 0;
+};
+
+struct AsyncStore {
+  uint32_t addr;     // shared::cluster
+  uint32_t barrier;  // shared::cluster address of the mbarrier it completes bytes on
+  int bytes;
+  unsigned char data[16];
 };
 
 // What a lane hands to a warp collective.
@@ -58,8 +87,12 @@ struct Machine {
   std::vector<Rendezvous> cta_barrier, warp_barrier;
   Rendezvous cluster_barrier;
   std::vector<std::array<LaneSlot, 32>> warp_slots;
+  std::map<uint32_t, Mbarrier> mbarriers;  // by shared::cluster address
+  std::vector<AsyncStore> async_stores;     // in flight
   Fiber* current = nullptr;
   ucontext_t scheduler;
+  long stalled = 0;       // waits in a row that saw no progress
+  long long mma_count = 0;  // mma.sync calls of all warps, over the whole run
 };
 
 inline Machine& machine() {
@@ -71,14 +104,28 @@ inline Fiber& self() { return *machine().current; }
 
 inline void yield() { swapcontext(&self().context, &machine().scheduler); }
 
+inline void progress() { machine().stalled = 0; }
+
+// Yields from a wait that cannot proceed yet; aborts once every fiber has waited several rounds without any
+// arrival, store or barrier completion in between.
+inline void wait_a_round() {
+  Machine& m = machine();
+  if (++m.stalled > 8 * static_cast<long>(m.fibers.size()) + 64) {
+    std::fprintf(stderr, "deadlock: every thread of the cluster is waiting\n");
+    std::abort();
+  }
+  yield();
+}
+
 inline void meet(Rendezvous& r) {
+  progress();
   const unsigned generation = r.generation;
   if (++r.arrived == r.expected) {
     r.arrived = 0;
     ++r.generation;
     return;
   }
-  while (r.generation == generation) yield();
+  while (r.generation == generation) wait_a_round();
 }
 
 inline int lane() { return static_cast<int>(self().thread_idx.x % 32); }
@@ -141,6 +188,7 @@ void mma(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint
     }
     return element(slot(4 * col + k % 4).b[k / 4]);
   };
+  if (lane() == 0) ++machine().mma_count;
   float d[4];
   for (int i = 0; i < 4; ++i) {
     const int row = lane() / 4 + 8 * (i / 2), col = 2 * (lane() % 4) + i % 2;
@@ -175,6 +223,9 @@ void launch(Kernel kernel, dim3 grid, dim3 block, int cluster, size_t shared_byt
   for (unsigned y = 0; y < grid.y; ++y) {
     for (unsigned x0 = 0; x0 < grid.x; x0 += cluster) {
       m.shared.assign(cluster, std::vector<unsigned char>(shared_bytes + 16, 0xff));
+      m.mbarriers.clear();
+      m.async_stores.clear();
+      m.stalled = 0;
       m.cta_barrier.assign(cluster, Rendezvous{threads, 0, 0});
       m.warp_barrier.assign(cluster * warps, Rendezvous{32, 0, 0});
       m.warp_slots.assign(cluster * warps, {});
@@ -202,6 +253,10 @@ void launch(Kernel kernel, dim3 grid, dim3 block, int cluster, size_t shared_byt
           m.current = &f;
           swapcontext(&m.scheduler, &f.context);
         }
+      }
+      if (!m.async_stores.empty()) {
+        std::fprintf(stderr, "%zu st.async still in flight when the cluster exited\n", m.async_stores.size());
+        std::abort();
       }
     }
   }
@@ -234,6 +289,8 @@ inline const emu::Coordinates blockDim{{[] { return emu::machine().block_dim.x; 
                                        {[] { return emu::machine().block_dim.z; }}};
 
 inline void __syncthreads() { emu::meet(emu::machine().cta_barrier[emu::self().cta]); }
+
+inline void __syncwarp() { emu::meet_warp(); }
 
 template <typename T>
 T __shfl_sync(unsigned, T value, int source) {
@@ -303,7 +360,28 @@ inline void mma_m16n8k8_tf32(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a
 // cvt.rna: round the 13 dropped bits to nearest, ties away from zero (finite inputs).
 inline uint32_t round_to_tf32(float v) { return (__float_as_uint(v) + 0x1000u) & 0xffffe000u; }
 
-inline float tanh_approx(float x) { return std::tanh(x); }
+// tanh.approx.f32's maximum relative error (PTX ISA: 2^-10.987), applied in full and always in the same
+// direction: a pessimistic stand-in for MUFU.TANH, whose error varies in sign and size with x.
+constexpr double kTanhApproxRelativeError = 4.94e-4;
+inline float tanh_approx(float x) { return static_cast<float>(std::tanh(static_cast<double>(x)) * (1.0 + kTanhApproxRelativeError)); }
+
+inline void cp_async(void* shared, const void* global, int bytes) {
+  emu::self().open_group.push_back(emu::Copy{shared, global, bytes});
+}
+
+inline void cp_async_commit() {
+  emu::Fiber& f = emu::self();
+  f.committed.push_back(std::move(f.open_group));
+  f.open_group.clear();
+}
+
+inline void cp_async_wait(int pending) {
+  emu::Fiber& f = emu::self();
+  while (static_cast<int>(f.committed.size()) > pending) {
+    for (const emu::Copy& copy : f.committed.front()) std::memcpy(copy.dst, copy.src, copy.bytes);
+    f.committed.erase(f.committed.begin());
+  }
+}
 
 inline uint32_t shared_address(const void* p) {
   const auto offset = static_cast<const unsigned char*>(p) - dynamic_shared_memory();
@@ -327,7 +405,78 @@ inline void cluster_arrive() {
 }
 
 inline void cluster_wait() {
-  while (emu::machine().cluster_barrier.generation == emu::self().pending) emu::yield();
+  while (emu::machine().cluster_barrier.generation == emu::self().pending) emu::wait_a_round();
+}
+
+inline emu::Mbarrier& mbarrier_at(uint32_t barrier) {
+  const auto found = emu::machine().mbarriers.find(barrier);
+  if (found == emu::machine().mbarriers.end()) {
+    std::fprintf(stderr, "mbarrier at %#x used before mbarrier.init\n", barrier);
+    std::abort();
+  }
+  return found->second;
+}
+
+inline void complete_phase_if_done(emu::Mbarrier& b) {
+  if (b.pending == 0 && b.tx == 0) {
+    ++b.phase;
+    b.pending = b.expected;
+  }
+}
+
+inline void mbarrier_init(uint32_t barrier, int count) {
+  emu::machine().mbarriers[barrier] = emu::Mbarrier{count, count, 0, 0};
+}
+
+inline void fence_mbarrier_init() {}
+
+inline void mbarrier_arrive_expect_tx(uint32_t barrier, uint32_t bytes) {
+  emu::progress();
+  emu::Mbarrier& b = mbarrier_at(barrier);
+  if (b.pending == 0) {
+    std::fprintf(stderr, "mbarrier at %#x: more arrivals than its count\n", barrier);
+    std::abort();
+  }
+  b.tx += bytes;
+  --b.pending;
+  complete_phase_if_done(b);
+}
+
+inline void mbarrier_arrive(uint32_t barrier) { mbarrier_arrive_expect_tx(barrier, 0); }
+
+// The st.async stores that complete bytes on `barrier` land now, in the order they were issued.
+inline void deliver_async_stores(uint32_t barrier) {
+  std::vector<emu::AsyncStore>& stores = emu::machine().async_stores;
+  for (size_t i = 0; i < stores.size();) {
+    if (stores[i].barrier != barrier) {
+      ++i;
+      continue;
+    }
+    const emu::AsyncStore store = stores[i];
+    stores.erase(stores.begin() + static_cast<long>(i));
+    std::memcpy(emu::machine().shared[store.addr >> 24].data() + (store.addr & 0xffffffu), store.data, store.bytes);
+    emu::Mbarrier& b = mbarrier_at(barrier);
+    b.tx -= store.bytes;
+    complete_phase_if_done(b);
+    emu::progress();
+  }
+}
+
+inline void mbarrier_wait_parity(uint32_t barrier, uint32_t parity) {
+  for (;;) {
+    deliver_async_stores(barrier);
+    if ((mbarrier_at(barrier).phase & 1u) != parity) return;
+    emu::wait_a_round();
+  }
+}
+
+template <typename Raw>
+void store_async(uint32_t addr, Raw v, uint32_t barrier) {
+  static_assert(sizeof(Raw) <= 16, "st.async moves at most 16 bytes");
+  emu::progress();
+  emu::AsyncStore store{addr, barrier, static_cast<int>(sizeof(Raw)), {}};
+  std::memcpy(store.data, &v, sizeof(Raw));
+  emu::machine().async_stores.push_back(store);
 }
 
 }  // namespace detail

@@ -124,3 +124,111 @@ def test_launcher_rejects_bad_inputs():
     with pytest.raises(RuntimeError, match="hidden_size=160"):
         big = contract_inputs(Shape(1, 2, 2, 160, False), torch.float32, seed=1)
         _forward(*big)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Kernel variants (RNN_FAST_CUDA_VARIANTS, csrc/cuda/README.md): sm_90 only, each alone and all together.
+
+def _variant_sets():
+    from rnn_fast.ops.lstm import cuda
+
+    return [*cuda.VARIANTS, ",".join(cuda.VARIANTS)]
+
+
+def _needs_sm90():
+    if torch.cuda.get_device_capability(DEVICE)[0] < 9:
+        pytest.skip("the kernel variants run on sm_90 only")
+
+
+# (label, dtype, TF32): the precisions the variants apply to, and the IEEE/float64 paths that only the exchange
+# changes.
+VARIANT_PRECISIONS = [pytest.param(torch.bfloat16, False, id="bf16"), pytest.param(torch.float16, False, id="fp16"),
+                      pytest.param(torch.float32, True, id="tf32"), pytest.param(torch.float32, False, id="fp32"),
+                      pytest.param(torch.float64, False, id="fp64")]
+
+
+def _run_ops(monkeypatch, variants, dtype, tf32, inputs, grads):
+    """Forward, then backward from the forward's own saved state, under `variants`."""
+    monkeypatch.setenv("RNN_FAST_CUDA_VARIANTS", variants)
+    xw, w_hh, h0, c0, lengths = inputs
+    with torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, allow_tf32=tf32):
+        forward = _forward(*(t.to(dtype) for t in (xw, w_hh, h0, c0)), lengths)
+        backward = _backward(*(g.to(dtype) for g in grads), w_hh.to(dtype), c0.to(dtype), *forward[3:], lengths)
+    return forward, backward
+
+
+@pytest.mark.parametrize("dtype, tf32", VARIANT_PRECISIONS)
+@pytest.mark.parametrize("variants", _variant_sets())
+def test_variants_as_accurate_as_the_baseline(monkeypatch, variants, dtype, tf32):
+    """Every output and gradient under a variant set at most twice as far from float64 as the baseline kernels',
+    plus, where 16-bit saved state or tanh.approx apply, their cost (bf16 1e-2, fp16/TF32 1e-3 relative to the
+    largest value; tests/test_cuda_emulation.py measured what they cost), at the classifier's H with lengths."""
+    _needs_sm90()
+    shape = Shape(2, 37, 1500, 128, True)
+    inputs = contract_inputs(shape, torch.float64, seed=41)
+    grads = output_grads(shape, torch.float64, seed=42)
+    expected_forward = naive.lstm_recurrence_forward(*inputs)
+    expected_backward = naive.lstm_recurrence_backward(*grads, inputs[1], inputs[3], *expected_forward[3:], inputs[4])
+    expected = (*expected_forward, *expected_backward)
+    baseline = [t for part in _run_ops(monkeypatch, "", dtype, tf32, inputs, grads) for t in part]
+    varied = [t for part in _run_ops(monkeypatch, variants, dtype, tf32, inputs, grads) for t in part]
+    names = variants.split(",")
+    tensor_cores = dtype in (torch.bfloat16, torch.float16) or tf32
+    saved_16bit = "saved_16bit" in names and tensor_cores
+    approx = "tanh_approx" in names and dtype in (torch.bfloat16, torch.float16)
+    if saved_16bit:
+        assert varied[3].dtype == (torch.bfloat16 if dtype == torch.bfloat16 else torch.float16)
+    cost = 1e-2 if dtype == torch.bfloat16 else 1e-3
+    for name, ours, theirs, value in zip(FORWARD_NAMES + BACKWARD_NAMES, varied, baseline, expected):
+        assert torch.isfinite(ours).all(), name
+        scale = max(1.0, value.abs().max().item())
+        error = (ours.double() - value).abs().max().item()
+        baseline_error = (theirs.double() - value).abs().max().item()
+        extra = (cost if saved_16bit and name in ("gates", "cell", *BACKWARD_NAMES) else 0.0) + (cost if approx else 0.0)
+        assert error <= 2 * baseline_error + (extra + 1e-12) * scale, \
+            f"{name}: {error:.3g} vs the baseline's {baseline_error:.3g}"
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_tanh_approx_within_twice_torch(monkeypatch, dtype):
+    """tanh.approx's real error (the emulation used its bound): a layer within twice nn.LSTM's own error."""
+    _needs_sm90()
+    monkeypatch.setenv("RNN_FAST_CUDA_VARIANTS", "tanh_approx")
+    assert_half_precision_within_twice_torch("cuda", Shape(2, 37, 100, 128, True), dtype)
+
+
+def test_saved_16bit_fake_matches_the_kernel(monkeypatch):
+    """Under saved_16bit the fake registration gives the launcher's 16-bit saved state (opcheck compares them)."""
+    _needs_sm90()
+    monkeypatch.setenv("RNN_FAST_CUDA_VARIANTS", "saved_16bit")
+    xw, w_hh, h0, c0, lengths = contract_inputs(Shape(2, 3, 2, 8, True), torch.bfloat16, seed=3)
+    assert _forward(xw, w_hh, h0, c0, lengths)[3].dtype == torch.bfloat16
+    torch.library.opcheck(torch.ops.rnn_fast.lstm_recurrence_forward,
+                          (xw.requires_grad_(), w_hh.requires_grad_(), h0.requires_grad_(), c0.requires_grad_(),
+                           lengths))
+
+
+def test_unknown_or_uncompiled_variants_are_refused(monkeypatch):
+    _needs_sm90()
+    xw, w_hh, h0, c0, lengths = contract_inputs(Shape(1, 2, 2, 8, False), torch.bfloat16, seed=1)
+    monkeypatch.setenv("RNN_FAST_CUDA_VARIANTS", "cluster_mbarier")
+    with pytest.raises(RuntimeError, match="unknown variant 'cluster_mbarier'; valid names are cluster_mbarrier"):
+        _forward(xw, w_hh, h0, c0, lengths)
+    monkeypatch.setenv("RNN_FAST_CUDA_VARIANTS", "cluster_mbarrier,saved_16bit")
+    with pytest.raises(RuntimeError, match="one at a time or all together"):
+        _forward(xw, w_hh, h0, c0, lengths)
+
+
+@pytest.mark.parametrize("variants", ["", "cluster_mbarrier,saved_16bit,tanh_approx,bwd_tf32_wide,bwd_prefetch"])
+def test_inference_op_equals_the_forward(monkeypatch, variants):
+    """The inference op's y, h_n, c_n are the forward op's, bit for bit (the same kernel without its saved-state
+    stores)."""
+    if not hasattr(torch.ops.rnn_fast, "lstm_recurrence_inference"):
+        pytest.skip("this build declares no rnn_fast::lstm_recurrence_inference")
+    monkeypatch.setenv("RNN_FAST_CUDA_VARIANTS", variants)
+    for dtype in (torch.bfloat16, torch.float32):
+        inputs = contract_inputs(Shape(2, 9, 45, 72, True), dtype, seed=5)
+        forward = _forward(*inputs)
+        inference = torch.ops.rnn_fast.lstm_recurrence_inference(*inputs)
+        for name, ours, theirs in zip(FORWARD_NAMES, inference, forward):
+            assert torch.equal(ours, theirs), name

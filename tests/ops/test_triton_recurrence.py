@@ -4,13 +4,19 @@ Without CUDA the kernels run in the Triton interpreter (tests/conftest.py sets T
 a time in Python, so the shapes here are small and few. On CUDA the same checks also run at larger shapes, plus
 TF32 and bf16 against PyTorch's own error.
 """
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence
 
 import rnn_fast
 from rnn_fast.ops.lstm import fused, naive
+from rnn_fast.testing import assert_lstm_matches
 from recurrence_cases import (BACKWARD_NAMES, DEVICE, DTYPES, FORWARD_NAMES, HALF_DTYPES, TF32_TOLERANCE, Shape,
                               assert_all_close, assert_half_precision_within_twice_torch,
                               assert_layer_matches_nn_lstm, contract_inputs, output_grads)
@@ -135,23 +141,145 @@ def test_torch_compile_fullgraph():
         assert targets.count(torch.ops.rnn_fast.triton_lstm_recurrence_forward) == 2
 
 
-def test_tf32_follows_cudnn_rnn_setting():
-    """The setting nn.LSTM follows: legacy ``cudnn.allow_tf32``, or the newer ``cudnn.rnn.fp32_precision``. The two
-    APIs are not mixed: torch refuses to read the legacy flag back once the RNN and convolution settings differ."""
-    for legacy in (True, False):
-        with torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, allow_tf32=legacy):
-            assert fused._cudnn_rnn_allows_tf32() is legacy
-    previous = torch.backends.cudnn.rnn.fp32_precision
-    try:
-        for precision in ("tf32", "ieee"):
-            torch.backends.cudnn.rnn.fp32_precision = precision
-            assert fused._cudnn_rnn_allows_tf32() is (precision == "tf32")
-    finally:
-        torch.backends.cudnn.rnn.fp32_precision = previous
-
-
 def test_unsupported_reasons():
     assert fused.unsupported_reason(DEVICE, torch.float32, fused.MAX_HIDDEN) is None
     assert "hidden_size" in fused.unsupported_reason(DEVICE, torch.float32, fused.MAX_HIDDEN + 1)
     assert "support" in fused.unsupported_reason(DEVICE, torch.int32, 8)
     assert (fused.unsupported_reason(DEVICE, torch.bfloat16, 8) is None) == ON_CUDA
+
+
+# Per-row length patterns of issue 11, over 40 rows: three 16-row programs in the interpreter, each with its own
+# longest row.
+LENGTH_PATTERNS = {
+    "all-1": lambda t, b, g: torch.ones(b, dtype=torch.int64),
+    "all-equal": lambda t, b, g: torch.full((b,), t - 4, dtype=torch.int64),
+    "one-long": lambda t, b, g: torch.full((b,), 2, dtype=torch.int64).index_fill_(0, torch.tensor([21]), t),
+    "unsorted": lambda t, b, g: torch.randint(1, t + 1, (b,), generator=g),
+    "packed-order": lambda t, b, g: torch.randint(1, t + 1, (b,), generator=g).sort(descending=True).values,
+}
+PATTERN_SHAPE = Shape(2, 9, 40, 5, True)
+
+
+def _pattern_inputs(pattern: str, dtype=torch.float64):
+    xw, w_hh, h0, c0, _lengths = contract_inputs(PATTERN_SHAPE, dtype, seed=31)
+    generator = torch.Generator().manual_seed(32)
+    lengths = LENGTH_PATTERNS[pattern](PATTERN_SHAPE.seq_len, PATTERN_SHAPE.batch, generator).to(DEVICE)
+    return xw, w_hh, h0, c0, lengths
+
+
+@pytest.fixture
+def dot_count(monkeypatch):
+    """How many ``tl.dot`` the interpreter has run since the test began."""
+    from triton.runtime.interpreter import InterpreterBuilder
+
+    calls = []
+    create_dot = InterpreterBuilder.create_dot
+
+    def counting(self, *args, **kwargs):
+        calls.append(None)
+        return create_dot(self, *args, **kwargs)
+
+    monkeypatch.setattr(InterpreterBuilder, "create_dot", counting)
+    return lambda: len(calls)
+
+
+@pytest.mark.skipif(ON_CUDA, reason="counts the interpreter's dots")
+@pytest.mark.parametrize("weights", list(WEIGHTS))
+@pytest.mark.parametrize("pattern", list(LENGTH_PATTERNS))
+def test_programs_skip_ended_rows(pattern, weights, dot_count):
+    """A program computes only up to its longest row's end: the forward direction stops there, the reverse
+    direction starts there, in both kernels (4 dots a step at this H, weights resident or in one chunk). The steps
+    it skips still get the contract's zeros, and every output and gradient matches the naive reference."""
+    xw, w_hh, h0, c0, lengths = _pattern_inputs(pattern)
+    plan = WEIGHTS[weights](fused.kernel_plan(PATTERN_SHAPE.hidden, xw.dtype, DEVICE))
+    block_b = fused.tile_choices()["forward"]["every key"].split("x")[0]
+    program_steps = lengths.split(int(block_b))
+    expected_dots = 4 * PATTERN_SHAPE.directions * sum(int(rows.max()) for rows in program_steps)
+    assert expected_dots < 4 * PATTERN_SHAPE.directions * len(program_steps) * PATTERN_SHAPE.seq_len
+
+    forward = fused.launch_forward(xw, w_hh, h0, c0, lengths, False, plan)
+    assert dot_count() == expected_dots
+    assert_all_close(forward, naive.lstm_recurrence_forward(xw, w_hh, h0, c0, lengths), FORWARD_NAMES, 1e-9, 1e-9)
+    grads = output_grads(PATTERN_SHAPE, xw.dtype, seed=33)
+    backward = fused.launch_backward(*grads, w_hh, c0, *forward[3:], lengths, False, plan)
+    assert dot_count() == 2 * expected_dots
+    assert_all_close(backward, naive.lstm_recurrence_backward(*grads, w_hh, c0, *forward[3:], lengths),
+                      BACKWARD_NAMES, 1e-9, 1e-9)
+
+
+@pytest.mark.parametrize("pattern", list(LENGTH_PATTERNS))
+def test_packed_length_patterns_match_nn_lstm(pattern):
+    """The same patterns through ``rnn_fast.LSTM`` (2 bidirectional layers, packed with ``enforce_sorted=False``):
+    outputs and every gradient against nn.LSTM."""
+    generator = torch.Generator().manual_seed(34)
+    lengths = LENGTH_PATTERNS[pattern](PATTERN_SHAPE.seq_len, PATTERN_SHAPE.batch, generator)
+    kwargs = dict(num_layers=2, bidirectional=True, device=DEVICE, dtype=torch.float64)
+    reference = nn.LSTM(3, PATTERN_SHAPE.hidden, **kwargs)
+    candidate = rnn_fast.LSTM(3, PATTERN_SHAPE.hidden, backend="triton", **kwargs)
+    input = torch.randn(PATTERN_SHAPE.seq_len, PATTERN_SHAPE.batch, 3, generator=generator, dtype=torch.float64)
+    packed = pack_padded_sequence(input.to(DEVICE), lengths, enforce_sorted=False)
+    assert_lstm_matches(reference, candidate, packed, atol=1e-9, rtol=1e-9)
+
+
+@pytest.mark.parametrize("pattern", [None, "one-long"], ids=["no-lengths", "one-long"])
+@pytest.mark.parametrize("dtype, atol, rtol", DTYPES)
+def test_inference_forward_matches_and_saves_nothing(pattern, dtype, atol, rtol):
+    """``lstm_recurrence_inference``: the training forward's ``(y, h_n, c_n)``, allocating only those three (the
+    profiler's count of the bytes the op allocated)."""
+    xw, w_hh, h0, c0, lengths = _pattern_inputs(pattern or "all-1", dtype)
+    lengths = lengths if pattern else None
+    expected = naive.lstm_recurrence_forward(xw, w_hh, h0, c0, lengths)[:3]
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as profile:
+        actual = fused.lstm_recurrence_inference(xw, w_hh, h0, c0, lengths)
+    assert_all_close(actual, expected, FORWARD_NAMES, atol, rtol)
+    if not ON_CUDA:
+        (event,) = [event for event in profile.events() if event.name == fused.INFERENCE_OP]
+        assert event.cpu_memory_usage == sum(tensor.numel() * tensor.element_size() for tensor in actual)
+
+
+def test_inference_opcheck():
+    shape = Shape(2, 3, 2, 3, True)
+    xw, w_hh, h0, c0, lengths = contract_inputs(shape, torch.float64, seed=35)
+    checks = ("test_schema", "test_faketensor") + (("test_aot_dispatch_static",) if ON_CUDA else ())
+    torch.library.opcheck(torch.ops.rnn_fast.triton_lstm_recurrence_inference, (xw, w_hh, h0, c0, lengths, False),
+                          test_utils=checks)
+
+
+def test_pinned_tile_parses():
+    assert fused.pinned_tile("32x8") == (32, 8)
+    assert fused.pinned_tile(" 128X4 ") == (128, 4)
+    assert fused.pinned_tile("") is None
+
+
+@pytest.mark.parametrize("value", ["32", "8x8", "48x8", "32x3", "32x64", "axb", "32x8x2", "-16x4"])
+def test_bad_pinned_tile_is_a_clear_error(value):
+    with pytest.raises(ValueError, match=rf"{fused.TILE_ENV}=.* is not a tile: expected ROWSxWARPS"):
+        fused.pinned_tile(value)
+
+
+def test_pinned_tile_is_the_only_config():
+    """With ``RNN_FAST_TRITON_TILE=32x8`` both kernels have that one tile (nothing to autotune), and a batch that
+    spans two 32-row programs still matches the naive reference. In a fresh process: the tile is read at import."""
+    script = """
+import torch
+from rnn_fast.ops.lstm import fused, naive
+from recurrence_cases import Shape, assert_all_close, contract_inputs, FORWARD_NAMES
+pinned = {"every key": "32x8"}
+assert fused.tile_choices() == {"forward": pinned, "backward": pinned}, fused.tile_choices()
+for kernel in (fused._lstm_forward_kernel, fused._lstm_backward_kernel):
+    (config,) = kernel.configs
+    assert (config.kwargs["BLOCK_B"], config.num_warps) == (32, 8)
+xw, w_hh, h0, c0, lengths = contract_inputs(Shape(2, 4, 40, 5, True), torch.float64, seed=36)
+assert_all_close(fused.launch_forward(xw, w_hh, h0, c0, lengths, False),
+                 naive.lstm_recurrence_forward(xw, w_hh, h0, c0, lengths), FORWARD_NAMES, 1e-9, 1e-9)
+"""
+    env = {**os.environ, fused.TILE_ENV: "32x8",
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_autotune_key_has_directions():
+    for kernel in (fused._lstm_forward_kernel, fused._lstm_backward_kernel):
+        assert list(kernel.keys) == list(fused.AUTOTUNE_KEY)
+        assert "D" in kernel.keys and "D" in kernel.arg_names

@@ -7,6 +7,10 @@ at import.
 
     python tests/ops/triton_compile.py          # the resource table of the test's cases (sm_90, one tile)
     python tests/ops/triton_compile.py --all    # every tile the autotuner may pick at H=128, sm_90 and sm_80
+    python tests/ops/triton_compile.py --all --sm90 [--lengths]   # only sm_90 [only with per-row lengths]
+
+It compiles with whichever triton it imports: put another version's folder first on PYTHONPATH to compile with that
+one (.ci/run does this for the GPU machine's Triton 3.6.0, see GPU_MACHINE_TRITON).
 """
 import json
 import os
@@ -14,10 +18,14 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Dict, List, NamedTuple
+from typing import Dict, List, NamedTuple, Optional
 
 ARCHITECTURES = (90, 80)
+# The Triton of the GPU machine that sessions are lent (its torch 2.11.0+cu130 bundles it).
+GPU_MACHINE_TRITON = "3.6.0"
 HIDDEN = 128
+# The forward kernel as a training forward (saving gates and cells), as the inference forward, and the backward.
+KERNELS = ("forward", "inference", "backward")
 # (label, input dtype, TF32 switch) as the backend's launchers see them.
 PRECISIONS = (("fp32", "float32", False), ("tf32", "float32", True), ("fp16", "float16", False),
               ("bf16", "bfloat16", False), ("fp64", "float64", False))
@@ -33,15 +41,20 @@ class Case(NamedTuple):
     arch: int
     block_b: int
     num_warps: int
+    # Per-row lengths (packed input) compile the step-skipping code; padded batches (no lengths) do not.
+    lengths: bool
 
     def __str__(self):
-        return f"{self.kernel}-{self.precision}-sm{self.arch}-B{self.block_b}-w{self.num_warps}"
+        return (f"{self.kernel}-{self.precision}-sm{self.arch}-B{self.block_b}-w{self.num_warps}"
+                f"{'-lengths' if self.lengths else ''}")
 
 
-ALL_CASES = [Case(kernel, precision, arch, block_b, warps) for kernel in ("forward", "backward")
+ALL_CASES = [Case(kernel, precision, arch, block_b, warps, lengths) for lengths in (False, True) for kernel in KERNELS
              for precision, _, _ in PRECISIONS for arch in ARCHITECTURES for block_b, warps in TILES]
-# What CI compiles (about 2 s each): both passes in every precision for the H100, at one tile.
-CASES = [case for case in ALL_CASES if case.arch == 90 and (case.block_b, case.num_warps) == CI_TILE]
+# What CI compiles (about 1.5 s each): every kernel in every precision for the H100, at one tile, with lengths
+# (the superset of the code).
+CASES = [case for case in ALL_CASES
+         if case.arch == 90 and (case.block_b, case.num_warps) == CI_TILE and case.lengths]
 
 
 def _compile_case(case: Case) -> Dict:
@@ -58,20 +71,22 @@ def _compile_case(case: Case) -> Dict:
     state = state_dtype(dtype)
     # The forward multiplies TF32 as fp16 weights with row scales (fused.py's module doc).
     forward_weights = torch.float16 if allow_tf32 else dtype
-    weights = forward_weights if case.kernel == "forward" else dtype
+    weights = dtype if case.kernel == "backward" else forward_weights
     plan = fused.kernel_plan(HIDDEN, weights, torch.device("cpu"))
-    if case.kernel == "forward":
+    if case.kernel != "backward":
         kernel = fused._lstm_forward_kernel
+        saved = state if case.kernel == "forward" else None
         pointers = {"p_xw": dtype, "p_w": weights, "p_w_scale": torch.float32 if allow_tf32 else None,
                     "p_h0": dtype, "p_c0": dtype, "p_lengths": torch.int64, "p_y": dtype, "p_h_n": dtype,
-                    "p_c_n": dtype, "p_gates": state, "p_cell": state}
-        constants = {"HAS_LENGTHS": True, "HAS_W_SCALE": allow_tf32}
+                    "p_c_n": dtype, "p_gates": saved, "p_cell": saved}
+        constants = {"HAS_LENGTHS": case.lengths, "HAS_W_SCALE": allow_tf32, "STORE_SAVED": saved is not None}
     else:
         kernel = fused._lstm_backward_kernel
         pointers = {"p_grad_y": dtype, "p_grad_h_n": dtype, "p_grad_c_n": dtype, "p_w": dtype, "p_c0": dtype,
                     "p_gates": state, "p_cell": state, "p_lengths": torch.int64, "p_grad_xw": dtype,
                     "p_grad_h0": dtype, "p_grad_c0": dtype}
-        constants = {"HAS_LENGTHS": True, "INPUT_PRECISION": fused._backward_precision(dtype, allow_tf32)}
+        constants = {"HAS_LENGTHS": case.lengths,
+                     "INPUT_PRECISION": fused._backward_precision(dtype, allow_tf32)}
     constants.update(BLOCK_H=plan.block_h, BLOCK_K=plan.block_k, BLOCK_B=case.block_b, RESIDENT=plan.resident)
     while not isinstance(kernel, triton.runtime.jit.JITFunction):  # under @autotune and @heuristics
         kernel = kernel.fn
@@ -89,7 +104,7 @@ def _compile_case(case: Case) -> Dict:
     compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
                               target=GPUTarget("cuda", case.arch, 32),
                               options={"num_warps": case.num_warps, "num_stages": 1})
-    return {"case": str(case), "resident": plan.resident, "block_k": plan.block_k,
+    return {"case": str(case), "triton": triton.__version__, "resident": plan.resident, "block_k": plan.block_k,
             "shared_bytes": compiled.metadata.shared, **_resource_usage(compiled.asm["cubin"])}
 
 
@@ -117,9 +132,11 @@ def compile_cases(cases: List[Case]) -> List[Dict]:
     return records
 
 
-def run_in_subprocess(cases: List[Case], timeout: float = 900) -> List[Dict]:
+def run_in_subprocess(cases: List[Case], timeout: float = 900, triton_folder: Optional[str] = None) -> List[Dict]:
+    """``compile_cases`` in a fresh process, with the triton found first in ``triton_folder`` if given."""
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[2]), env.get("PYTHONPATH", "")])
+    folders = [triton_folder] if triton_folder else []
+    env["PYTHONPATH"] = os.pathsep.join(folders + [str(Path(__file__).resolve().parents[2]), env.get("PYTHONPATH", "")])
     result = subprocess.run([sys.executable, __file__, "--json", *map(str, cases)], env=env, capture_output=True,
                             text=True, timeout=timeout)
     if result.returncode != 0:
@@ -130,10 +147,17 @@ def run_in_subprocess(cases: List[Case], timeout: float = 900) -> List[Dict]:
 def main(argv: List[str]) -> None:
     names = [arg for arg in argv if not arg.startswith("--")]
     cases = [case for case in ALL_CASES if str(case) in names] if names else ALL_CASES if "--all" in argv else CASES
+    if "--sm90" in argv:
+        cases = [case for case in cases if case.arch == 90]
+    if "--lengths" in argv:
+        cases = [case for case in cases if case.lengths]
     records = compile_cases(cases)
     if "--json" in argv:
         print(json.dumps(records))
         return
+    import triton
+
+    print(f"Triton {triton.__version__}\n")
     print("| case | weights on chip | registers | stack (B) | shared memory (KiB) |\n|---|---|---|---|---|")
     for record in records:
         if "error" in record:
@@ -150,15 +174,16 @@ def spill_summary(cases: List[Case], records: List[Dict]) -> str:
     groups: Dict[tuple, List[tuple]] = {}
     for case, record in zip(cases, records):
         if "error" not in record:
-            groups.setdefault((case.kernel, case.precision, case.arch), []).append((case, record))
-    lines = ["| pass | precision | arch | tiles without spills (rows x warps: registers) | least stack otherwise |",
-             "|---|---|---|---|---|"]
-    for (kernel, precision, arch), entries in groups.items():
+            groups.setdefault((case.kernel, case.precision, case.arch, case.lengths), []).append((case, record))
+    lines = ["| pass | precision | arch | lengths | tiles without spills (rows x warps: registers) | "
+             "least stack otherwise |", "|---|---|---|---|---|---|"]
+    for (kernel, precision, arch, lengths), entries in groups.items():
         clean = [f"{case.block_b}x{case.num_warps}: {record['registers']}" for case, record in entries
                  if record["stack_bytes"] == 0]
         case, record = min(entries, key=lambda entry: entry[1]["stack_bytes"])
         least = "-" if clean else f"{case.block_b}x{case.num_warps}: {record['registers']} + {record['stack_bytes']} B"
-        lines.append(f"| {kernel} | {precision} | sm_{arch} | {', '.join(clean) or 'none'} | {least} |")
+        lines.append(f"| {kernel} | {precision} | sm_{arch} | {'yes' if lengths else 'no'} | "
+                     f"{', '.join(clean) or 'none'} | {least} |")
     return "\n".join(lines)
 
 if __name__ == "__main__":

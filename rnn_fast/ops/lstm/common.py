@@ -1,7 +1,8 @@
 """What every backend of the recurrence contract (docs/contract.md) shares: state dtypes, the default input
-projection, the state entering each step, the one-GEMM ``grad_w_hh``, the packed layout's conversions, and the
-autograd / fake registration of an op pair."""
-from typing import Callable, Optional
+projection, the state entering each step, the one-GEMM ``grad_w_hh`` (both in cuDNN's GEMM precision), the packed
+layout's conversions, and the autograd / fake registration of an op pair."""
+import contextlib
+from typing import Callable, Iterator, Optional
 
 import torch
 
@@ -11,13 +12,101 @@ def state_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def cudnn_rnn_allows_tf32() -> bool:
+    """cuDNN RNNs' fp32 precision: the most specific of the RNN, cuDNN and global settings that is not "none".
+    The legacy ``torch.backends.cudnn.allow_tf32`` sets the RNN one; reading it back raises once the RNN and
+    convolution settings differ, so it is not read here. The CUDA launcher (csrc/cuda/lstm_cuda.cpp) reads the
+    same setting through ``allowTF32CuDNN``."""
+    for precision in (torch.backends.cudnn.rnn.fp32_precision, torch.backends.cudnn.fp32_precision,
+                      torch.backends.fp32_precision):
+        if precision != "none":
+            return precision == "tf32"
+    return False
+
+
+def cudnn_fp32_precision(device: torch.device, dtype: torch.dtype) -> Optional[str]:
+    """``"tf32"`` or ``"ieee"``: how ``nn.LSTM``'s cuDNN path multiplies on ``device`` in ``dtype``, in its recurrence
+    and in the GEMMs it runs itself (input projection, weight and input gradients). The fused recurrences and the
+    driver's GEMMs follow it. None where the question does not arise (not fp32 on CUDA)."""
+    if device.type != "cuda" or dtype != torch.float32:
+        return None
+    return "tf32" if cudnn_rnn_allows_tf32() else "ieee"
+
+
+def _driver_gemm_precision(tensor: torch.Tensor) -> Optional[str]:
+    """:func:`cudnn_fp32_precision` for the driver's GEMMs on ``tensor``; None under torch.compile, where Inductor
+    fixes GEMM precision from torch's own setting when it compiles (and no flag is read while tracing)."""
+    if torch.compiler.is_compiling():
+        return None
+    return cudnn_fp32_precision(tensor.device, tensor.dtype)
+
+
+@contextlib.contextmanager
+def matmul_precision(precision: Optional[str]) -> Iterator[None]:
+    """cuBLAS's fp32 precision set to ``precision`` for the body, then restored; None leaves it alone."""
+    if precision is None:
+        yield
+        return
+    matmul = torch.backends.cuda.matmul
+    previous = matmul.fp32_precision
+    matmul.fp32_precision = precision
+    try:
+        yield
+    finally:
+        matmul.fp32_precision = previous
+
+
+def _side_by_side(parts: torch.Tensor) -> torch.Tensor:
+    """``parts [P, T, B, K]`` as one ``[T*B, P*K]`` matrix (a copy when P > 1)."""
+    num_parts, seq_len, batch, width = parts.shape
+    return parts.permute(1, 2, 0, 3).reshape(seq_len * batch, num_parts * width)
+
+
+def _project(flat: torch.Tensor, w_ih: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    flat = flat.unsqueeze(0).expand(w_ih.shape[0], -1, -1)
+    return (torch.bmm(flat, w_ih.transpose(1, 2)) if bias is None
+            else torch.baddbmm(bias.unsqueeze(1), flat, w_ih.transpose(1, 2)))
+
+
+class _ProjectionInPrecision(torch.autograd.Function):
+    """The projection GEMM whose backward GEMMs (input and weight gradients) run in the forward's precision
+    too; autograd's own backward of ``bmm`` would run in whatever precision is set when it runs."""
+
+    @staticmethod
+    def forward(ctx, flat, w_ih, bias, precision):
+        ctx.save_for_backward(flat, w_ih)
+        ctx.precision, ctx.has_bias = precision, bias is not None
+        with matmul_precision(precision):
+            return _project(flat, w_ih, bias)
+
+    @staticmethod
+    def backward(ctx, grad_xw):
+        flat, w_ih = ctx.saved_tensors
+        grad_flat = grad_w_ih = grad_bias = None
+        with matmul_precision(ctx.precision):
+            if ctx.needs_input_grad[0]:
+                grad_flat = grad_xw[0] @ w_ih[0]
+                for direction in range(1, w_ih.shape[0]):
+                    grad_flat.addmm_(grad_xw[direction], w_ih[direction])
+            if ctx.needs_input_grad[1]:
+                grad_w_ih = torch.bmm(grad_xw.transpose(1, 2), flat.unsqueeze(0).expand(w_ih.shape[0], -1, -1))
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = grad_xw.sum(1)
+        return grad_flat, grad_w_ih, grad_bias, None
+
+
 def project_parts(parts: torch.Tensor, w_ih: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """``xw [D, T, B, 4H]`` for ``parts [P, T, B, K]``: the parts side by side ``[T*B, P*K]``, times each
-    direction's ``w_ih [4H, P*K]``, in one batched GEMM. The input projection of every backend without its own."""
-    num_parts, seq_len, batch, width = parts.shape
-    flat = parts.permute(1, 2, 0, 3).reshape(1, seq_len * batch, num_parts * width).expand(w_ih.shape[0], -1, -1)
-    xw = (torch.bmm(flat, w_ih.transpose(1, 2)) if bias is None
-          else torch.baddbmm(bias.unsqueeze(1), flat, w_ih.transpose(1, 2)))
+    direction's ``w_ih [4H, P*K]``, in one batched GEMM. The input projection of every backend without its own.
+    On CUDA in fp32, it and its backward GEMMs run in the precision of :func:`cudnn_fp32_precision`, as nn.LSTM's
+    cuDNN path does."""
+    _num_parts, seq_len, batch, _width = parts.shape
+    flat = _side_by_side(parts)
+    precision = _driver_gemm_precision(parts)
+    if precision is None:
+        xw = _project(flat, w_ih, bias)
+    else:
+        xw = _ProjectionInPrecision.apply(flat, w_ih, bias, precision)
     return xw.view(w_ih.shape[0], seq_len, batch, -1)
 
 
@@ -47,8 +136,14 @@ def recurrent_weight_grad(grad_xw: torch.Tensor, y: torch.Tensor, h0: torch.Tens
 
     ``h_prev`` is read as slices of ``y`` rather than built (a copy of ``y`` per backward); the one step per row
     that starts from ``h0`` is added separately. Padded steps have zero ``grad_xw`` and zero ``y``, so they add
-    nothing.
+    nothing. fp32 on CUDA runs in :func:`cudnn_fp32_precision`.
     """
+    with matmul_precision(_driver_gemm_precision(grad_xw)):
+        return _recurrent_weight_grad(grad_xw, y, h0, lengths)
+
+
+def _recurrent_weight_grad(grad_xw: torch.Tensor, y: torch.Tensor, h0: torch.Tensor,
+                           lengths: Optional[torch.Tensor]) -> torch.Tensor:
     num_directions, seq_len, batch, _ = grad_xw.shape
     h0 = h0.to(grad_xw.dtype)
     y = y.to(grad_xw.dtype)
@@ -101,16 +196,13 @@ def padded_to_packed(steps: torch.Tensor, batch_sizes: torch.Tensor, num_rows: i
     return steps.reshape(num_directions, seq_len * batch, width)[:, positions]
 
 
-def register_recurrence_fake(forward_op, backward_op) -> None:
-    """Shapes and dtypes of a contract op pair, for FakeTensor / torch.compile. Step tensors are ``[D, T, B, *]``
-    (padded) or ``[D, N, *]`` (packed): only their last dimension differs between xw, y and the saved state."""
+def register_recurrence_fake(forward_op, backward_op, saved_dtype=None) -> None:
+    """Shapes and dtypes of a contract op pair, for FakeTensor / torch.compile, in either layout. ``saved_dtype(xw)``
+    is the dtype of the saved gates and cells, ``state_dtype(xw.dtype)`` unless a backend says otherwise."""
 
     @torch.library.register_fake(forward_op)
     def _forward_fake(xw, w_hh, h0, c0, lengths, *extra):
-        rows, gate_size = xw.shape[:-1], xw.shape[-1]
-        saved = state_dtype(xw.dtype)
-        return (xw.new_empty(*rows, gate_size // 4), torch.empty_like(h0), torch.empty_like(c0),
-                xw.new_empty(*rows, gate_size, dtype=saved), xw.new_empty(*rows, gate_size // 4, dtype=saved))
+        return _empty_forward_outputs(xw, h0, state_dtype(xw.dtype) if saved_dtype is None else saved_dtype(xw))
 
     @torch.library.register_fake(backward_op)
     def _backward_fake(grad_y, grad_h_n, grad_c_n, w_hh, c0, gates, cell, lengths, *extra):
@@ -118,11 +210,23 @@ def register_recurrence_fake(forward_op, backward_op) -> None:
 
 
 def register_inference_fake(inference_op) -> None:
-    """Shapes and dtypes of an inference op ``(xw, w_hh, h0, c0, lengths) -> (y, h_n, c_n)``, either layout."""
+    """Shapes and dtypes of an inference forward, ``(xw, w_hh, h0, c0, lengths, *extra) -> (y, h_n, c_n)``, in
+    either layout."""
 
     @torch.library.register_fake(inference_op)
     def _inference_fake(xw, w_hh, h0, c0, lengths, *extra):
-        return xw.new_empty(*xw.shape[:-1], xw.shape[-1] // 4), torch.empty_like(h0), torch.empty_like(c0)
+        return _empty_forward_outputs(xw, h0, saved_dtype=None)
+
+
+def _empty_forward_outputs(xw: torch.Tensor, h0: torch.Tensor, saved_dtype: Optional[torch.dtype]):
+    """``(y, h_n, c_n)``, then ``gates, cell`` of ``saved_dtype`` unless it is None, for ``xw`` ``[D, T, B, 4H]``
+    (padded) or ``[D, N, 4H]`` (packed): step tensors differ only in their last dimension."""
+    rows, gate_size = xw.shape[:-1], xw.shape[-1]
+    outputs = (xw.new_empty(*rows, gate_size // 4), torch.empty_like(h0), torch.empty_like(h0))
+    if saved_dtype is None:
+        return outputs
+    return outputs + (xw.new_empty(*rows, gate_size, dtype=saved_dtype),
+                      xw.new_empty(*rows, gate_size // 4, dtype=saved_dtype))
 
 
 def register_recurrence_autograd(forward_op, backward_op,

@@ -6,7 +6,7 @@ kernels (padded layout). This module gives the ops their fake-tensor and autogra
 """
 import torch
 
-from .common import register_inference_fake, register_recurrence_autograd, register_recurrence_fake
+from .common import register_inference_fake, register_recurrence_autograd, register_recurrence_fake, state_dtype
 
 REBUILD_COMMAND = "pip install --no-build-isolation -e ."
 
@@ -20,7 +20,16 @@ except ImportError as error:
 forward_op = torch.ops.rnn_fast.lstm_recurrence_forward.default
 backward_op = torch.ops.rnn_fast.lstm_recurrence_backward.default
 inference_op = torch.ops.rnn_fast.lstm_recurrence_inference.default
-register_recurrence_fake(forward_op, backward_op)
+
+
+def _saved_dtype(xw: torch.Tensor) -> torch.dtype:
+    # On CUDA the launcher decides (16 bits under RNN_FAST_CUDA_VARIANTS=saved_16bit), so it is asked.
+    if xw.device.type == "cuda" and hasattr(torch.ops.rnn_fast, "lstm_recurrence_cuda_saved_dtype"):
+        return torch.ops.rnn_fast.lstm_recurrence_cuda_saved_dtype(xw.device, xw.dtype)
+    return state_dtype(xw.dtype)
+
+
+register_recurrence_fake(forward_op, backward_op, saved_dtype=_saved_dtype)
 register_recurrence_autograd(forward_op, backward_op)
 register_inference_fake(inference_op)
 

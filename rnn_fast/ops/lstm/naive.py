@@ -84,7 +84,7 @@ def differentiable_backward(grad_y: torch.Tensor, grad_h_n: torch.Tensor, grad_c
     when a double backward differentiates a first backward that read them.
     """
     num_directions, seq_len, batch, gate_size = gates.shape
-    acc = gates.dtype
+    acc = torch.promote_types(gates.dtype, torch.float32)  # 16-bit saved state (CUDA's saved_16bit) counts in fp32
     grad_xw = grad_y.new_zeros(num_directions, seq_len, batch, gate_size)
     grad_h0, grad_c0 = torch.empty_like(grad_h_n), torch.empty_like(grad_c_n)
     cell_prev = previous_steps(cell, c0, lengths)
@@ -92,9 +92,9 @@ def differentiable_backward(grad_y: torch.Tensor, grad_h_n: torch.Tensor, grad_c
         dh, dc = grad_h_n[d].to(acc), grad_c_n[d].to(acc)
         w = w_hh[d].to(acc)
         for t in reversed(_step_order(d, seq_len)):
-            i, f, g, o = gates[d, t].chunk(4, dim=1)
+            i, f, g, o = gates[d, t].to(acc).chunk(4, dim=1)
             dh_t = dh + grad_y[d, t].to(acc)
-            tanh_c = torch.tanh(cell[d, t])
+            tanh_c = torch.tanh(cell[d, t].to(acc))
             dc_t = dc + dh_t * o * (1 - tanh_c * tanh_c)
             if grad_cell is not None:
                 dc_t = dc_t + grad_cell[d, t].to(acc)
