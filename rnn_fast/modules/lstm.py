@@ -106,14 +106,10 @@ class LSTM(nn.RNNBase):
                 self.check_forward_args(data, hx, batch_sizes)
                 # Rows stay in the packed (sorted) order; hx is permuted into it like nn.LSTM does.
                 hx = self.permute_hidden(hx, sorted_indices)
-            if self._runs_stack_inference(choice, inference):
-                output, h_n, c_n = backend.lstm_stack_inference(data, *self._initial_state(hx, data, batch_sizes),
-                                                                self._flat_weights, self.bias, self.num_layers,
-                                                                self.bidirectional, batch_sizes)
-                return (PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices),
-                        self.permute_hidden((h_n, c_n), unsorted_indices))
-            if choice.packed_layout:
-                output, (h_n, c_n) = self._run_packed_layers(backend, data, batch_sizes, hx, inference)
+            self._check_devices(data, hx)
+            packed = self._run_packed(choice, data, batch_sizes, hx, inference)
+            if packed is not None:
+                output, h_n, c_n = packed
                 return (PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices),
                         self.permute_hidden((h_n, c_n), unsorted_indices))
             x, packed_lengths = pad_packed_sequence(PackedSequence(data, batch_sizes))
@@ -234,20 +230,27 @@ class LSTM(nn.RNNBase):
             return zeros, zeros
         return hx[0].contiguous(), hx[1].contiguous()
 
-    def _run_packed_layers(self, backend, data: torch.Tensor, batch_sizes: torch.Tensor, hx, inference: bool):
-        """PackedSequence ``data [N, I]`` through all layers in the packed layout (docs/contract.md), where every
-        step, projection and weight gradient covers only the rows that run -> ``(output data [N, D*H], (h_n,
-        c_n))``, rows in the packed (sorted) order."""
+    def _run_packed(self, choice: BackendChoice, data: torch.Tensor, batch_sizes: torch.Tensor, hx,
+                    inference: bool):
+        """PackedSequence ``data [N, I]`` through all layers as it is, where every step, projection and weight
+        gradient covers only the rows that run -> ``(output data [N, D*H], h_n, c_n)``, rows in the packed (sorted)
+        order; None for a backend without the packed layout (docs/contract.md), which gets the input padded."""
+        backend = choice.module
+        if not choice.packed_layout:
+            return None
+        h0, c0 = self._initial_state(hx, data, batch_sizes)
+        if self._runs_stack_inference(choice, inference):
+            return backend.lstm_stack_inference(data, h0, c0, self._flat_weights, self.bias, self.num_layers,
+                                                self.bidirectional, batch_sizes)
         num_tokens = data.shape[0]
-        hx = self._initial_state(hx, data, batch_sizes)
         project = backend.input_projection
         recurrence = backend.lstm_packed_recurrence_inference if inference else backend.lstm_packed_recurrence
         # The packed rows are one step of N rows to the projection: parts [P, 1, N, K], y [D, N, H] -> [D, 1, N, H].
         y, h_n, c_n = self._stack_layers(lambda parts, w_ih, bias: project(parts, w_ih, bias).flatten(1, 2),
                                          recurrence, data.view(1, 1, num_tokens, -1), lambda y: y.unsqueeze(1),
-                                         hx[0], hx[1], batch_sizes)
+                                         h0, c0, batch_sizes)
         output = y.reshape(num_tokens, -1) if y.shape[0] == 1 else y.transpose(0, 1).reshape(num_tokens, -1)
-        return output, (h_n, c_n)
+        return output, h_n, c_n
 
     def _stack_layers(self, project, recurrence, parts, as_parts, h0, c0, lengths):
         """Each layer: ``xw = project(parts, w_ih, bias)``, ``recurrence(xw, w_hh, h0, c0, lengths)``, dropout,
