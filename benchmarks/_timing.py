@@ -54,6 +54,23 @@ def torch_threads(count: int) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
+def _rss_high_water_kib() -> int:
+    return int(re.search(r"VmHWM:\s*(\d+) kB", Path("/proc/self/status").read_text()).group(1))
+
+
+def peak_memory_probe(device: torch.device) -> Callable[[], float]:
+    """Starts a peak-memory measurement; the returned function gives the MiB of peak growth since then."""
+    if device.type == "cuda":
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        resident = torch.cuda.memory_allocated(device)
+        return lambda: (torch.cuda.max_memory_allocated(device) - resident) / 2 ** 20
+    # "5" resets the high-water mark to the current RSS (Linux), so earlier peaks do not count.
+    Path("/proc/self/clear_refs").write_text("5")
+    resident = _rss_high_water_kib()
+    return lambda: (_rss_high_water_kib() - resident) / 2 ** 10
+
+
 TRAINING_PASSES = ("forward", "backward", "forward+backward")
 
 
@@ -117,6 +134,17 @@ def environment(device: torch.device) -> dict:
         "command": shlex.join(["python", "-m", "pytest"] + sys.argv[1:]) if "pytest" in sys.argv[0]
         else shlex.join(["python"] + sys.argv),
     }
+
+
+def threads_then_results(kind: str, threads: int, records: List[dict], payload: Callable[[], dict],
+                         path: Path) -> Iterator[None]:
+    """The body of a module-scoped fixture: runs the module on ``threads`` CPU threads, then writes what its
+    benchmarks appended to ``records``, with ``payload()``'s keys, to ``path`` (nothing when none ran)."""
+    with torch_threads(threads):
+        yield
+    if records:
+        written = write_results(kind, torch.device("cpu"), {"threads": threads, **payload(), "results": records}, path)
+        report(f"wrote {written}")
 
 
 def write_results(kind: str, device: torch.device, payload: dict, path: Optional[Path] = None) -> Path:

@@ -21,7 +21,6 @@ what one backend's epoch needs above what was resident before it (the dataset, e
 import argparse
 import math
 import os
-import re
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -32,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import summary, synchronize, write_results  # noqa: E402
+from _timing import peak_memory_probe, summary, synchronize, write_results  # noqa: E402
 
 from rnn_fast import model_backend, resolve_backend  # noqa: E402
 from rnn_fast.models import MODEL_NAMES, build_model  # noqa: E402
@@ -115,23 +114,6 @@ class TrainingRun:
         synchronize(self.dataset.device)
 
 
-def _rss_high_water_kib() -> int:
-    return int(re.search(r"VmHWM:\s*(\d+) kB", Path("/proc/self/status").read_text()).group(1))
-
-
-def _peak_memory_probe(device: torch.device) -> Callable[[], float]:
-    """Starts a peak-memory measurement; the returned function gives the MiB of peak growth since then."""
-    if device.type == "cuda":
-        synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        resident = torch.cuda.memory_allocated(device)
-        return lambda: (torch.cuda.max_memory_allocated(device) - resident) / 2 ** 20
-    # "5" resets the high-water mark to the current RSS (Linux), so earlier backends' peaks do not count.
-    Path("/proc/self/clear_refs").write_text("5")
-    resident = _rss_high_water_kib()
-    return lambda: (_rss_high_water_kib() - resident) / 2 ** 10
-
-
 def _seconds(function: Callable[[], None], device: torch.device) -> float:
     """Wall time of ``function``, which synchronises the device before it returns."""
     synchronize(device)
@@ -183,7 +165,7 @@ def measure_model(setup: EpochConfig, backends: List[str], failed: Dict[str, str
         runs[backend].epoch()
 
     def timed_epoch(backend: str, run: TrainingRun, measure_peak: bool) -> None:
-        probe = _peak_memory_probe(device) if measure_peak else None
+        probe = peak_memory_probe(device) if measure_peak else None
         seconds[backend].append(_seconds(run.epoch, device))
         if probe is not None:
             peak_mem_mb[backend] = probe()

@@ -20,7 +20,7 @@ from torch import nn
 import rnn_fast
 from rnn_fast.ops.lstm import unavailable_reason
 
-from _timing import RESULTS_DIR, report, summary, torch_threads, write_results
+from _timing import RESULTS_DIR, report, summary, threads_then_results
 
 INPUT_SIZE, HIDDEN, LAYERS, SEQ_LEN = 160, 128, 2, 100
 BATCHES = (256, 768)
@@ -34,18 +34,11 @@ _records = []
 @pytest.fixture(scope="module", autouse=True)
 def results_file():
     """Runs the module on NUM_THREADS threads, then writes every case's figures to one JSON file."""
-    with torch_threads(NUM_THREADS):
-        yield
-    if not _records:
-        return
-    path = write_results("cpu", torch.device("cpu"), {
-        "threads": NUM_THREADS,
+    yield from threads_then_results("cpu", NUM_THREADS, _records, lambda: {
         "config": {"input_size": INPUT_SIZE, "hidden": HIDDEN, "layers": LAYERS, "seq_len": SEQ_LEN,
                    "batch_first": True, "input_requires_grad": False, "rounds": ROUNDS,
-                   "warmup_rounds": WARMUP_ROUNDS},
-        "results": _records,
-    }, RESULTS_DIR / f"cpu-{datetime.date.today().isoformat()}.json")
-    report(f"wrote {path}")
+                   "warmup_rounds": WARMUP_ROUNDS}},
+        RESULTS_DIR / f"cpu-{datetime.date.today().isoformat()}.json")
 
 
 def _forward_backward(module: nn.Module, x: torch.Tensor, weight: torch.Tensor):

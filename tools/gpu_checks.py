@@ -283,6 +283,11 @@ def inference_check(backend_module, label: str, shape: Shape, device, precisions
     for precision in precisions:
         dtype_name, allow_tf32, _tolerance = PRECISIONS[precision]
         dtype = getattr(torch, dtype_name)
+        record = {"backend": label, "variant": current_variant(), "case": "inference-op", "precision": precision}
+        reason = backend_module.unsupported_reason(device, dtype, shape.hidden)
+        if reason is not None:
+            records.append({**record, "ok": False, "status": f"unsupported: {reason}"})
+            continue
         inputs = recurrence_inputs(shape, 2, dtype, device, with_lengths=True)
         with torch.no_grad(), precision_flags(allow_tf32), poisoned_allocations():
             trained = backend_module.lstm_recurrence(*inputs)[:3]
@@ -290,8 +295,7 @@ def inference_check(backend_module, label: str, shape: Shape, device, precisions
         errors = relative_errors(dict(zip(("y", "h_n", "c_n"), (t.double() for t in inferred))),
                                  dict(zip(("y", "h_n", "c_n"), (t.double() for t in trained))))
         worst_name, worst = _worst(errors)
-        records.append({"backend": label, "variant": current_variant(), "case": "inference-op",
-                        "precision": precision, "ok": worst == 0.0,
+        records.append({**record, "ok": worst == 0.0,
                         "status": "ok: identical to the training forward" if worst == 0.0
                         else f"differs from the training forward: {worst_name} {worst:.2e}"})
     return records

@@ -18,7 +18,6 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from ..ops.lstm import BACKENDS, BackendChoice, resolve_backend, unavailable_reason
-from ..ops.lstm.common import project_parts
 
 _warned = set()
 
@@ -97,16 +96,23 @@ class LSTM(nn.RNNBase):
 
         num_directions = 2 if self.bidirectional else 1
         is_packed = isinstance(input, PackedSequence)
+        inference = not self._needs_grad(input.data if is_packed else input, hx)
         sorted_indices = unsorted_indices = packed_lengths = None
         is_batched = True
         if is_packed:
             data, batch_sizes, sorted_indices, unsorted_indices = input
             self.check_input(data, batch_sizes)
-            # Rows stay in the packed (sorted) order; hx is permuted into it like nn.LSTM does.
-            x, packed_lengths = pad_packed_sequence(PackedSequence(data, batch_sizes))
             if hx is not None:
                 self.check_forward_args(data, hx, batch_sizes)
+                # Rows stay in the packed (sorted) order; hx is permuted into it like nn.LSTM does.
                 hx = self.permute_hidden(hx, sorted_indices)
+            self._check_devices(data, hx)
+            packed = self._run_packed(choice, data, batch_sizes, hx, inference)
+            if packed is not None:
+                output, h_n, c_n = packed
+                return (PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices),
+                        self.permute_hidden((h_n, c_n), unsorted_indices))
+            x, packed_lengths = pad_packed_sequence(PackedSequence(data, batch_sizes))
         else:
             if input.dim() not in (2, 3):
                 raise ValueError(f"LSTM: Expected input to be 2D or 3D, got {input.dim()}D instead")
@@ -136,7 +142,12 @@ class LSTM(nn.RNNBase):
         if packed_lengths is not None and bool((packed_lengths < seq_len).any()):
             lengths = packed_lengths.to(x.device)
 
-        output, h_n, c_n = self._run_layers(backend, x, hx[0], hx[1], lengths)
+        if lengths is None and self._runs_stack_inference(choice, inference):
+            output, h_n, c_n = backend.lstm_stack_inference(x, hx[0].contiguous(), hx[1].contiguous(),
+                                                            self._flat_weights, self.bias, self.num_layers,
+                                                            self.bidirectional, None)
+        else:
+            output, h_n, c_n = self._run_layers(choice, x, hx[0], hx[1], lengths, inference)
 
         if is_packed:
             packed = pack_padded_sequence(output, packed_lengths)
@@ -164,41 +175,103 @@ class LSTM(nn.RNNBase):
                 raise RuntimeError(f"Expected hidden and cell state dtype {x.dtype} (the input's), "
                                    f"got {state.dtype}")
 
-    def _layer_weights(self, layer: int):
-        """``w_ih [D, 4H, In]``, ``w_hh [D, 4H, H]`` and the summed biases ``[D, 4H]`` (or None)."""
-        suffixes = ("", "_reverse") if self.bidirectional else ("",)
-        w_ih = torch.stack([getattr(self, f"weight_ih_l{layer}{s}") for s in suffixes])
-        w_hh = torch.stack([getattr(self, f"weight_hh_l{layer}{s}") for s in suffixes])
-        if not self.bias:
-            return w_ih, w_hh, None
-        bias = torch.stack([getattr(self, f"bias_ih_l{layer}{s}") + getattr(self, f"bias_hh_l{layer}{s}")
-                            for s in suffixes])
-        return w_ih, w_hh, bias
+    def _needs_grad(self, data: torch.Tensor, hx) -> bool:
+        """Whether autograd will differentiate this call; if not, the backends' inference ops run, which keep
+        nothing for a backward."""
+        if not torch.is_grad_enabled():
+            return False
+        return (data.requires_grad or any(weight.requires_grad for weight in self._flat_weights)
+                or (hx is not None and (hx[0].requires_grad or hx[1].requires_grad)))
 
-    def _run_layers(self, backend, x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor,
-                    lengths: Optional[torch.Tensor]):
-        """Time-major ``x [T, B, I]`` through all layers -> ``(output [T, B, D*H], h_n, c_n)``."""
+    def _layer_weights(self, layer: int):
+        """``w_ih [D, 4H, In]``, ``w_hh [D, 4H, H]`` and the summed biases ``[D, 4H]`` (or None): views of the
+        parameters for one direction, stacked copies for two."""
+        # _flat_weights (nn.RNNBase's, kept current when a parameter is replaced) holds each layer's directions'
+        # (w_ih, w_hh[, b_ih, b_hh]) in order: read there, not through a getattr per parameter.
         num_directions = 2 if self.bidirectional else 1
+        per_direction = len(self._flat_weights) // (self.num_layers * num_directions)
+        first = layer * num_directions * per_direction
+
+        def directions(kind: int) -> torch.Tensor:
+            tensors = [self._flat_weights[first + d * per_direction + kind] for d in range(num_directions)]
+            return tensors[0].unsqueeze(0) if num_directions == 1 else torch.stack(tensors)
+
+        if not self.bias:
+            return directions(0), directions(1), None
+        return directions(0), directions(1), directions(2) + directions(3)
+
+    def _run_layers(self, choice: BackendChoice, x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor,
+                    lengths: Optional[torch.Tensor], inference: bool):
+        """Time-major ``x [T, B, I]`` through all layers -> ``(output [T, B, D*H], h_n, c_n)``; with
+        ``inference`` (autograd will not differentiate), through the backend's inference op if it has one."""
         seq_len, batch = x.shape[:2]
         # A layer's input travels as parts [P, T, B, K]: x itself, then the previous layer's y [D, T, B, H] as is.
-        parts = x.unsqueeze(0)
+        backend = choice.module
+        project = backend.input_projection
+        recurrence = (backend.lstm_recurrence_inference if inference and choice.inference
+                      else backend.lstm_recurrence)
+        y, h_n, c_n = self._stack_layers(project, recurrence, x.unsqueeze(0), lambda y: y, h0, c0, lengths)
+        # One direction is a reshape of y (no copy, nor a zero-filled gradient as y[0] would have).
+        output = (y.reshape(seq_len, batch, -1) if y.shape[0] == 1
+                  else y.permute(1, 2, 0, 3).reshape(seq_len, batch, -1))
+        return output, h_n, c_n
+
+    def _runs_stack_inference(self, choice: BackendChoice, inference: bool) -> bool:
+        """Whether the backend's one op through all layers runs this call: autograd will not differentiate it, and
+        no dropout applies between layers."""
+        return inference and choice.stack_inference and not (self.dropout > 0 and self.training
+                                                              and self.num_layers > 1)
+
+    def _initial_state(self, hx, data: torch.Tensor, batch_sizes: torch.Tensor):
+        """PackedSequence input's ``(h0, c0)``, contiguous, zeros when ``hx`` is None."""
+        if hx is None:
+            zeros = data.new_zeros(self.num_layers * (2 if self.bidirectional else 1), int(batch_sizes[0]),
+                                   self.hidden_size)
+            return zeros, zeros
+        return hx[0].contiguous(), hx[1].contiguous()
+
+    def _run_packed(self, choice: BackendChoice, data: torch.Tensor, batch_sizes: torch.Tensor, hx,
+                    inference: bool):
+        """PackedSequence ``data [N, I]`` through all layers as it is, where every step, projection and weight
+        gradient covers only the rows that run -> ``(output data [N, D*H], h_n, c_n)``, rows in the packed (sorted)
+        order; None for a backend without the packed layout (docs/contract.md), which gets the input padded."""
+        backend = choice.module
+        if not choice.packed_layout:
+            return None
+        h0, c0 = self._initial_state(hx, data, batch_sizes)
+        if self._runs_stack_inference(choice, inference):
+            return backend.lstm_stack_inference(data, h0, c0, self._flat_weights, self.bias, self.num_layers,
+                                                self.bidirectional, batch_sizes)
+        num_tokens = data.shape[0]
+        project = backend.input_projection
+        recurrence = backend.lstm_packed_recurrence_inference if inference else backend.lstm_packed_recurrence
+        # The packed rows are one step of N rows to the projection: parts [P, 1, N, K], y [D, N, H] -> [D, 1, N, H].
+        y, h_n, c_n = self._stack_layers(lambda parts, w_ih, bias: project(parts, w_ih, bias).flatten(1, 2),
+                                         recurrence, data.view(1, 1, num_tokens, -1), lambda y: y.unsqueeze(1),
+                                         h0, c0, batch_sizes)
+        output = y.reshape(num_tokens, -1) if y.shape[0] == 1 else y.transpose(0, 1).reshape(num_tokens, -1)
+        return output, h_n, c_n
+
+    def _stack_layers(self, project, recurrence, parts, as_parts, h0, c0, lengths):
+        """Each layer: ``xw = project(parts, w_ih, bias)``, ``recurrence(xw, w_hh, h0, c0, lengths)``, dropout,
+        and ``as_parts(y)`` as the next layer's input -> ``(last y, h_n, c_n)``."""
+        num_directions = 2 if self.bidirectional else 1
         h_n, c_n = [], []
         for layer in range(self.num_layers):
             w_ih, w_hh, bias = self._layer_weights(layer)
-            xw = backend.input_projection(parts, w_ih, bias)
+            xw = project(parts, w_ih, bias)
             states = slice(layer * num_directions, (layer + 1) * num_directions)
-            y, layer_h_n, layer_c_n, _, _ = backend.lstm_recurrence(
+            y, layer_h_n, layer_c_n = recurrence(
                 xw, w_hh.to(xw.dtype), h0[states].to(xw.dtype).contiguous(), c0[states].to(xw.dtype).contiguous(),
-                lengths)
+                lengths)[:3]
             if self.dropout > 0 and self.training and layer < self.num_layers - 1:
                 y = F.dropout(y, self.dropout, training=True)
-            parts = y
+            parts = as_parts(y)
             h_n.append(layer_h_n)
             c_n.append(layer_c_n)
-        # One direction is a reshape of y (no copy, nor a zero-filled gradient as y[0] would have).
-        output = (y.reshape(seq_len, batch, -1) if num_directions == 1
-                  else y.permute(1, 2, 0, 3).reshape(seq_len, batch, -1))
-        return output, torch.cat(h_n), torch.cat(c_n)
+        if self.num_layers == 1:
+            return y, h_n[0], c_n[0]
+        return y, torch.cat(h_n), torch.cat(c_n)
 
 
 def _rebuilt(source: nn.RNNBase, cls, **kwargs) -> nn.RNNBase:

@@ -61,11 +61,13 @@ def _forward_and_grads(recurrence, inputs, seed=1):
     return dict(zip(names, tuple(outputs) + grads))
 
 
-def _assert_matches_naive(inputs, atol, rtol):
+def _assert_matches_naive(inputs, atol, rtol, packed=False):
+    """The cpu backend's forward op (of the padded layout, or the packed one) against the naive reference."""
     from rnn_fast.ops.lstm import cpu
 
-    expected = _forward_and_grads(naive.lstm_recurrence, inputs)
-    actual = _forward_and_grads(cpu.lstm_recurrence, inputs)
+    name = "lstm_packed_recurrence" if packed else "lstm_recurrence"
+    expected = _forward_and_grads(getattr(naive, name), inputs)
+    actual = _forward_and_grads(getattr(cpu, name), inputs)
     for name, value in expected.items():
         torch.testing.assert_close(actual[name], value, atol=atol, rtol=rtol, msg=lambda m: f"{name}: {m}")
 
@@ -93,6 +95,96 @@ def test_row_partition_does_not_change_results(num_threads, num_directions, batc
     _assert_matches_naive(_inputs(num_directions, 5, batch, 33, True, torch.float64), 1e-9, 1e-9)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# The packed layout [D, N, *] (PackedSequence data order) and the inference ops.
+
+# Row lengths, longest first as PackedSequence sorts them: all 1, all equal, one long row among short ones, mixed,
+# and a batch that splits into several row blocks and sub-blocks.
+LENGTH_PATTERNS = {
+    "ones": [1] * 5,
+    "equal": [4] * 6,
+    "one-long": [9] + [1] * 6,
+    "mixed": [7, 7, 5, 4, 4, 3, 1, 1, 1],
+    "B300": sorted(((row * 37) % 11 + 1 for row in range(300)), reverse=True),
+}
+
+
+def _packed_inputs(num_directions, pattern, hidden, dtype, seed=0):
+    """``(xw [D, N, 4H], w_hh, h0, c0, batch_sizes)`` for rows of the lengths of a pattern (or a list of them,
+    longest first)."""
+    lengths = torch.tensor(LENGTH_PATTERNS[pattern] if isinstance(pattern, str) else pattern)
+    batch_sizes = (lengths.unsqueeze(0) > torch.arange(int(lengths.max())).unsqueeze(1)).sum(1)
+    generator = torch.Generator().manual_seed(seed)
+
+    def randn(*shape, scale=1.0):
+        return scale * torch.randn(*shape, generator=generator, dtype=dtype)
+
+    batch = len(lengths)
+    return (randn(num_directions, int(lengths.sum()), 4 * hidden), randn(num_directions, 4 * hidden, hidden, scale=0.5),
+            randn(num_directions, batch, hidden), randn(num_directions, batch, hidden), batch_sizes)
+
+
+@pytest.mark.parametrize("dtype, atol, rtol", DTYPES)
+@pytest.mark.parametrize("num_directions", [1, 2], ids=["uni", "bi"])
+@pytest.mark.parametrize("pattern", LENGTH_PATTERNS)
+def test_packed_outputs_and_gradients_match_naive(pattern, num_directions, dtype, atol, rtol):
+    _assert_matches_naive(_packed_inputs(num_directions, pattern, 33, dtype), atol, rtol, packed=True)
+
+
+@pytest.mark.parametrize("num_directions", [1, 2], ids=["uni", "bi"])
+@pytest.mark.parametrize("batch", [1, 7, 130], ids=lambda b: f"B{b}")
+def test_float32_blocks_of_many_steps_match_naive(batch, num_directions):
+    # A block of rows that runs at least 16 steps has its per-step GEMMs on MKL's packed w_hh (float32 only); the
+    # shorter cases above run the plain GEMM.
+    xw, w_hh, h0, c0, lengths = _inputs(num_directions, 20, batch, 33, True, torch.float32)
+    # Weights at nn.LSTM's scale: with unit ones, float32 rounding differences grow over 20 steps.
+    padded = (xw, w_hh.detach() * 33 ** -0.5, h0, c0, lengths)
+    _assert_matches_naive(padded, 2e-5, 2e-5)
+    lengths = sorted(padded[-1].tolist(), reverse=True)
+    _assert_matches_naive(_packed_inputs(num_directions, lengths, 33, torch.float32), 2e-5, 2e-5, packed=True)
+
+
+@pytest.mark.parametrize("num_threads", [1, 3], indirect=True, ids=lambda n: f"threads{n}")
+@pytest.mark.parametrize("num_directions", [1, 2], ids=["uni", "bi"])
+def test_token_partition_does_not_change_packed_results(num_threads, num_directions):
+    # Blocks of equal row-steps over lengths sorted longest first: a few long rows in one block, many short ones
+    # in the others.
+    _assert_matches_naive(_packed_inputs(num_directions, "B300", 9, torch.float64), 1e-9, 1e-9, packed=True)
+
+
+def _padded_and_packed_cases():
+    for num_directions in (1, 2):
+        direction = "bi" if num_directions == 2 else "uni"
+        for with_lengths in (False, True):
+            yield pytest.param("padded", (num_directions, 5, 7, 33, with_lengths),
+                               id=f"padded-{direction}{'-lengths' if with_lengths else ''}")
+        yield pytest.param("packed", (num_directions, "mixed", 33), id=f"packed-{direction}")
+
+
+def _case_inputs(layout, case, dtype):
+    return _inputs(*case, dtype) if layout == "padded" else _packed_inputs(*case, dtype)
+
+
+@pytest.mark.parametrize("dtype, atol, rtol", DTYPES)
+@pytest.mark.parametrize("layout, case", list(_padded_and_packed_cases()))
+def test_inference_matches_training_forward_and_naive(layout, case, dtype, atol, rtol):
+    from rnn_fast.ops.lstm import cpu
+
+    inputs = tuple(t.detach() if t.is_floating_point() else t for t in _case_inputs(layout, case, dtype)
+                   if t is not None) + ((None,) if layout == "padded" and not case[-1] else ())
+    training, inference, reference = ((cpu.lstm_recurrence, cpu.lstm_recurrence_inference,
+                                       naive.lstm_recurrence_inference) if layout == "padded" else
+                                      (cpu.lstm_packed_recurrence, cpu.lstm_packed_recurrence_inference,
+                                       naive.lstm_packed_recurrence_inference))
+    actual = inference(*inputs)
+    assert len(actual) == 3
+    # The same GEMMs and elementwise pass over the same rows: the same bits.
+    for got, want in zip(actual, training(*inputs)[:3]):
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+    for name, got, want in zip(("y", "h_n", "c_n"), actual, reference(*inputs)):
+        torch.testing.assert_close(got, want, atol=atol, rtol=rtol, msg=lambda m: f"{name}: {m}")
+
+
 def _op_args(num_directions, with_lengths):
     inputs = _inputs(num_directions, 4, 3, 2, with_lengths, torch.float64)
     xw, w_hh, h0, c0, lengths = inputs
@@ -109,6 +201,31 @@ def test_opcheck(num_directions, with_lengths):
     torch.library.opcheck(torch.ops.rnn_fast.lstm_recurrence_forward.default, forward_args)
     # The backward op has no autograd of its own: double backward is not supported.
     torch.library.opcheck(torch.ops.rnn_fast.lstm_recurrence_backward.default, backward_args)
+
+
+@pytest.mark.parametrize("num_directions", [1, 2], ids=["uni", "bi"])
+def test_inference_and_packed_opcheck(num_directions):
+    from rnn_fast.ops.lstm import cpu
+
+    for with_lengths in (False, True):
+        xw, w_hh, h0, c0, lengths = _inputs(num_directions, 4, 3, 2, with_lengths, torch.float64)
+        torch.library.opcheck(torch.ops.rnn_fast.lstm_recurrence_inference.default,
+                              tuple(t.detach() for t in (xw, w_hh, h0, c0)) + (lengths,))
+    inputs = _packed_inputs(num_directions, "mixed", 2, torch.float64)
+    xw, w_hh, h0, c0, batch_sizes = inputs
+    torch.library.opcheck(torch.ops.rnn_fast.lstm_packed_recurrence_inference.default, inputs)
+    torch.library.opcheck(torch.ops.rnn_fast.lstm_packed_recurrence_forward.default,
+                          tuple(t.requires_grad_() for t in inputs[:4]) + (batch_sizes,))
+    with torch.no_grad():
+        y, h_n, c_n, gates, cell = cpu.lstm_packed_recurrence(*inputs)
+    grads = tuple(torch.randn_like(t) for t in (y, h_n, c_n))
+    torch.library.opcheck(torch.ops.rnn_fast.lstm_packed_recurrence_backward.default,
+                          (*grads, w_hh.detach(), c0.detach(), gates, cell, batch_sizes))
+    grad_xw = torch.randn_like(xw.detach())
+    torch.library.opcheck(torch.ops.rnn_fast.cpu_packed_recurrent_weight_grad.default,
+                          (grad_xw, y, h0.detach(), batch_sizes))
+    torch.testing.assert_close(cpu.packed_weight_grad_op(grad_xw, y, h0.detach(), batch_sizes),
+                               naive.packed_recurrent_weight_grad(grad_xw, y, h0.detach(), batch_sizes))
 
 
 def _bad_forward_args(change):
@@ -146,6 +263,44 @@ BAD_FORWARD = [
 def test_forward_rejects_bad_inputs(change, message):
     with pytest.raises(RuntimeError, match=message):
         torch.ops.rnn_fast.lstm_recurrence_forward(*_bad_forward_args(change))
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
+def test_stack_inference_opcheck(bidirectional, packed):
+    lstm = torch.nn.LSTM(3, 2, num_layers=2, bidirectional=bidirectional, dtype=torch.float64)
+    params = [p.detach() for p in lstm._flat_weights]
+    state = torch.randn(4 if bidirectional else 2, 3, 2, dtype=torch.float64)
+    input = torch.randn(4, 3, 3, dtype=torch.float64)
+    batch_sizes = None
+    if packed:
+        packed_input = torch.nn.utils.rnn.pack_padded_sequence(input, torch.tensor([4, 2, 1]))
+        input, batch_sizes = packed_input.data, packed_input.batch_sizes
+    torch.library.opcheck(torch.ops.rnn_fast.cpu_lstm_inference.default,
+                          (input, state, state, params, True, 2, bidirectional, batch_sizes))
+
+
+def _bad_packed_args(change):
+    args = dict(zip(("xw", "w_hh", "h0", "c0", "batch_sizes"), _packed_inputs(2, "mixed", 5, torch.float32)))
+    return tuple(change(args).values())
+
+
+BAD_PACKED = [
+    pytest.param(_set(batch_sizes=lambda s: s.flip(0)), r"non-increasing, got batch_sizes\[2\] = 3", id="increasing"),
+    pytest.param(_set(batch_sizes=lambda s: s.int()), "CPU int64 tensor", id="batch_sizes-int32"),
+    pytest.param(_set(xw=lambda x: x[:, 1:].contiguous()), r"sum\(batch_sizes\) = 33, got 32", id="xw-rows"),
+    pytest.param(_set(h0=lambda h: h[:, 1:].contiguous()), r"h0 must have shape \(D, B, H\)", id="h0-batch"),
+    pytest.param(_set(xw=lambda x: x[0]), r"xw must have shape \(D, N, 4H\)", id="xw-2d"),
+    pytest.param(_set(batch_sizes=lambda s: s[:0]), r"batch_sizes must have shape \(T\) with T >= 1", id="no-steps"),
+]
+
+
+@pytest.mark.parametrize("change, message", BAD_PACKED)
+def test_packed_ops_reject_bad_inputs(change, message):
+    args = _bad_packed_args(change)
+    for op in (torch.ops.rnn_fast.lstm_packed_recurrence_forward, torch.ops.rnn_fast.lstm_packed_recurrence_inference):
+        with pytest.raises(RuntimeError, match=message):
+            op(*args)
 
 
 def test_backward_rejects_bad_saved_state():
@@ -236,6 +391,21 @@ def test_input_projection_matches_reference(num_parts, num_directions, with_bias
     assert len(actual) == len(expected) == 2 + parts_require_grad + with_bias
     for value, reference in zip(actual, expected):
         torch.testing.assert_close(value, reference, atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("batch", [1, 7], ids=lambda b: f"B{b}")
+def test_input_projection_of_steps_and_rows_that_do_not_follow_each_other(batch):
+    # A batch-first tensor cut short in time: neither its steps nor (for B > 1) its batch rows follow each other in
+    # memory, so each step is a GEMM of its own.
+    from rnn_fast.ops.lstm import cpu
+
+    generator = torch.Generator().manual_seed(2)
+    leaf = torch.randn(2, batch, 6, 8, generator=generator, dtype=torch.float64)
+    parts = leaf[:, :, :5].transpose(1, 2)
+    w_ih = torch.randn(2, 12, 16, generator=generator, dtype=torch.float64)
+    bias = torch.randn(2, 12, generator=generator, dtype=torch.float64)
+    torch.testing.assert_close(cpu.input_projection(parts, w_ih, bias), _reference_projection(parts, w_ih, bias),
+                               atol=1e-12, rtol=1e-12)
 
 
 @pytest.mark.parametrize("num_parts, num_directions, with_bias, batch_first", PROJECTIONS)

@@ -39,16 +39,60 @@ class RecurrenceBackend(Protocol):
         """The differentiable forward op: ``(y, h_n, c_n, gates, cell)``."""
 
 
+@runtime_checkable
+class InferenceBackend(Protocol):
+    """A backend with an inference op, which the driver calls when autograd will not differentiate the call."""
+
+    def lstm_recurrence_inference(self, xw: torch.Tensor, w_hh: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor,
+                                  lengths: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(y, h_n, c_n)`` of the forward op, keeping nothing for a backward."""
+
+
+@runtime_checkable
+class PackedLayoutBackend(Protocol):
+    """A backend with the packed layout's ops, which get PackedSequence data as it is (docs/contract.md)."""
+
+    def lstm_packed_recurrence(self, xw: torch.Tensor, w_hh: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor,
+                               batch_sizes: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        """The differentiable forward op on ``xw [D, N, 4H]``: ``(y, h_n, c_n, gates, cell)``."""
+
+    def lstm_packed_recurrence_inference(self, xw: torch.Tensor, w_hh: torch.Tensor, h0: torch.Tensor,
+                                         c0: torch.Tensor, batch_sizes: torch.Tensor
+                                         ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Its inference op: ``(y, h_n, c_n)``."""
+
+
+@runtime_checkable
+class StackInferenceBackend(Protocol):
+    """A backend that runs a whole stack of layers in one inference op, when autograd will not differentiate the
+    call and no dropout applies between layers."""
+
+    def lstm_stack_inference(self, input: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor,
+                             params: List[torch.Tensor], has_biases: bool, num_layers: int, bidirectional: bool,
+                             batch_sizes: Optional[torch.Tensor]
+                             ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(output, h_n, c_n)`` of time-major ``input [T, B, I]`` (or PackedSequence data ``[N, I]`` with its
+        ``batch_sizes``), ``params`` in ``nn.RNNBase._flat_weights`` order, states ``[L*D, B, H]``."""
+
+
 class BackendChoice(NamedTuple):
     """What runs: ``name`` (``"torch"`` for nn.LSTM's implementation), its ``module`` (None for torch), and
-    ``fallback_reason``: why the requested fused backend does not run, or None when nothing fell back."""
+    ``fallback_reason``: why the requested fused backend does not run, or None when nothing fell back. ``inference``,
+    ``packed_layout`` and ``stack_inference`` say whether the module is also an :class:`InferenceBackend`, a
+    :class:`PackedLayoutBackend`, a :class:`StackInferenceBackend` (checked once, when it is loaded: an isinstance
+    check costs more than a streaming step)."""
     name: str
     module: Optional[RecurrenceBackend]
     fallback_reason: Optional[str]
+    inference: bool = False
+    packed_layout: bool = False
+    stack_inference: bool = False
 
 
 _loaded: Dict[str, ModuleType] = {}
 _import_errors: Dict[str, str] = {}
+# backend name -> (InferenceBackend?, PackedLayoutBackend?, StackInferenceBackend?)
+_capabilities: Dict[str, Tuple[bool, bool, bool]] = {}
 
 
 def load_backend(name: str) -> Optional[RecurrenceBackend]:
@@ -62,6 +106,8 @@ def load_backend(name: str) -> Optional[RecurrenceBackend]:
             if not isinstance(module, RecurrenceBackend):
                 raise TypeError(f"{module.__name__} does not provide the RecurrenceBackend interface")
             _loaded[name] = module
+            _capabilities[name] = tuple(isinstance(module, protocol) for protocol in
+                                        (InferenceBackend, PackedLayoutBackend, StackInferenceBackend))
     return _loaded.get(name)
 
 
@@ -106,4 +152,4 @@ def resolve_backend(name: str, device: torch.device, dtype: torch.dtype, hidden_
         reason = module.unsupported_reason(device, dtype, hidden_size)
     if reason is not None:
         return BackendChoice("torch", None, f"backend {wanted!r} cannot run this input ({reason})")
-    return BackendChoice(wanted, module, None)
+    return BackendChoice(wanted, module, None, *_capabilities[wanted])

@@ -1,8 +1,8 @@
 """What every backend of the recurrence contract (docs/contract.md) shares: state dtypes, the default input
-projection, the state entering each step, the one-GEMM ``grad_w_hh`` (both in cuDNN's GEMM precision), and the
-autograd / fake registration of an op pair."""
+projection, the state entering each step, the one-GEMM ``grad_w_hh`` (both in cuDNN's GEMM precision), the packed
+layout's conversions, and the autograd / fake registration of an op pair."""
 import contextlib
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 
@@ -164,13 +164,45 @@ def _recurrent_weight_grad(grad_xw: torch.Tensor, y: torch.Tensor, h0: torch.Ten
     return torch.stack([forward, reverse])
 
 
+def packed_lengths(batch_sizes: torch.Tensor, batch: int) -> torch.Tensor:
+    """Each row's length, ``[B]`` int64, from PackedSequence's ``batch_sizes [T]`` (rows sorted by length)."""
+    rows = torch.arange(batch, device=batch_sizes.device)
+    return (batch_sizes.unsqueeze(1) > rows.unsqueeze(0)).sum(0)
+
+
+def _packed_positions(batch_sizes: torch.Tensor, num_rows: int, batch: int) -> torch.Tensor:
+    """For each of the ``num_rows`` packed rows, in data order, its index ``t * B + b`` in a padded ``[T, B]``.
+    Sizes come from the arguments, not from batch_sizes' values, so that fake tensors can trace it."""
+    offsets = torch.cumsum(batch_sizes, 0) - batch_sizes
+    rows = torch.arange(num_rows, device=batch_sizes.device)
+    steps = torch.searchsorted(offsets, rows, right=True) - 1
+    return steps * batch + (rows - offsets[steps])
+
+
+def packed_to_padded(steps: torch.Tensor, batch_sizes: torch.Tensor, batch: int) -> torch.Tensor:
+    """``[D, N, W]`` in the packed layout -> ``[D, T, B, W]``, zeros at padded steps."""
+    num_directions, num_rows, width = steps.shape
+    seq_len = batch_sizes.shape[0]
+    padded = steps.new_zeros(num_directions, seq_len * batch, width)
+    padded[:, _packed_positions(batch_sizes, num_rows, batch).to(steps.device)] = steps
+    return padded.view(num_directions, seq_len, batch, width)
+
+
+def padded_to_packed(steps: torch.Tensor, batch_sizes: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """``[D, T, B, W]`` -> ``[D, N, W]`` in the packed layout, ``N = num_rows = sum(batch_sizes)``: the steps each
+    row runs, in PackedSequence order."""
+    num_directions, seq_len, batch, width = steps.shape
+    positions = _packed_positions(batch_sizes, num_rows, batch).to(steps.device)
+    return steps.reshape(num_directions, seq_len * batch, width)[:, positions]
+
+
 def register_recurrence_fake(forward_op, backward_op, saved_dtype=None) -> None:
-    """Shapes and dtypes of a contract op pair, for FakeTensor / torch.compile. ``saved_dtype(xw)`` is the dtype of
-    the saved gates and cells, ``state_dtype(xw.dtype)`` unless a backend says otherwise."""
+    """Shapes and dtypes of a contract op pair, for FakeTensor / torch.compile, in either layout. ``saved_dtype(xw)``
+    is the dtype of the saved gates and cells, ``state_dtype(xw.dtype)`` unless a backend says otherwise."""
 
     @torch.library.register_fake(forward_op)
     def _forward_fake(xw, w_hh, h0, c0, lengths, *extra):
-        return _empty_forward_outputs(xw, state_dtype(xw.dtype) if saved_dtype is None else saved_dtype(xw))
+        return _empty_forward_outputs(xw, h0, state_dtype(xw.dtype) if saved_dtype is None else saved_dtype(xw))
 
     @torch.library.register_fake(backward_op)
     def _backward_fake(grad_y, grad_h_n, grad_c_n, w_hh, c0, gates, cell, lengths, *extra):
@@ -178,31 +210,33 @@ def register_recurrence_fake(forward_op, backward_op, saved_dtype=None) -> None:
 
 
 def register_inference_fake(inference_op) -> None:
-    """Shapes and dtypes of an inference forward, ``(xw, w_hh, h0, c0, lengths, *extra) -> (y, h_n, c_n)``."""
+    """Shapes and dtypes of an inference forward, ``(xw, w_hh, h0, c0, lengths, *extra) -> (y, h_n, c_n)``, in
+    either layout."""
 
     @torch.library.register_fake(inference_op)
     def _inference_fake(xw, w_hh, h0, c0, lengths, *extra):
-        return _empty_forward_outputs(xw, saved_dtype=None)
+        return _empty_forward_outputs(xw, h0, saved_dtype=None)
 
 
-def _empty_forward_outputs(xw: torch.Tensor, saved_dtype: Optional[torch.dtype]):
-    """``(y, h_n, c_n)``, then ``gates, cell`` of ``saved_dtype`` unless it is None, for ``xw [D, T, B, 4H]``."""
-    num_directions, seq_len, batch, gate_size = xw.shape
-    hidden = gate_size // 4
-    outputs = (xw.new_empty(num_directions, seq_len, batch, hidden),
-               xw.new_empty(num_directions, batch, hidden),
-               xw.new_empty(num_directions, batch, hidden))
+def _empty_forward_outputs(xw: torch.Tensor, h0: torch.Tensor, saved_dtype: Optional[torch.dtype]):
+    """``(y, h_n, c_n)``, then ``gates, cell`` of ``saved_dtype`` unless it is None, for ``xw`` ``[D, T, B, 4H]``
+    (padded) or ``[D, N, 4H]`` (packed): step tensors differ only in their last dimension."""
+    rows, gate_size = xw.shape[:-1], xw.shape[-1]
+    outputs = (xw.new_empty(*rows, gate_size // 4), torch.empty_like(h0), torch.empty_like(h0))
     if saved_dtype is None:
         return outputs
-    return outputs + (xw.new_empty(num_directions, seq_len, batch, gate_size, dtype=saved_dtype),
-                      xw.new_empty(num_directions, seq_len, batch, hidden, dtype=saved_dtype))
+    return outputs + (xw.new_empty(*rows, gate_size, dtype=saved_dtype),
+                      xw.new_empty(*rows, gate_size // 4, dtype=saved_dtype))
 
 
-def register_recurrence_autograd(forward_op, backward_op) -> None:
+def register_recurrence_autograd(forward_op, backward_op,
+                                 packed_weight_grad: Optional[Callable[..., torch.Tensor]] = None) -> None:
     """Autograd for ``forward_op`` through ``backward_op``, plus the one-GEMM ``grad_w_hh``.
 
-    Extra trailing inputs of ``forward_op`` (flags such as TF32) are handed to ``backward_op`` as they are.
-    ``gates`` and ``cell`` are saved state, not differentiable outputs.
+    An op pair of the packed layout (docs/contract.md), whose fifth input is ``batch_sizes``, passes its
+    ``packed_weight_grad(grad_xw, y, h0, batch_sizes)``. Extra trailing inputs of ``forward_op`` (flags such as
+    TF32) are handed to ``backward_op`` as they are. ``gates`` and ``cell`` are saved state, not differentiable
+    outputs.
     """
 
     def setup_context(ctx, inputs, output):
@@ -217,16 +251,21 @@ def register_recurrence_autograd(forward_op, backward_op) -> None:
         w_hh, h0, c0, y, gates, cell, lengths = ctx.saved_tensors
         grad_y, grad_h_n, grad_c_n = (_dense_grad(g, like) for g, like in
                                       ((grad_y, y), (grad_h_n, h0), (grad_c_n, c0)))
+        weight_grad = recurrent_weight_grad if packed_weight_grad is None else packed_weight_grad
         if torch.is_grad_enabled() or grad_gates is not None or grad_cell is not None:
             # create_graph=True wants a backward autograd can differentiate, and a double backward that reaches the
             # saved gates and cell brings gradients for them: both are the reference's, in differentiable ops.
-            from .naive import differentiable_backward  # naive.py imports this module
+            from . import naive  # naive.py imports this module
+            differentiable_backward = naive.differentiable_backward
+            if packed_weight_grad is not None:
+                differentiable_backward = naive.packed_differentiable_backward
+                weight_grad = naive.packed_recurrent_weight_grad
             grad_xw, grad_h0, grad_c0 = differentiable_backward(grad_y, grad_h_n, grad_c_n, w_hh, c0, gates, cell,
                                                                 lengths, grad_gates, grad_cell)
         else:
             grad_xw, grad_h0, grad_c0 = backward_op(grad_y, grad_h_n, grad_c_n, w_hh, c0, gates, cell, lengths,
                                                     *ctx.extra)
-        grad_w_hh = recurrent_weight_grad(grad_xw, y, h0, lengths).to(w_hh.dtype) if ctx.needs_input_grad[1] else None
+        grad_w_hh = weight_grad(grad_xw, y, h0, lengths).to(w_hh.dtype) if ctx.needs_input_grad[1] else None
         return (grad_xw, grad_w_hh, grad_h0, grad_c0, None) + (None,) * len(ctx.extra)
 
     torch.library.register_autograd(forward_op, backward, setup_context=setup_context)

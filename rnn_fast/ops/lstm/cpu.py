@@ -1,5 +1,8 @@
 """``backend="cpu"``: the fused C++/OpenMP recurrence of csrc/lstm_cpu.cpp, float32 and float64.
 
+It runs PackedSequence data in the packed layout (docs/contract.md): every step computes only the rows that run
+it, and the input projection and weight gradients cover the real tokens only.
+
 Besides the recurrence, this backend runs each layer's input projection through its own op
 (``rnn_fast::cpu_input_projection``), whose output comes from the same cache of mapped blocks as the
 recurrence's outputs: on CPU, page faults on a fresh ``xw`` cost as much as a recurrence op's gate math.
@@ -12,12 +15,29 @@ from typing import Optional
 
 import torch
 
-from .extension import forward_op
+from .common import register_recurrence_autograd
+from .extension import forward_op, inference_op, packed_backward_op, packed_forward_op, packed_inference_op
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
 
 projection_op = torch.ops.rnn_fast.cpu_input_projection.default
 projection_backward_op = torch.ops.rnn_fast.cpu_input_projection_backward.default
+packed_weight_grad_op = torch.ops.rnn_fast.cpu_packed_recurrent_weight_grad.default
+stack_inference_op = torch.ops.rnn_fast.cpu_lstm_inference.default
+
+
+@torch.library.register_fake(packed_weight_grad_op)
+def _packed_weight_grad_fake(grad_xw, y, h0, batch_sizes):
+    return grad_xw.new_empty(grad_xw.shape[0], grad_xw.shape[-1], y.shape[-1])
+
+
+register_recurrence_autograd(packed_forward_op, packed_backward_op, packed_weight_grad_op)
+
+
+@torch.library.register_fake(stack_inference_op)
+def _stack_inference_fake(input, h0, c0, params, has_biases, num_layers, bidirectional, batch_sizes):
+    width = (2 if bidirectional else 1) * params[1].shape[1]
+    return input.new_empty(*input.shape[:-1], width), torch.empty_like(h0), torch.empty_like(c0)
 
 
 @torch.library.register_fake(projection_op)
@@ -82,6 +102,13 @@ def input_projection(parts: torch.Tensor, w_ih: torch.Tensor, bias: Optional[tor
 
 def lstm_recurrence(xw, w_hh, h0, c0, lengths):
     return forward_op(xw, w_hh, h0, c0, lengths)
+
+
+# InferenceBackend, PackedLayoutBackend and StackInferenceBackend (rnn_fast.ops.lstm): the ops themselves.
+lstm_recurrence_inference = inference_op
+lstm_packed_recurrence = packed_forward_op
+lstm_packed_recurrence_inference = packed_inference_op
+lstm_stack_inference = stack_inference_op
 
 
 def release_cached_memory() -> int:

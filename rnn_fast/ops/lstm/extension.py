@@ -1,11 +1,12 @@
-"""The compiled recurrence ops ``torch.ops.rnn_fast.lstm_recurrence_forward/backward`` (csrc/).
+"""The compiled recurrence ops ``torch.ops.rnn_fast.lstm_recurrence_forward/backward/inference`` and their
+packed-layout versions ``lstm_packed_recurrence_*`` (csrc/).
 
-One op pair serves every device: csrc/lstm_cpu.cpp registers its CPU kernels, csrc/cuda/ its CUDA kernels.
-This module gives the pair its fake-tensor and autograd rules, once, for all devices.
+One op set serves every device: csrc/lstm_cpu.cpp registers its CPU kernels (both layouts), csrc/cuda/ its CUDA
+kernels (padded layout). This module gives the ops their fake-tensor and autograd rules, once, for all devices.
 """
 import torch
 
-from .common import register_recurrence_autograd, register_recurrence_fake, state_dtype
+from .common import register_inference_fake, register_recurrence_autograd, register_recurrence_fake, state_dtype
 
 REBUILD_COMMAND = "pip install --no-build-isolation -e ."
 
@@ -18,6 +19,7 @@ except ImportError as error:
 
 forward_op = torch.ops.rnn_fast.lstm_recurrence_forward.default
 backward_op = torch.ops.rnn_fast.lstm_recurrence_backward.default
+inference_op = torch.ops.rnn_fast.lstm_recurrence_inference.default
 
 
 def _saved_dtype(xw: torch.Tensor) -> torch.dtype:
@@ -29,3 +31,10 @@ def _saved_dtype(xw: torch.Tensor) -> torch.dtype:
 
 register_recurrence_fake(forward_op, backward_op, saved_dtype=_saved_dtype)
 register_recurrence_autograd(forward_op, backward_op)
+register_inference_fake(inference_op)
+
+packed_forward_op = torch.ops.rnn_fast.lstm_packed_recurrence_forward.default
+packed_backward_op = torch.ops.rnn_fast.lstm_packed_recurrence_backward.default
+packed_inference_op = torch.ops.rnn_fast.lstm_packed_recurrence_inference.default
+register_recurrence_fake(packed_forward_op, packed_backward_op)
+register_inference_fake(packed_inference_op)
