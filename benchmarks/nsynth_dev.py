@@ -255,9 +255,11 @@ def main(argv: Optional[List[str]] = None) -> None:
     elif args.command == "final":
         final(args.data_dir, args.seeds, args.recipes, args.results)
     elif args.command == "time":
+        import torch
+        from _timing import environment  # benchmarks/, this script's folder
+
         record = time_epochs(args.data_dir, args.rounds, args.threads, args.batch_size, args.model)
-        args.results.write_text(json.dumps({"command": shlex.join(["python", *sys.argv]),
-                                            "date": time.strftime("%Y-%m-%d"), **record}, indent=1) + "\n")
+        args.results.write_text(json.dumps({**environment(torch.device("cpu")), **record}, indent=1) + "\n")
         print(json.dumps(record["median_seconds"]), f"ratio {record['median_ratio_robust_to_seed']:.2f}")
     elif args.command == "report":
         epoch = RESULTS / "nsynth-dev-epoch.json"
