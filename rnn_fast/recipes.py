@@ -97,7 +97,7 @@ class Recipe:
 RECIPES = {
     "seed": Recipe(),
     # What the ablation on the proxy soundfont kept (docs/nsynth.md, "Choosing the robust recipe").
-    "robust": Recipe(name="robust", front_end="logmel", pooling="mean", schedule="cosine", select_best=True),
+    "robust": Recipe(name="robust", front_end="logmel", pooling="meanmax", schedule="cosine", select_best=True),
 }
 
 
