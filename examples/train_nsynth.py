@@ -15,8 +15,9 @@ instrument families (synth_lead has no valid/test examples and is dropped).
 
   python examples/train_nsynth.py --data-dir /path/to/nsynth --recipe robust --epochs 30 --batch-size 128
       The same 2-layer LSTM in a recipe that generalises to unseen instruments: a log-mel front end computed on
-      the fly, loudness normalisation, augmentation, regularisation, a cosine schedule and the epoch of best
-      validation accuracy (rnn_fast/recipes.py). Each of its pieces has a flag (the "recipe" group below).
+      the fly, a head on the mean and maximum of the outputs over the steps, a cosine schedule and the epoch of
+      best validation accuracy (rnn_fast/recipes.py). Each piece, and each piece it leaves off (augmentation,
+      mixup, regularisation), has a flag (the "recipe" group below).
 
   torchrun --nproc_per_node=2 examples/train_nsynth.py ...
       DistributedDataParallel (gloo on CPU, NCCL on CUDA); --batch-size stays the global batch.
@@ -235,8 +236,8 @@ def _train(args: argparse.Namespace, argv: List[str], ctx: Distributed) -> Optio
     valid = splits["valid"]
     fit(model, optimizer, loader, valid.audio, valid.labels, args.epochs, state, args.out / CHECKPOINT, config,
         device, ctx, args.eval_batch_size, args.log_every, progress=not args.no_progress,
-        objective=recipe.objective(splits["train"].labels, len(nsynth.CLASSES)), scheduler=scheduler, select_best=recipe.select_best,
-        patience=recipe.patience)
+        objective=recipe.objective(splits["train"].labels, len(nsynth.CLASSES)), scheduler=scheduler,
+        select_best=recipe.select_best, patience=recipe.patience)
     test = splits["test"]
     evaluation = evaluate(model, test.audio, test.labels, args.eval_batch_size, device, ctx)
     if not ctx.is_main:

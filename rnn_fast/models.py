@@ -3,8 +3,8 @@
 * :class:`LSTMClassifier`: the course report's model. A stack of :class:`rnn_fast.LSTM` layers over the 100
   frames of 160 samples, then one linear layer on the last time step. An optional :class:`rnn_fast.audio.FrontEnd`
   turns the frames into other inputs first (a log-mel spectrogram, loudness normalisation, augmentation in
-  training mode), still 100 steps; ``pooling="mean"`` reads the mean of the last layer's outputs over the steps
-  instead of the last step. For a bidirectional stack the "last time
+  training mode), still 100 steps; ``pooling="mean"`` (or ``"meanmax"``) reads the mean (and the maximum) of
+  the last layer's outputs over the steps instead of the last step. For a bidirectional stack the "last time
   step" is each direction's final state: the forward direction after frame 99 and the reverse direction after
   frame 0 (``h_n`` of the last layer), because the reverse direction's output at frame 99 has seen one frame only.
 * :class:`M5Classifier`: the raw-waveform CNN baseline, M5 of Dai et al., "Very deep convolutional neural networks

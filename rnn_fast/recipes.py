@@ -59,15 +59,17 @@ class Recipe:
 
     def front_end_config(self) -> Optional[dict]:
         """Keyword arguments of :class:`rnn_fast.audio.FrontEnd`, or ``None`` for the seed's plain frames."""
+        config = self._front_end_kwargs()
+        return None if config == SEED_FRONT_END else config
+
+    def _front_end_kwargs(self) -> dict:
         config = {"kind": self.front_end, "loudness": self.loudness, "max_delay": self.max_delay,
                   "noise_snr": list(self.noise_snr) or None,
                   "freq_masks": self.freq_masks, "time_masks": self.time_masks, "freq_shift": self.freq_shift,
                   "eq_db": self.eq_db}
         if self.front_end == "logmel":
             config["n_mels"] = self.n_mels
-        plain = {"kind": "frames", "loudness": False, "max_delay": 0.0, "noise_snr": None, "freq_masks": 0,
-                 "time_masks": 0, "freq_shift": 0, "eq_db": 0.0}
-        return None if config == plain else config
+        return config
 
     def model_options(self) -> dict:
         """The recipe's keyword arguments of :func:`rnn_fast.models.build_model`."""
@@ -94,6 +96,7 @@ class Recipe:
                 for key, value in dataclasses.asdict(self).items()}
 
 
+SEED_FRONT_END = Recipe()._front_end_kwargs()  # the default fields: the raw frames, nothing around them
 RECIPES = {
     "seed": Recipe(),
     # What the ablation on the proxy soundfont kept (docs/nsynth.md, "Choosing the robust recipe").
