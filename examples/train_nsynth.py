@@ -110,9 +110,14 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     recipe.add_argument("--mixup", type=float, metavar="ALPHA", help="mixup with Beta(ALPHA, ALPHA); 0 = off")
     recipe.add_argument("--class-balanced", action=argparse.BooleanOptionalAction,
                         help="weight the loss by inverse training class frequency")
+    recipe.add_argument("--label-smoothing", type=float, metavar="EPS",
+                        help="cross-entropy against targets with EPS spread evenly over the classes")
     recipe.add_argument("--lr", type=float, help="Adam learning rate (seed: 0.003)")
     recipe.add_argument("--weight-decay", type=float, help="decoupled (AdamW) weight decay")
     recipe.add_argument("--schedule", choices=SCHEDULES, help="learning rate schedule")
+    recipe.add_argument("--ema", type=float, metavar="DECAY",
+                        help="validate, select and serve an exponential moving average of the weights "
+                             "(per-step decay; 0 = off)")
     recipe.add_argument("--select-best", action=argparse.BooleanOptionalAction,
                         help="test the epoch with the best validation accuracy instead of the last")
     recipe.add_argument("--patience", type=int, help="with --select-best: stop after this many epochs without "
@@ -177,7 +182,7 @@ def run_config(args: argparse.Namespace, recipe: Recipe) -> dict:
             "batch_size": args.batch_size, "seed": args.seed, "epochs": args.epochs}
 
 
-def resume_state(args, config, model, optimizer, scheduler, ctx: Distributed) -> TrainingState:
+def resume_state(args, config, model, optimizer, scheduler, average, ctx: Distributed) -> TrainingState:
     path = args.out / CHECKPOINT
     if not path.exists() or args.overwrite:
         if args.resume and ctx.is_main:
@@ -192,7 +197,7 @@ def resume_state(args, config, model, optimizer, scheduler, ctx: Distributed) ->
                  if checkpoint["config"].get(key) != config[key]}
     if different:
         raise SystemExit(f"{path} was trained with other settings (checkpoint, now): {different}")
-    state = restore_checkpoint(checkpoint, model, optimizer, ctx, scheduler)
+    state = restore_checkpoint(checkpoint, model, optimizer, ctx, scheduler, average)
     if ctx.is_main:
         print(f"resumed {path} after epoch {state.epoch}")
     return state
@@ -222,7 +227,8 @@ def _train(args: argparse.Namespace, argv: List[str], ctx: Distributed) -> Optio
                                 seed=args.seed, device=device, on_device=device.type == "cuda", rank=ctx.rank,
                                 world_size=ctx.world_size)
     scheduler = recipe.scheduler(optimizer, args.epochs, len(loader))
-    state = resume_state(args, config, model, optimizer, scheduler, ctx)
+    average = recipe.weight_average(model)
+    state = resume_state(args, config, model, optimizer, scheduler, average, ctx)
     if state.epoch == 0 and ctx.rank:
         # dropout masks and augmentation differ between ranks; weights come from rank 0
         seed_everything(args.seed + ctx.rank)
@@ -237,7 +243,7 @@ def _train(args: argparse.Namespace, argv: List[str], ctx: Distributed) -> Optio
     fit(model, optimizer, loader, valid.audio, valid.labels, args.epochs, state, args.out / CHECKPOINT, config,
         device, ctx, args.eval_batch_size, args.log_every, progress=not args.no_progress,
         objective=recipe.objective(splits["train"].labels, len(nsynth.CLASSES)), scheduler=scheduler,
-        select_best=recipe.select_best, patience=recipe.patience)
+        select_best=recipe.select_best, patience=recipe.patience, average=average)
     test = splits["test"]
     evaluation = evaluate(model, test.audio, test.labels, args.eval_batch_size, device, ctx)
     if not ctx.is_main:

@@ -21,7 +21,19 @@ from .audio import FrontEnd
 from .modules.lstm import LSTM
 
 MODEL_NAMES = ("lstm", "blstm", "cnn")
-POOLINGS = ("last", "mean", "meanmax")
+# Statistics over the steps of the last layer's outputs that each pooling gives the head, side by side.
+POOLED_STATISTICS = {"mean": ("mean",), "meanmax": ("mean", "max"), "meanstdmax": ("mean", "std", "max")}
+POOLINGS = ("last", *POOLED_STATISTICS)
+# Keeps the standard deviation's gradient finite where an output is constant over the steps.
+_VARIANCE_FLOOR = 1e-5
+
+
+def _statistic(name: str, output: torch.Tensor) -> torch.Tensor:
+    if name == "mean":
+        return output.mean(dim=1)
+    if name == "max":
+        return output.amax(dim=1)
+    return (output.var(dim=1, unbiased=False) + _VARIANCE_FLOOR).sqrt()
 
 
 class LSTMClassifier(nn.Module):
@@ -32,7 +44,8 @@ class LSTMClassifier(nn.Module):
     ``input_size``; it needs ``[B, 100, 160]`` frames); ``None`` feeds the frames to the LSTM as they are.
     ``pooling`` is what the head reads: ``"last"`` the final states, ``"mean"`` the last layer's outputs (both
     directions) averaged over the steps, ``"meanmax"`` that average and the outputs' maximum over the steps side by
-    side (the head then takes twice as many inputs).
+    side (the head then takes twice as many inputs), ``"meanstdmax"`` those and the standard deviation over the
+    steps between them.
     """
 
     def __init__(self, input_size: int = 160, hidden_size: int = 128, num_layers: int = 2, num_classes: int = 10,
@@ -49,18 +62,17 @@ class LSTMClassifier(nn.Module):
                          bidirectional=bidirectional, backend=backend)
         self.num_directions = 2 if bidirectional else 1
         self.dropout = nn.Dropout(dropout)
-        self.head = nn.Linear(hidden_size * self.num_directions * (2 if pooling == "meanmax" else 1), num_classes)
+        statistics = len(POOLED_STATISTICS.get(pooling, ("last",)))
+        self.head = nn.Linear(hidden_size * self.num_directions * statistics, num_classes)
 
     def features(self, frames: torch.Tensor) -> torch.Tensor:
         """``[B, D*H]``: the last layer's final state of each direction, forward first (nn.LSTM's output order),
-        or its outputs' mean over the steps (``pooling="mean"``), or ``[B, 2*D*H]``: that mean and the outputs'
-        maximum over the steps (``"meanmax"``)."""
+        or ``[B, S*D*H]``: the ``S`` statistics over the steps of its outputs that ``POOLED_STATISTICS[pooling]``
+        names, side by side."""
         inputs = frames if self.front_end is None else self.front_end(frames)
         output, (h_n, _) = self.lstm(inputs)
-        if self.pooling == "mean":
-            return output.mean(dim=1)
-        if self.pooling == "meanmax":
-            return torch.cat([output.mean(dim=1), output.amax(dim=1)], dim=1)
+        if self.pooling in POOLED_STATISTICS:
+            return torch.cat([_statistic(name, output) for name in POOLED_STATISTICS[self.pooling]], dim=1)
         last_layer = h_n[-self.num_directions:]
         return last_layer.transpose(0, 1).reshape(frames.shape[0], -1)
 

@@ -15,6 +15,7 @@ from typing import Optional, Tuple
 
 import numpy as np
 import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from .training import Objective
 
@@ -39,9 +40,11 @@ class Recipe:
     dropout: float = 0.0               # between the LSTM layers and before the head
     mixup: float = 0.0                 # Beta(a, a) mixup of waveforms and targets; 0 = off
     class_balanced: bool = False       # cross-entropy weighted by inverse training class frequency
+    label_smoothing: float = 0.0       # share of each target spread evenly over the classes
     lr: float = 0.003
     weight_decay: float = 0.0          # decoupled (AdamW); 0 is Adam
     schedule: str = "constant"         # or "cosine": one epoch of linear warm-up, then cosine decay to 0
+    ema: float = 0.0                   # per-step decay of an exponential moving average of the weights; 0 = off
     select_best: bool = False          # test (and save for predict.py) the epoch of best validation accuracy
     patience: int = 0                  # with select_best: stop after this many epochs without improvement
 
@@ -50,6 +53,8 @@ class Recipe:
             raise ValueError(f"unknown schedule {self.schedule!r}; expected one of {', '.join(SCHEDULES)}")
         if self.patience and not self.select_best:
             raise ValueError("patience (early stopping) needs select_best")
+        if not 0.0 <= self.ema < 1.0:
+            raise ValueError(f"ema is a per-step decay in [0, 1), got {self.ema}")
         if len(self.noise_snr) not in (0, 2):
             raise ValueError(f"noise_snr is (low, high) dB or () for no noise, got {self.noise_snr}")
 
@@ -88,7 +93,14 @@ class Recipe:
     def objective(self, train_labels: np.ndarray, num_classes: int) -> Objective:
         """The training loss, class-weighted from ``train_labels`` when the recipe balances classes."""
         weights = class_weights(train_labels, num_classes) if self.class_balanced else None
-        return Objective(weights, self.mixup)
+        return Objective(weights, self.mixup, self.label_smoothing)
+
+    def weight_average(self, model: torch.nn.Module) -> Optional[AveragedModel]:
+        """The exponential moving average of ``model``'s weights and buffers that the recipe validates, selects
+        and serves, or ``None`` when it serves the weights themselves."""
+        if not self.ema:
+            return None
+        return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(self.ema), use_buffers=True)
 
     def as_dict(self) -> dict:
         """Plain values (lists, not tuples), as stored in checkpoints and metrics.json."""

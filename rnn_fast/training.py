@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 
 from .models import build_model
@@ -220,24 +221,29 @@ class Objective:
     The frames are mixed before the model, i.e. the two waveforms are added."""
     class_weights: Optional[torch.Tensor] = None
     mixup: float = 0.0
+    label_smoothing: float = 0.0
 
     def __call__(self, model: nn.Module, frames: torch.Tensor, labels: torch.Tensor):
         """``(loss, logits)``."""
         weight = None if self.class_weights is None else self.class_weights.to(frames.device)
         if not self.mixup:
             logits = model(frames)
-            return F.cross_entropy(logits, labels, weight=weight), logits
+            return self._cross_entropy(logits, labels, weight), logits
         share = torch.distributions.Beta(self.mixup, self.mixup).sample().item()
         partner = torch.randperm(len(labels), device=frames.device)
         logits = model(share * frames + (1 - share) * frames[partner])
-        loss = (share * F.cross_entropy(logits, labels, weight=weight)
-                + (1 - share) * F.cross_entropy(logits, labels[partner], weight=weight))
+        loss = (share * self._cross_entropy(logits, labels, weight)
+                + (1 - share) * self._cross_entropy(logits, labels[partner], weight))
         return loss, logits
+
+    def _cross_entropy(self, logits: torch.Tensor, labels: torch.Tensor, weight: Optional[torch.Tensor]):
+        return F.cross_entropy(logits, labels, weight=weight, label_smoothing=self.label_smoothing)
 
 
 def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, epoch: int, epochs: int,
                     ctx: Distributed = Distributed(), log_every: int = 100, progress: bool = True,
-                    objective: Objective = Objective(), scheduler=None) -> Dict[str, float]:
+                    objective: Objective = Objective(), scheduler=None,
+                    average: Optional[AveragedModel] = None) -> Dict[str, float]:
     """One pass over ``loader``; returns the epoch's mean training loss and accuracy over all ranks (accuracy
     against the batch's own labels, also under mixup). ``scheduler`` steps after every optimizer step.
 
@@ -257,6 +263,8 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
         optimizer.step()
         if scheduler is not None:
             scheduler.step()
+        if average is not None:
+            average.update_parameters(unwrap_model(model))
         batch_totals = torch.stack([loss.detach().double() * len(labels),
                                     (logits.detach().argmax(dim=1) == labels).sum().double()])
         totals = batch_totals if totals is None else totals + batch_totals
@@ -330,12 +338,13 @@ class TrainingState:
 
 
 def checkpoint_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: TrainingState, config: dict,
-                     ctx: Distributed, scheduler=None) -> dict:
+                     ctx: Distributed, scheduler=None, average: Optional[AveragedModel] = None) -> dict:
     """The checkpoint dictionary; a collective (every rank's RNG state is gathered), so all ranks call it."""
     return {
         "model": unwrap_model(model).state_dict(),
         "optimizer": optimizer.state_dict(),
         "scheduler": None if scheduler is None else scheduler.state_dict(),
+        "average": None if average is None else average.state_dict(),
         "epoch": state.epoch,
         "history": state.history,
         "best_epoch": state.best_epoch,
@@ -348,12 +357,15 @@ def checkpoint_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: 
 
 
 def restore_checkpoint(checkpoint: dict, model: nn.Module, optimizer: torch.optim.Optimizer,
-                       ctx: Distributed, scheduler=None) -> TrainingState:
-    """Loads weights, optimizer, scheduler and this rank's RNG state; returns the run's progress."""
+                       ctx: Distributed, scheduler=None, average: Optional[AveragedModel] = None) -> TrainingState:
+    """Loads weights, optimizer, scheduler, weight average and this rank's RNG state; returns the run's
+    progress."""
     unwrap_model(model).load_state_dict(checkpoint["model"])
     optimizer.load_state_dict(checkpoint["optimizer"])
     if scheduler is not None:
         scheduler.load_state_dict(checkpoint["scheduler"])
+    if average is not None:
+        average.load_state_dict(checkpoint["average"])
     if checkpoint["world_size"] != ctx.world_size:
         raise ValueError(f"the checkpoint was written by {checkpoint['world_size']} process(es) and this job has "
                          f"{ctx.world_size}: resume with the same number of processes")
@@ -366,9 +378,12 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, train_loader, valid_
         valid_labels: np.ndarray, epochs: int, state: TrainingState, checkpoint_path: Path, config: dict,
         device: torch.device, ctx: Distributed = Distributed(), eval_batch_size: int = 256, log_every: int = 100,
         progress: bool = True, objective: Objective = Objective(), scheduler=None, select_best: bool = False,
-        patience: int = 0) -> TrainingState:
+        patience: int = 0, average: Optional[AveragedModel] = None) -> TrainingState:
     """Trains from ``state.epoch`` to ``epochs``: each epoch trains, validates, appends to the history, prints
     a summary line and checkpoints (rank 0 writes).
+
+    With ``average`` (updated after every optimizer step) the averaged weights are what is validated, selected
+    and, at the end, loaded into ``model``; training itself continues from the raw weights.
 
     With ``select_best`` the weights of the epoch with the highest validation accuracy (the earliest on a tie) are
     kept, and loaded into ``model`` at the end; with ``patience > 0`` too, training stops once that many epochs in a
@@ -380,9 +395,10 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, train_loader, valid_
         train_loader.set_epoch(epoch - 1)
         started = time.perf_counter()
         train_metrics = train_one_epoch(model, train_loader, optimizer, epoch, epochs, ctx, log_every, progress,
-                                        objective, scheduler)
+                                        objective, scheduler, average)
         epoch_seconds = time.perf_counter() - started
-        validation = evaluate(model, valid_audio, valid_labels, eval_batch_size, device, ctx)
+        judged = model if average is None else average.module
+        validation = evaluate(judged, valid_audio, valid_labels, eval_batch_size, device, ctx)
         state.history.append({"epoch": epoch, **train_metrics, "val_loss": validation.loss,
                               "val_accuracy": validation.accuracy, "epoch_seconds": epoch_seconds})
         state.epoch = epoch
@@ -390,18 +406,20 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, train_loader, valid_
                             or validation.accuracy > state.history[state.best_epoch - 1]["val_accuracy"]):
             state.best_epoch = epoch
             state.best_model = {key: value.detach().cpu().clone()
-                                for key, value in unwrap_model(model).state_dict().items()}
+                                for key, value in unwrap_model(judged).state_dict().items()}
         state.stopped = bool(select_best and patience and epoch - state.best_epoch >= patience)
         if ctx.is_main:
             tqdm.write(f"Epoch [{epoch}/{epochs}] train loss {train_metrics['train_loss']:.4f} "
                        f"acc {100 * train_metrics['train_accuracy']:.2f}% | val loss {validation.loss:.4f} "
                        f"acc {100 * validation.accuracy:.2f}% | {epoch_seconds:.1f} s"
                        + (f" | early stop, best epoch {state.best_epoch}" if state.stopped else ""))
-        checkpoint = checkpoint_state(model, optimizer, state, config, ctx, scheduler)
+        checkpoint = checkpoint_state(model, optimizer, state, config, ctx, scheduler, average)
         if ctx.is_main:
             save_checkpoint(checkpoint_path, checkpoint)
     if select_best and state.best_model is not None:
         unwrap_model(model).load_state_dict(state.best_model)
+    elif average is not None:
+        unwrap_model(model).load_state_dict(average.module.state_dict())
     return state
 
 

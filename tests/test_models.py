@@ -111,7 +111,7 @@ def test_m5_reads_the_frames_as_one_waveform(batch):
 
 
 @pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
-def test_mean_pooling_reads_the_average_and_maximum_of_the_last_layers_outputs(bidirectional):
+def test_pooling_reads_the_average_spread_and_maximum_of_the_last_layers_outputs(bidirectional):
     torch.manual_seed(1)
     classifier = LSTMClassifier(4, 3, num_layers=2, num_classes=5, bidirectional=bidirectional, backend="torch",
                                 pooling="mean")
@@ -124,6 +124,18 @@ def test_mean_pooling_reads_the_average_and_maximum_of_the_last_layers_outputs(b
     both.lstm.load_state_dict(classifier.lstm.state_dict())
     torch.testing.assert_close(both.features(frames), torch.cat([output.mean(dim=1), output.amax(dim=1)], dim=1))
     assert both.head.in_features == 2 * classifier.head.in_features
+    three = LSTMClassifier(4, 3, num_layers=2, num_classes=5, bidirectional=bidirectional, backend="torch",
+                           pooling="meanstdmax")
+    three.lstm.load_state_dict(classifier.lstm.state_dict())
+    spread = (output.double().std(dim=1, unbiased=False) ** 2 + 1e-5).sqrt().float()
+    torch.testing.assert_close(three.features(frames), torch.cat([output.mean(dim=1), spread, output.amax(dim=1)],
+                                                                 dim=1))
+    assert three.head.in_features == 3 * classifier.head.in_features
+    with torch.no_grad():  # every output 0 at every step: the spread's gradient must stay finite
+        for parameter in three.lstm.parameters():
+            parameter.zero_()
+    three(frames).sum().backward()
+    assert all(torch.isfinite(parameter.grad).all() for parameter in three.parameters())
     with pytest.raises(ValueError, match="unknown pooling 'max'"):
         LSTMClassifier(pooling="max")
     with pytest.raises(ValueError, match="front_end and pooling apply to the LSTM models only"):

@@ -98,6 +98,57 @@ def test_objective_mixup_mixes_inputs_and_targets_alike_and_is_seeded():
     assert torch.equal(objective(logits_model, frames, labels)[0], loss)
 
 
+def test_objective_label_smoothing_spreads_a_share_of_each_target_over_the_classes():
+    torch.manual_seed(2)
+    frames, labels = torch.randn(8, 2, 4), torch.randint(0, 5, (8,))
+    loss, logits = Objective(label_smoothing=0.2)(logits_model, frames, labels)
+    log_probabilities = logits.log_softmax(dim=1)
+    targets = 0.8 * F.one_hot(labels, 5) + 0.2 / 5
+    torch.testing.assert_close(loss, -(targets * log_probabilities).sum(dim=1).mean())
+
+
+def test_weight_average_follows_every_step_and_is_what_fit_validates_and_serves(tmp_path):
+    """The moving average starts at the first step's weights and then moves ``1 - decay`` of the way to each
+    later step's; validation reads it, and at the end the model holds it."""
+    model, optimizer = tiny_classifier(lr=0.05)
+    average = Recipe(ema=0.7).weight_average(model)
+    expected, raw = {}, {}
+
+    def follow(optimizer, args, kwargs):
+        for name, value in model.state_dict().items():
+            if value.is_floating_point():
+                raw[name] = value.clone()
+                expected[name] = raw[name] if name not in expected else 0.7 * expected[name] + 0.3 * value
+
+    optimizer.register_step_post_hook(follow)
+    state, valid = tiny_fit(model, optimizer, tmp_path, epochs=2, average=average)
+    assert average.n_averaged.item() == 2 * 3  # 48 examples in batches of 16, twice
+    served = model.state_dict()
+    for name, value in expected.items():
+        torch.testing.assert_close(served[name], value, msg=name)
+    assert any(not torch.equal(served[name], raw[name]) for name in raw)
+    validated = evaluate(model, valid.audio, valid.labels, 8, torch.device("cpu"))
+    assert validated.accuracy == state.history[-1]["val_accuracy"]
+    assert Recipe().weight_average(model) is None
+    with pytest.raises(ValueError, match="ema"):
+        Recipe(ema=1.0)
+
+
+def tiny_classifier(lr: float):
+    torch.manual_seed(0)
+    model = build_model("lstm", hidden_size=8, num_layers=1, backend="naive", front_end={"kind": "logmel",
+                                                                                        "n_mels": 16})
+    return model, torch.optim.Adam(model.parameters(), lr=lr)
+
+
+def tiny_fit(model, optimizer, tmp_path, epochs: int, **options):
+    """``fit`` on 48 random training and 20 validation notes; ``(state, valid split)``."""
+    train, valid = random_split(48, 0), random_split(20, 1)
+    state = fit(model, optimizer, nsynth.BatchLoader(train, 16, seed=0), valid.audio, valid.labels, epochs,
+                TrainingState(), tmp_path / "c.pt", {}, torch.device("cpu"), progress=False, **options)
+    return state, valid
+
+
 def random_split(count: int, seed: int) -> nsynth.NSynthSplit:
     rng = np.random.default_rng(seed)
     zeros = np.zeros(count, np.int64)
@@ -109,14 +160,8 @@ def random_split(count: int, seed: int) -> nsynth.NSynthSplit:
 
 @pytest.mark.parametrize("lr,patience", [(0.0, 2), (0.05, 0)], ids=["flat-stops-early", "learning-keeps-best"])
 def test_fit_keeps_the_best_validation_epoch_and_stops_without_improvement(lr, patience, tmp_path):
-    torch.manual_seed(0)
-    train, valid = random_split(48, 0), random_split(20, 1)
-    model = build_model("lstm", hidden_size=8, num_layers=1, backend="naive", front_end={"kind": "logmel",
-                                                                                        "n_mels": 16})
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    loader = nsynth.BatchLoader(train, 16, seed=0)
-    state = fit(model, optimizer, loader, valid.audio, valid.labels, 5, TrainingState(), tmp_path / "c.pt", {},
-                torch.device("cpu"), progress=False, select_best=True, patience=patience)
+    model, optimizer = tiny_classifier(lr)
+    state, valid = tiny_fit(model, optimizer, tmp_path, epochs=5, select_best=True, patience=patience)
     accuracies = [entry["val_accuracy"] for entry in state.history]
     assert state.best_epoch == 1 + int(np.argmax(accuracies))  # the earliest of equal accuracies
     if patience:  # nothing is learnt at lr 0, so the first epoch stays best and training stops `patience` later

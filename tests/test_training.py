@@ -245,13 +245,14 @@ def test_robust_recipe_beats_chance(dataset, tmp_path):
 
 
 def test_augmented_recipe_resumes_exactly(dataset, tmp_path, monkeypatch):
-    """The robust recipe with every augmentation and mixup on, interrupted after its first checkpoint and resumed,
-    ends with the uninterrupted run's metrics: the schedule, the selected weights and the RNG states that the
-    augmentations draw from are checkpointed."""
+    """The robust recipe with every augmentation, mixup and the weight average on, interrupted after its first
+    checkpoint and resumed, ends with the uninterrupted run's metrics: the schedule, the selected weights, the RNG
+    states that the augmentations draw from and the weight average are checkpointed."""
     def augmented_args(out: Path):
         return run_args(dataset, out, epochs=2) + [
             "--recipe", "robust", "--lr", "0.01", "--max-delay", "0.02", "--noise-snr", "10,30", "--freq-masks", "1",
-            "--time-masks", "1", "--freq-shift", "2", "--eq-db", "3", "--mixup", "0.2", "--dropout", "0.1"]
+            "--time-masks", "1", "--freq-shift", "2", "--eq-db", "3", "--mixup", "0.2", "--dropout", "0.1",
+            "--label-smoothing", "0.1", "--ema", "0.9", "--pooling", "meanstdmax"]
 
     metrics = train_nsynth.main(augmented_args(tmp_path / "uninterrupted"))
     save_checkpoint = training.save_checkpoint
