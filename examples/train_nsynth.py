@@ -108,6 +108,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                                                             "the steps, or that mean and the maximum")
     recipe.add_argument("--dropout", type=float, help="dropout between LSTM layers and before the head")
     recipe.add_argument("--mixup", type=float, metavar="ALPHA", help="mixup with Beta(ALPHA, ALPHA); 0 = off")
+    recipe.add_argument("--mixup-within-family", action=argparse.BooleanOptionalAction,
+                        help="with --mixup: mix each note with another of its own family, keeping its label")
     recipe.add_argument("--class-balanced", action=argparse.BooleanOptionalAction,
                         help="weight the loss by inverse training class frequency")
     recipe.add_argument("--label-smoothing", type=float, metavar="EPS",

@@ -39,6 +39,7 @@ class Recipe:
     # Regularisation and optimisation.
     dropout: float = 0.0               # between the LSTM layers and before the head
     mixup: float = 0.0                 # Beta(a, a) mixup of waveforms and targets; 0 = off
+    mixup_within_family: bool = False  # mix each example with another of its family only
     class_balanced: bool = False       # cross-entropy weighted by inverse training class frequency
     label_smoothing: float = 0.0       # share of each target spread evenly over the classes
     lr: float = 0.003
@@ -93,7 +94,7 @@ class Recipe:
     def objective(self, train_labels: np.ndarray, num_classes: int) -> Objective:
         """The training loss, class-weighted from ``train_labels`` when the recipe balances classes."""
         weights = class_weights(train_labels, num_classes) if self.class_balanced else None
-        return Objective(weights, self.mixup, self.label_smoothing)
+        return Objective(weights, self.mixup, self.label_smoothing, self.mixup_within_family)
 
     def weight_average(self, model: torch.nn.Module) -> Optional[AveragedModel]:
         """The exponential moving average of ``model``'s weights and buffers that the recipe validates, selects

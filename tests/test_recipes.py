@@ -12,7 +12,7 @@ from rnn_fast import nsynth
 from rnn_fast.audio import FrontEnd
 from rnn_fast.models import build_model
 from rnn_fast.recipes import RECIPES, Recipe, class_weights, cosine_schedule
-from rnn_fast.training import Objective, TrainingState, evaluate, fit
+from rnn_fast.training import Objective, TrainingState, evaluate, fit, same_class_partners
 
 
 def test_seed_recipe_is_the_report_setup():
@@ -96,6 +96,31 @@ def test_objective_mixup_mixes_inputs_and_targets_alike_and_is_seeded():
     torch.testing.assert_close(loss, expected)
     torch.manual_seed(3)
     assert torch.equal(objective(logits_model, frames, labels)[0], loss)
+
+
+@pytest.mark.parametrize("labels", [[3, 1, 3, 3, 0, 1, 2, 3], [4] * 5, list(range(6))],
+                         ids=["mixed", "one-class", "all-singletons"])
+def test_same_class_partners_are_a_permutation_within_each_class(labels):
+    labels = torch.tensor(labels)
+    torch.manual_seed(0)
+    drawn = [same_class_partners(labels) for _ in range(20)]
+    for partners in drawn:
+        assert sorted(partners.tolist()) == list(range(len(labels)))
+        assert torch.equal(labels[partners], labels)
+        counts = torch.bincount(labels)
+        assert all(partner != index or counts[labels[index]] == 1 for index, partner in enumerate(partners.tolist()))
+    assert len({tuple(partners.tolist()) for partners in drawn}) > 1 or len(set(labels.tolist())) == len(labels)
+
+
+def test_objective_within_class_mixup_keeps_each_label():
+    frames, labels = torch.randn(8, 2, 4), torch.tensor([0, 1, 0, 1, 2, 2, 0, 3])
+    torch.manual_seed(5)
+    loss, logits = Objective(mixup=1.0, within_class=True)(logits_model, frames, labels)
+    torch.manual_seed(5)
+    share = torch.distributions.Beta(1.0, 1.0).sample().item()
+    partners = same_class_partners(labels)
+    torch.testing.assert_close(logits, logits_model(share * frames + (1 - share) * frames[partners]))
+    torch.testing.assert_close(loss, F.cross_entropy(logits, labels))
 
 
 def test_objective_label_smoothing_spreads_a_share_of_each_target_over_the_classes():
