@@ -98,6 +98,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     recipe.add_argument("--max-delay", type=float, metavar="SECONDS", help="random onset delay in training")
     recipe.add_argument("--noise-snr", type=_noise_snr, metavar="LOW,HIGH|off",
                         help="white noise at a random SNR (dB) on half the training examples")
+    recipe.add_argument("--reverb", type=float, metavar="SECONDS",
+                        help="training only: a random room with a reverberation time of up to SECONDS on half the "
+                             "examples")
     recipe.add_argument("--freq-masks", type=int, help="SpecAugment frequency masks (up to 8 bands each)")
     recipe.add_argument("--time-masks", type=int, help="SpecAugment time masks (up to 10 frames each)")
     recipe.add_argument("--freq-shift", type=int, metavar="BANDS",
@@ -147,7 +150,7 @@ def resolve_recipe(args: argparse.Namespace) -> Recipe:
     if args.model == "cnn" and (recipe.front_end_config() is not None or recipe.pooling != "last"):
         raise SystemExit(f"--model cnn reads the raw waveform; the {recipe.name} recipe's front end and pooling "
                          "are for the LSTM models (--front-end frames --no-loudness --max-delay 0 --noise-snr off "
-                         "--freq-masks 0 --time-masks 0 --freq-shift 0 --eq-db 0 --pooling last turns them off)")
+                         "--freq-masks 0 --time-masks 0 --freq-shift 0 --eq-db 0 --reverb 0 --pooling last turns them off)")
     return recipe
 
 

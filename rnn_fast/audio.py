@@ -82,15 +82,40 @@ class LogMel(nn.Module):
 
 class WaveformAugment(nn.Module):
     """Training only: each example's onset delayed by up to ``max_delay`` samples (silence before it, the end
-    dropped), then, with probability ``noise_probability``, white noise at a signal-to-noise ratio drawn
-    uniformly from ``noise_snr`` dB (relative to the example's own RMS)."""
+    dropped); then, with probability ``probability`` each, a synthetic room added (the note convolved with
+    exponentially decaying white noise of a reverberation time uniform in ``[0.1, max(0.1, reverb_seconds)]``,
+    added at a wet gain uniform in ``[0, 1]``: sample libraries are recorded in rooms of their own) and white noise
+    at a signal-to-noise ratio drawn uniformly from ``noise_snr`` dB (relative to the example's own RMS)."""
 
     def __init__(self, max_delay: int = 0, noise_snr: Optional[Sequence[float]] = None,
-                 noise_probability: float = 0.5):
+                 probability: float = 0.5, reverb_seconds: float = 0.0):
         super().__init__()
         self.max_delay = int(max_delay)
         self.noise_snr = None if noise_snr is None else tuple(float(v) for v in noise_snr)
-        self.noise_probability = noise_probability
+        self.probability = probability
+        self.reverb_seconds = float(reverb_seconds)
+
+    def _chosen(self, batch: int, device) -> torch.Tensor:
+        """Indices of the examples that one augmentation applies to."""
+        return (torch.rand(batch, device=device) < self.probability).nonzero().flatten()
+
+    def _reverberate(self, waveform: torch.Tensor) -> torch.Tensor:
+        batch, samples = waveform.shape
+        device, dtype = waveform.device, waveform.dtype
+        chosen = self._chosen(batch, device)
+        longest = max(self.reverb_seconds, 0.1)
+        length = round(longest * SAMPLE_RATE)
+        rt60 = 0.1 + (longest - 0.1) * torch.rand(len(chosen), 1, device=device, dtype=dtype)
+        time = torch.arange(length, device=device, dtype=dtype) / SAMPLE_RATE
+        # -60 dB of amplitude after rt60 seconds: exp(-ln(1000) t / rt60)
+        response = torch.randn(len(chosen), length, device=device, dtype=dtype) * torch.exp(
+            -math.log(1000.0) * time / rt60)
+        response = response / response.square().sum(dim=1, keepdim=True).sqrt()
+        size = 1 << (samples + length - 2).bit_length()
+        wet = torch.fft.irfft(torch.fft.rfft(waveform[chosen], size) * torch.fft.rfft(response, size),
+                              size)[:, :samples]
+        gain = torch.rand(len(chosen), 1, device=device, dtype=dtype)
+        return waveform.index_add(0, chosen, gain * wet)
 
     def forward(self, waveform: torch.Tensor) -> torch.Tensor:
         if not self.training:
@@ -102,10 +127,12 @@ class WaveformAugment(nn.Module):
             # example instead of a per-sample gather.
             windows = torch.nn.functional.pad(waveform, (self.max_delay, 0)).unfold(1, samples, 1)
             waveform = windows[torch.arange(batch, device=waveform.device), self.max_delay - delays]
+        if self.reverb_seconds:
+            waveform = self._reverberate(waveform)
         if self.noise_snr is not None:
             low, high = self.noise_snr
             snr_db = low + (high - low) * torch.rand(batch, 1, device=waveform.device)
-            noisy = (torch.rand(batch, device=waveform.device) < self.noise_probability).nonzero().flatten()
+            noisy = self._chosen(batch, waveform.device)
             rms = waveform[noisy].square().mean(dim=1, keepdim=True).sqrt()
             noise = rms * 10.0 ** (-snr_db[noisy] / 20) * torch.randn(len(noisy), samples, device=waveform.device,
                                                                      dtype=waveform.dtype)
@@ -190,14 +217,15 @@ class FrontEnd(nn.Module):
 
     def __init__(self, kind: str = "frames", loudness: bool = False, n_mels: int = 64, max_delay: float = 0.0,
                  noise_snr: Optional[Sequence[float]] = None, freq_masks: int = 0, freq_width: int = 8,
-                 time_masks: int = 0, time_width: int = 10, freq_shift: int = 0, eq_db: float = 0.0):
+                 time_masks: int = 0, time_width: int = 10, freq_shift: int = 0, eq_db: float = 0.0,
+                 reverb: float = 0.0):
         super().__init__()
         if kind not in FRONT_ENDS:
             raise ValueError(f"unknown front end {kind!r}; expected one of {', '.join(FRONT_ENDS)}")
         if eq_db and kind != "logmel":
             raise ValueError("eq_db (random equalisation) acts on mel bands and needs kind='logmel'")
         self.kind, self.loudness = kind, loudness
-        self.augment = WaveformAugment(round(max_delay * SAMPLE_RATE), noise_snr)
+        self.augment = WaveformAugment(round(max_delay * SAMPLE_RATE), noise_snr, reverb_seconds=reverb)
         if kind == "logmel":
             self.logmel = LogMel(n_mels)
             self.norm = nn.BatchNorm1d(n_mels)

@@ -34,6 +34,7 @@ class Recipe:
     freq_masks: int = 0                # SpecAugment masks (training only)
     time_masks: int = 0
     freq_shift: int = 0                # random shift of the features by up to this many bands (training only)
+    reverb: float = 0.0                # longest reverberation time in seconds of a random room (training only)
     eq_db: float = 0.0                 # random equalisation of up to this many dB over the mel bands (training only)
     pooling: str = "last"              # what the head reads (rnn_fast.models.LSTMClassifier): "last" or "mean"
     # Regularisation and optimisation.
@@ -72,7 +73,7 @@ class Recipe:
         config = {"kind": self.front_end, "loudness": self.loudness, "max_delay": self.max_delay,
                   "noise_snr": list(self.noise_snr) or None,
                   "freq_masks": self.freq_masks, "time_masks": self.time_masks, "freq_shift": self.freq_shift,
-                  "eq_db": self.eq_db}
+                  "eq_db": self.eq_db, "reverb": self.reverb}
         if self.front_end == "logmel":
             config["n_mels"] = self.n_mels
         return config

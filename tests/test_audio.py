@@ -103,7 +103,7 @@ def test_front_end_is_invariant_to_gain_with_loudness_normalisation(kind, size):
 
 
 AUGMENTED = dict(kind="logmel", loudness=True, max_delay=0.05, noise_snr=(10.0, 30.0), freq_masks=2, time_masks=2,
-                 freq_shift=2, eq_db=6.0)
+                 freq_shift=2, eq_db=6.0, reverb=0.3)
 
 
 def test_augmentation_is_deterministic_under_a_seed_and_off_in_eval_mode():
@@ -150,6 +150,26 @@ def test_waveform_noise_stays_within_the_snr_range_on_about_half_the_examples():
     snr_db = 10 * torch.log10(waveform.square().mean(dim=1)[changed] / noise_power[changed])
     assert 0.4 < changed.float().mean() < 0.6
     assert snr_db.min() > 9.8 and snr_db.max() < 30.2 and snr_db.max() - snr_db.min() > 15
+
+
+def test_waveform_reverb_adds_a_decaying_tail_on_about_half_the_examples():
+    """An impulse comes back as itself plus a wet tail: nothing before it, and the tail's energy falls by 60 dB
+    within at most the longest reverberation time."""
+    torch.manual_seed(0)
+    impulses = torch.zeros(400, CLIP_SAMPLES)
+    impulses[:, 1000] = 1.0
+    reverberant = WaveformAugment(reverb_seconds=0.4).train()(impulses)
+    tails = reverberant - impulses
+    changed = tails.abs().amax(dim=1) > 0
+    assert 0.4 < changed.float().mean() < 0.6
+    assert tails[:, :1000].abs().max() < 1e-5
+    energy = tails[changed, 1000:].square()
+    assert (energy.sum(dim=1) <= 1.0 + 1e-4).all()  # a unit-energy response at a wet gain of at most 1
+    late = energy[:, round(0.4 * SAMPLE_RATE):].sum(dim=1) / energy.sum(dim=1)
+    assert late.max() < 1e-5
+    settled = ((energy.cumsum(dim=1) / energy.sum(dim=1, keepdim=True)) < 1 - 1e-3).sum(dim=1) / SAMPLE_RATE
+    assert settled.max() - settled.min() > 0.05  # rooms of different sizes
+    assert torch.equal(WaveformAugment(reverb_seconds=0.4).eval()(impulses), impulses)
 
 
 def test_spec_augment_zeroes_bands_and_spans_within_their_widths():
