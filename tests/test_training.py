@@ -251,8 +251,8 @@ def test_augmented_recipe_resumes_exactly(dataset, tmp_path, monkeypatch):
     def augmented_args(out: Path):
         return run_args(dataset, out, epochs=2) + [
             "--recipe", "robust", "--lr", "0.01", "--max-delay", "0.02", "--noise-snr", "10,30", "--freq-masks", "1",
-            "--time-masks", "1", "--freq-shift", "2", "--eq-db", "3", "--reverb", "0.2", "--mixup", "0.2", "--dropout", "0.1",
-            "--label-smoothing", "0.1", "--ema", "0.9", "--pooling", "meanstdmax"]
+            "--time-masks", "1", "--freq-shift", "2", "--eq-db", "3", "--reverb", "0.2", "--mixup", "0.2",
+            "--dropout", "0.1", "--label-smoothing", "0.1", "--ema", "0.9", "--pooling", "meanstdmax"]
 
     metrics = train_nsynth.main(augmented_args(tmp_path / "uninterrupted"))
     save_checkpoint = training.save_checkpoint
