@@ -211,7 +211,8 @@ def write_report(final_results: dict, ablation_results: dict, epoch_record: Opti
                   f"(median of the per-round ratios, {min(epoch_record['ratios']):.2f} to "
                   f"{max(epoch_record['ratios']):.2f}).", ""]
     if ablation_results:
-        lines += ["## Ablation on the proxy set (seed 0, the choices were made on these numbers only)", "", ablation_table(ablation_results), ""]
+        lines += ["## Ablation on the proxy set (the choices were made on these numbers only)", "",
+                  ablation_table(ablation_results), ""]
     path = out_dir / "report.md"
     path.write_text("\n".join(lines))
     return path

@@ -323,12 +323,23 @@ def load_checkpoint(path: Path, map_location="cpu") -> dict:
 
 def load_classifier(path: Path, device: torch.device, backend: str = "auto"):
     """``(model in eval mode, class names)`` from a checkpoint written by ``examples/train_nsynth.py``: the
-    selected epoch's weights when the run selected one on validation, else the last epoch's."""
+    weights the run tested (:func:`served_weights`)."""
     checkpoint = load_checkpoint(path, map_location=device)
     config = checkpoint["config"]
     model = build_model(**config["model_config"], backend=backend).to(device)
-    model.load_state_dict(checkpoint.get("best_model") or checkpoint["model"])
+    model.load_state_dict(served_weights(checkpoint))
     return model.eval(), list(config["classes"])
+
+
+def served_weights(checkpoint: dict) -> dict:
+    """What :func:`fit` leaves in the model: the selected epoch's weights when the run selected one on validation,
+    else the weight average when it kept one, else the last epoch's weights."""
+    if checkpoint.get("best_model"):
+        return checkpoint["best_model"]
+    if checkpoint.get("average"):
+        prefix = "module."
+        return {key[len(prefix):]: value for key, value in checkpoint["average"].items() if key.startswith(prefix)}
+    return checkpoint["model"]
 
 
 def write_json(path: Path, obj) -> None:

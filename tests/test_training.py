@@ -244,6 +244,19 @@ def test_robust_recipe_beats_chance(dataset, tmp_path):
     assert all(torch.equal(value, checkpoint["best_model"][name]) for name, value in served.state_dict().items())
 
 
+def test_a_run_with_a_weight_average_serves_the_average(dataset, tmp_path):
+    """Without --select-best, fit tests the moving average; predict.py's loader must serve that, not the raw
+    weights that the checkpoint keeps for --resume."""
+    train_nsynth.main(run_args(dataset, tmp_path, epochs=1) + ["--ema", "0.9"])
+    checkpoint = load_checkpoint(tmp_path / train_nsynth.CHECKPOINT)
+    served, _ = training.load_classifier(tmp_path / train_nsynth.CHECKPOINT, torch.device("cpu"))
+    averaged = {name[len("module."):]: value for name, value in checkpoint["average"].items()
+                if name.startswith("module.")}
+    assert served.state_dict().keys() == averaged.keys()
+    assert all(torch.equal(value, averaged[name]) for name, value in served.state_dict().items())
+    assert not all(torch.equal(value, checkpoint["model"][name]) for name, value in served.state_dict().items())
+
+
 def test_augmented_recipe_resumes_exactly(dataset, tmp_path, monkeypatch):
     """The robust recipe with every augmentation, mixup and the weight average on, interrupted after its first
     checkpoint and resumed, ends with the uninterrupted run's metrics: the schedule, the selected weights, the RNG
