@@ -55,6 +55,8 @@ class Recipe:
             raise ValueError(f"unknown schedule {self.schedule!r}; expected one of {', '.join(SCHEDULES)}")
         if self.patience and not self.select_best:
             raise ValueError("patience (early stopping) needs select_best")
+        if self.mixup_within_family and not self.mixup:
+            raise ValueError("mixup_within_family needs mixup (its Beta parameter)")
         if not 0.0 <= self.ema < 1.0:
             raise ValueError(f"ema is a per-step decay in [0, 1), got {self.ema}")
         if len(self.noise_snr) not in (0, 2):

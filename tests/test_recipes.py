@@ -42,6 +42,8 @@ def test_recipe_replace_keeps_fields_given_as_none_and_checks_values():
         Recipe(patience=3)
     with pytest.raises(ValueError, match="noise_snr"):
         Recipe(noise_snr=(10.0,))
+    with pytest.raises(ValueError, match="needs mixup"):
+        Recipe(mixup_within_family=True)
     assert Recipe(noise_snr=(10.0, 20.0)).as_dict()["noise_snr"] == [10.0, 20.0]
 
 
