@@ -150,7 +150,8 @@ def resolve_recipe(args: argparse.Namespace) -> Recipe:
     if args.model == "cnn" and (recipe.front_end_config() is not None or recipe.pooling != "last"):
         raise SystemExit(f"--model cnn reads the raw waveform; the {recipe.name} recipe's front end and pooling "
                          "are for the LSTM models (--front-end frames --no-loudness --max-delay 0 --noise-snr off "
-                         "--freq-masks 0 --time-masks 0 --freq-shift 0 --eq-db 0 --reverb 0 --pooling last turns them off)")
+                         "--reverb 0 --freq-masks 0 --time-masks 0 --freq-shift 0 --eq-db 0 --pooling last turns "
+                         "them off)")
     return recipe
 
 

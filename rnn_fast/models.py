@@ -62,8 +62,8 @@ class LSTMClassifier(nn.Module):
                          bidirectional=bidirectional, backend=backend)
         self.num_directions = 2 if bidirectional else 1
         self.dropout = nn.Dropout(dropout)
-        statistics = len(POOLED_STATISTICS.get(pooling, ("last",)))
-        self.head = nn.Linear(hidden_size * self.num_directions * statistics, num_classes)
+        pooled = len(POOLED_STATISTICS[pooling]) if pooling in POOLED_STATISTICS else 1
+        self.head = nn.Linear(hidden_size * self.num_directions * pooled, num_classes)
 
     def features(self, frames: torch.Tensor) -> torch.Tensor:
         """``[B, D*H]``: the last layer's final state of each direction, forward first (nn.LSTM's output order),

@@ -36,7 +36,7 @@ class Recipe:
     freq_shift: int = 0                # random shift of the features by up to this many bands (training only)
     reverb: float = 0.0                # longest reverberation time in seconds of a random room (training only)
     eq_db: float = 0.0                 # random equalisation of up to this many dB over the mel bands (training only)
-    pooling: str = "last"              # what the head reads (rnn_fast.models.LSTMClassifier): "last" or "mean"
+    pooling: str = "last"              # what the head reads: one of rnn_fast.models.POOLINGS
     # Regularisation and optimisation.
     dropout: float = 0.0               # between the LSTM layers and before the head
     mixup: float = 0.0                 # Beta(a, a) mixup of waveforms and targets; 0 = off

@@ -233,8 +233,10 @@ class Objective:
             logits = model(frames)
             return self._cross_entropy(logits, labels, weight), logits
         share = torch.distributions.Beta(self.mixup, self.mixup).sample().item()
-        partner = same_class_partners(labels) if self.within_class else torch.randperm(len(labels),
-                                                                                        device=frames.device)
+        if self.within_class:
+            partner = same_class_partners(labels)
+        else:
+            partner = torch.randperm(len(labels), device=frames.device)
         logits = model(share * frames + (1 - share) * frames[partner])
         loss = (share * self._cross_entropy(logits, labels, weight)
                 + (1 - share) * self._cross_entropy(logits, labels[partner], weight))
