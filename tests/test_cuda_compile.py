@@ -12,6 +12,7 @@ import bisect
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -21,6 +22,9 @@ from typing import Dict, List, Optional
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+from cuda_variants import kernel_variants  # noqa: E402
+
 SOURCES = sorted((ROOT / "csrc" / "cuda").glob("*.cu"))
 RECURRENCE_SOURCES = sorted((ROOT / "csrc" / "cuda").glob("lstm_*_*.cu"))  # one pass and precision each
 BINDINGS = sorted((ROOT / "csrc" / "cuda").glob("*.cpp"))
@@ -151,10 +155,7 @@ def test_binding_compiles_against_torch_headers(binding, tmp_path):
     assert result.returncode == 0, result.stderr[-6000:]
 
 
-# The kernel variants' names by bit (csrc/cuda/lstm_recurrence.h's kVariantNames).
-VARIANT_NAMES = re.findall(r'"(\w+)"', re.search(r"kVariantNames\[\] = \{(.*?)\};",
-                                                 (ROOT / "csrc" / "cuda" / "lstm_recurrence.h").read_text(),
-                                                 re.S).group(1))
+VARIANT_NAMES = kernel_variants()  # by bit
 KERNEL_NAME = re.compile(r"lstm_(forward|backward)_kernel<\(rnn_fast::cuda::Precision\)(\d), (\d+)u, (\d)(, (true|false))?>")
 MANGLED_KERNEL = re.compile(r"lstm_(forward|backward)_kernelILNS0_9PrecisionE(\d)ELj(\d+)ELi(\d)E(Lb(\d)E)?")
 

@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import zlib
 from pathlib import Path
 from typing import Dict, NamedTuple, Optional
@@ -22,6 +23,8 @@ import torch
 from rnn_fast.ops.lstm import naive
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+from cuda_variants import kernel_variants  # noqa: E402
 
 # precision -> (input dtype, saved-state dtype, max |error| / max(1, max |reference|))
 PRECISIONS = {
@@ -35,10 +38,7 @@ PRECISIONS = {
 FORWARD_OUTPUTS = ("y", "h_n", "c_n", "gates", "cell")
 BACKWARD_OUTPUTS = ("grad_xw", "grad_h0", "grad_c0")
 
-# The kernel variants of RNN_FAST_CUDA_VARIANTS, as csrc/cuda/lstm_recurrence.h names them.
-VARIANTS = tuple(re.findall(r'"(\w+)"', re.search(r"kVariantNames\[\] = \{(.*?)\};",
-                                                  (ROOT / "csrc" / "cuda" / "lstm_recurrence.h").read_text(),
-                                                  re.S).group(1)))
+VARIANTS = kernel_variants()
 # precision -> the saved-state dtype under saved_16bit (lstm_recurrence.h's SavedHalf)
 SAVED_HALF = {"bf16": torch.bfloat16, "fp16": torch.float16, "tf32": torch.float16}
 

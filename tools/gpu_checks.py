@@ -24,9 +24,8 @@ from typing import Callable, Dict, List, Optional
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
-VARIANT_ENV = "RNN_FAST_CUDA_VARIANTS"
-# The CUDA kernel variants of issue 9 (rnn_fast.ops.lstm.cuda.VARIANTS once that lands).
-FALLBACK_VARIANTS = ("cluster_mbarrier", "saved_16bit", "tanh_approx", "bwd_tf32_wide", "bwd_prefetch")
+from cuda_variants import VARIANT_ENV, kernel_variants  # noqa: E402  (tools/, this script's folder)
+
 # precision -> (dtype, TF32 for cuDNN and the fused recurrences, the repo's tolerance relative to float64)
 PRECISIONS = {"fp32": ("float32", False, 2e-5), "tf32": ("float32", True, 1e-3), "bf16": ("bfloat16", False, 1e-2)}
 # An error this small against float64 passes in any precision: IEEE fp32's tolerance.
@@ -49,14 +48,6 @@ class Shape:
                 "hidden": self.hidden, "layers": self.layers, "rounds": self.rounds, "warmup_rounds": self.warmup}
 
 
-def cuda_variants() -> List[str]:
-    try:
-        from rnn_fast.ops.lstm import cuda
-    except ImportError:
-        return list(FALLBACK_VARIANTS)
-    return list(getattr(cuda, "VARIANTS", FALLBACK_VARIANTS))
-
-
 def current_variant() -> str:
     return os.environ.get(VARIANT_ENV, "") or "baseline"
 
@@ -77,7 +68,7 @@ def environment_record(device, backends=("cpu", "triton", "cuda")) -> Dict:
                   backends=[name for name, reason in reasons.items() if reason is None],
                   unavailable={name: reason for name, reason in reasons.items() if reason},
                   triton_tile_pin=os.environ.get("RNN_FAST_TRITON_TILE"), cuda_variant=current_variant(),
-                  cuda_variants=cuda_variants())
+                  cuda_variants=list(kernel_variants()))
     if device.type == "cuda":
         properties = torch.cuda.get_device_properties(device)
         record.update(multiprocessors=properties.multi_processor_count,

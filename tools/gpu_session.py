@@ -47,7 +47,7 @@ from typing import Dict, List, Optional
 ROOT = Path(__file__).resolve().parents[1]
 CHECKS = ROOT / "tools" / "gpu_checks.py"
 sys.path.insert(0, str(ROOT / "tools"))
-from gpu_checks import FALLBACK_VARIANTS, VARIANT_ENV  # noqa: E402  (no torch: the session outlives a broken one)
+from cuda_variants import VARIANT_ENV, kernel_variants  # noqa: E402  (no torch: the session outlives a broken one)
 
 TOTAL_SECONDS = 540
 # Kept for packing the archive and writing the summary after the last step.
@@ -273,8 +273,7 @@ class Session:
                                             "--bench", "triton,cuda", "--directions", directions))
         else:
             baseline = self.skip("baseline", BUDGETS["baseline"], "no build")
-        variants = self.args.variants.split(",") if self.args.variants else \
-            list((baseline.record or {}).get("environment", {}).get("cuda_variants") or FALLBACK_VARIANTS)
+        variants = self.args.variants.split(",") if self.args.variants else list(kernel_variants())
         for variant in variants:
             if not built:
                 self.skip(f"variant-{variant}", BUDGETS["variant"], "no build")
