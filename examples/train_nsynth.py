@@ -107,8 +107,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                         help="shift the features by a random number of bands up to this (training only)")
     recipe.add_argument("--eq-db", type=float, metavar="DB",
                         help="log-mel only: random smooth equalisation of up to DB dB per training example")
-    recipe.add_argument("--pooling", choices=POOLINGS, help="the head reads the LSTM's last step, its mean over "
-                                                            "the steps, or that mean and the maximum")
+    recipe.add_argument("--pooling", choices=POOLINGS, help="the head reads the LSTM's last step, or its mean over "
+                                                            "the steps, with the maximum (and standard deviation)")
     recipe.add_argument("--dropout", type=float, help="dropout between LSTM layers and before the head")
     recipe.add_argument("--mixup", type=float, metavar="ALPHA", help="mixup with Beta(ALPHA, ALPHA); 0 = off")
     recipe.add_argument("--mixup-within-family", action=argparse.BooleanOptionalAction,

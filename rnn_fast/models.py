@@ -3,10 +3,11 @@
 * :class:`LSTMClassifier`: the course report's model. A stack of :class:`rnn_fast.LSTM` layers over the 100
   frames of 160 samples, then one linear layer on the last time step. An optional :class:`rnn_fast.audio.FrontEnd`
   turns the frames into other inputs first (a log-mel spectrogram, loudness normalisation, augmentation in
-  training mode), still 100 steps; ``pooling="mean"`` (or ``"meanmax"``) reads the mean (and the maximum) of
-  the last layer's outputs over the steps instead of the last step. For a bidirectional stack the "last time
-  step" is each direction's final state: the forward direction after frame 99 and the reverse direction after
-  frame 0 (``h_n`` of the last layer), because the reverse direction's output at frame 99 has seen one frame only.
+  training mode), still 100 steps; ``pooling`` other than ``"last"`` reads statistics of the last layer's outputs
+  over the steps (their mean, and with it their maximum or standard deviation) instead of the last step. For a
+  bidirectional stack the "last time step" is each direction's final state: the forward direction after frame 99
+  and the reverse direction after frame 0 (``h_n`` of the last layer), because the reverse direction's output at
+  frame 99 has seen one frame only.
 * :class:`M5Classifier`: the raw-waveform CNN baseline, M5 of Dai et al., "Very deep convolutional neural networks
   for raw waveforms" (ICASSP 2017): one wide strided convolution (80 taps, stride 4) then three 3-tap
   convolutions with batch norm, ReLU and 4x max pooling, global average pooling and a linear layer. It takes the
