@@ -210,35 +210,10 @@ void dispatch_entry(Precision precision, bool saves_half, Body&& body) {
   });
 }
 
-// The forward op's launch, with or without saved gates and cells (the inference op).
+// The forward ops: checks, outputs and the launch, with saved gates and cells (the training forward, whose
+// result's last two tensors hold them) or without (the inference op, whose last two stay undefined).
 template <bool kSaves>
-void run_forward(const at::Tensor& xw, const at::Tensor& w_hh, const at::Tensor& h0, const at::Tensor& c0,
-                 const std::optional<at::Tensor>& lengths, Precision precision, at::Tensor& y, at::Tensor& h_n,
-                 at::Tensor& c_n, at::Tensor* gates, at::Tensor* cell) {
-  const int64_t D = xw.size(0), T = xw.size(1), B = xw.size(2), H = w_hh.size(2);
-  const bool saves_half = kSaves && gates->scalar_type() != rnn_fast::state_type(xw.scalar_type());
-  const rc::Pass pass = kSaves ? rc::Pass::kForward : rc::Pass::kInference;
-  const unsigned variants = variants_for(precision, pass, saves_half, xw.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(xw.device().index()).stream();
-  dispatch_entry(precision, saves_half, [&](auto entry, auto saved) {
-    using E = decltype(entry);
-    using Elem = typename E::Elem;
-    using Saved = typename decltype(saved)::type;
-    const rc::RecurrenceForwardArgs<Elem, Saved> args{
-        in<Elem>(xw), in<Elem>(w_hh), in<Elem>(h0), in<Elem>(c0), lengths_ptr(lengths),
-        out<Elem>(y), out<Elem>(h_n), out<Elem>(c_n),
-        kSaves ? out<Saved>(*gates) : nullptr, kSaves ? out<Saved>(*cell) : nullptr,
-        static_cast<int>(D), static_cast<int>(T), static_cast<int>(B), static_cast<int>(H)};
-    if constexpr (kSaves) {
-      C10_CUDA_CHECK(E::forward(args, variants, stream));
-    } else if constexpr (std::is_same<Saved, typename E::State>::value) {
-      C10_CUDA_CHECK(E::inference(args, variants, stream));
-    }
-  });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_recurrence_forward_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_forward(
     const at::Tensor& xw, const at::Tensor& w_hh, const at::Tensor& h0, const at::Tensor& c0,
     const std::optional<at::Tensor>& lengths) {
   const rnn_fast::RecurrenceSizes sizes = rnn_fast::check_forward_inputs(xw, w_hh, h0, c0, lengths);
@@ -249,33 +224,51 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_recu
   const c10::cuda::CUDAGuard guard(device);
   const Precision precision = precision_of(dtype);
   check_supported(precision, H, dtype);
-  const at::ScalarType saved = saved_type(precision, dtype, device);
   at::Tensor y = at::empty({D, T, B, H}, xw.options());
   at::Tensor h_n = at::empty({D, B, H}, xw.options());
   at::Tensor c_n = at::empty({D, B, H}, xw.options());
-  at::Tensor gates = at::empty({D, T, B, G}, xw.options().dtype(saved));
-  at::Tensor cell = at::empty({D, T, B, H}, xw.options().dtype(saved));
-  run_forward<true>(xw, w_hh, h0, c0, lengths, precision, y, h_n, c_n, &gates, &cell);
+  at::Tensor gates, cell;
+  bool saves_half = false;
+  if constexpr (kSaves) {
+    const at::ScalarType saved = saved_type(precision, dtype, device);
+    saves_half = saved != rnn_fast::state_type(dtype);
+    gates = at::empty({D, T, B, G}, xw.options().dtype(saved));
+    cell = at::empty({D, T, B, H}, xw.options().dtype(saved));
+  }
+  const rc::Pass pass = kSaves ? rc::Pass::kForward : rc::Pass::kInference;
+  const unsigned variants = variants_for(precision, pass, saves_half, device);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
+  dispatch_entry(precision, saves_half, [&](auto entry, auto saved) {
+    using E = decltype(entry);
+    using Elem = typename E::Elem;
+    using Saved = typename decltype(saved)::type;
+    const rc::RecurrenceForwardArgs<Elem, Saved> args{
+        in<Elem>(xw), in<Elem>(w_hh), in<Elem>(h0), in<Elem>(c0), lengths_ptr(lengths),
+        out<Elem>(y), out<Elem>(h_n), out<Elem>(c_n),
+        kSaves ? out<Saved>(gates) : nullptr, kSaves ? out<Saved>(cell) : nullptr,
+        static_cast<int>(D), static_cast<int>(T), static_cast<int>(B), static_cast<int>(H)};
+    if constexpr (kSaves) {
+      C10_CUDA_CHECK(E::forward(args, variants, stream));
+    } else if constexpr (std::is_same<Saved, typename E::State>::value) {
+      C10_CUDA_CHECK(E::inference(args, variants, stream));
+    }
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {y, h_n, c_n, gates, cell};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_recurrence_forward_cuda(
+    const at::Tensor& xw, const at::Tensor& w_hh, const at::Tensor& h0, const at::Tensor& c0,
+    const std::optional<at::Tensor>& lengths) {
+  return run_forward<true>(xw, w_hh, h0, c0, lengths);
 }
 
 // The forward that saves nothing: the same kernels without their gate and cell stores.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_recurrence_inference_cuda(
     const at::Tensor& xw, const at::Tensor& w_hh, const at::Tensor& h0, const at::Tensor& c0,
     const std::optional<at::Tensor>& lengths) {
-  const rnn_fast::RecurrenceSizes sizes = rnn_fast::check_forward_inputs(xw, w_hh, h0, c0, lengths);
-  const int64_t D = sizes.D, T = sizes.T, B = sizes.B, H = sizes.H;
-  const at::Device device = xw.device();
-  const at::ScalarType dtype = xw.scalar_type();
-
-  const c10::cuda::CUDAGuard guard(device);
-  const Precision precision = precision_of(dtype);
-  check_supported(precision, H, dtype);
-  at::Tensor y = at::empty({D, T, B, H}, xw.options());
-  at::Tensor h_n = at::empty({D, B, H}, xw.options());
-  at::Tensor c_n = at::empty({D, B, H}, xw.options());
-  run_forward<false>(xw, w_hh, h0, c0, lengths, precision, y, h_n, c_n, nullptr, nullptr);
-  return {y, h_n, c_n};
+  const auto outputs = run_forward<false>(xw, w_hh, h0, c0, lengths);
+  return {std::get<0>(outputs), std::get<1>(outputs), std::get<2>(outputs)};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_recurrence_backward_cuda(
