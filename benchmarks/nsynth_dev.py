@@ -102,7 +102,7 @@ def final(data_dir: Path, seeds: List[int], recipes: List[str], results: Path) -
 def time_epochs(data_dir: Path, rounds: int, threads: int, batch_size: int, model_name: str) -> dict:
     """Median seconds of one training epoch of each recipe over the development set's train split, measured
     like the training script's ``epoch_seconds`` (``train_one_epoch``: batches from the cache, the recipe's
-    objective and schedule) in this one process, a warm-up epoch each, then ``rounds`` rounds alternating the
+    objective, schedule and weight average) in this one process, a warm-up epoch each, then ``rounds`` rounds alternating the
     recipes epoch by epoch so that a slow spell of the shared machine hits both alike."""
     import torch
 
@@ -121,14 +121,14 @@ def time_epochs(data_dir: Path, rounds: int, threads: int, batch_size: int, mode
         optimizer = recipe.optimizer(model.parameters())
         loader = nsynth.BatchLoader(split, batch_size, seed=0)
         runs[name] = (model, loader, optimizer, recipe.objective(split.labels, len(nsynth.CLASSES)),
-                      recipe.scheduler(optimizer, rounds + 1, len(loader)))
+                      recipe.scheduler(optimizer, rounds + 1, len(loader)), recipe.weight_average(model))
     seconds = {name: [] for name in runs}
     for round_index in range(rounds + 1):
-        for name, (model, loader, optimizer, objective, scheduler) in runs.items():
+        for name, (model, loader, optimizer, objective, scheduler, average) in runs.items():
             loader.set_epoch(round_index)
             started = time.perf_counter()
             train_one_epoch(model, loader, optimizer, round_index, rounds, progress=False, objective=objective,
-                            scheduler=scheduler)
+                            scheduler=scheduler, average=average)
             if round_index:  # round 0 warms up
                 seconds[name].append(time.perf_counter() - started)
     ratios = [robust / seed for seed, robust in zip(seconds["seed"], seconds["robust"])]
