@@ -18,6 +18,7 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from ..ops.lstm import BACKENDS, BackendChoice, resolve_backend, unavailable_reason
+from ..ops.lstm.common import layer_parameters
 
 _warned = set()
 
@@ -87,6 +88,9 @@ class LSTM(nn.RNNBase):
         if torch.onnx.is_in_onnx_export() or torch.jit.is_tracing():
             # ONNX and TorchScript graphs record nn.LSTM's own op, which they know (ONNX gets its LSTM nodes).
             return nn.LSTM.forward(self, input, hx)
+        # As nn.LSTM's forward does: parametrizations (weight norm, pruning) and functional_call replace the
+        # weights behind _flat_weights' back.
+        self._update_flat_weights()
         choice = self._backend_choice(input)
         if choice.fallback_reason is not None:
             _warn_once(f"rnn_fast.LSTM: {choice.fallback_reason}; using torch.nn.LSTM's implementation")
@@ -184,21 +188,13 @@ class LSTM(nn.RNNBase):
                 or (hx is not None and (hx[0].requires_grad or hx[1].requires_grad)))
 
     def _layer_weights(self, layer: int):
-        """``w_ih [D, 4H, In]``, ``w_hh [D, 4H, H]`` and the summed biases ``[D, 4H]`` (or None): views of the
-        parameters for one direction, stacked copies for two."""
+        """``w_ih [D, 4H, In]``, ``w_hh [D, 4H, H]`` and the summed biases ``[D, 4H]`` (or None) of one layer."""
         # _flat_weights (nn.RNNBase's, kept current when a parameter is replaced) holds each layer's directions'
         # (w_ih, w_hh[, b_ih, b_hh]) in order: read there, not through a getattr per parameter.
         num_directions = 2 if self.bidirectional else 1
-        per_direction = len(self._flat_weights) // (self.num_layers * num_directions)
-        first = layer * num_directions * per_direction
-
-        def directions(kind: int) -> torch.Tensor:
-            tensors = [self._flat_weights[first + d * per_direction + kind] for d in range(num_directions)]
-            return tensors[0].unsqueeze(0) if num_directions == 1 else torch.stack(tensors)
-
-        if not self.bias:
-            return directions(0), directions(1), None
-        return directions(0), directions(1), directions(2) + directions(3)
+        per_layer = len(self._flat_weights) // self.num_layers
+        params = self._flat_weights[layer * per_layer:(layer + 1) * per_layer]
+        return layer_parameters(params, num_directions, self.bias)
 
     def _run_layers(self, choice: BackendChoice, x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor,
                     lengths: Optional[torch.Tensor], inference: bool):

@@ -10,11 +10,11 @@ from torch import nn
 from torch.nn.utils.rnn import pack_sequence
 
 import rnn_fast
-from rnn_fast.ops.lstm import FUSED_BACKENDS
+from rnn_fast.testing import runnable_backends
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-BACKENDS = [name for name in FUSED_BACKENDS if rnn_fast.resolve_backend(name, DEVICE, torch.float64, 3).name == name]
+BACKENDS = runnable_backends(DEVICE)
 F64 = dict(device=DEVICE, dtype=torch.float64)
 
 
@@ -71,24 +71,70 @@ def test_double_backward_matches_nn_lstm(backend, packed):
         torch.testing.assert_close(actual, expected, atol=1e-9, rtol=1e-9)
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_gradgradcheck(backend):
+def test_gradgradcheck(backend, packed):
+    """With ``check_batched_grad``, as PyTorch's own module tests check nn.LSTM: the double backward also runs
+    under vmap, which refuses in-place writes of batched values into unbatched buffers."""
     torch.manual_seed(1)
     module = rnn_fast.LSTM(2, 2, bidirectional=True, backend=backend, **F64)
     names = [name for name, _ in module.named_parameters()]
     # The interpreter runs Triton kernels in Python: there the parameters stay constants and the inputs are few.
     with_parameters = not (backend == "triton" and INTERPRETED)
+    seq_len, batch = (3, 2) if with_parameters else (2, 2)
 
     def lstm(x, h0, c0, *parameters):
         weights = dict(zip(names, parameters)) if with_parameters else {}
-        output, (h_n, c_n) = torch.func.functional_call(module, weights, (x, (h0, c0)))
-        return output, h_n, c_n
+        # Packed: the second row one step shorter than the first.
+        input = pack_sequence([x[:, 0], x[:-1, 1]]) if packed else x
+        output, (h_n, c_n) = torch.func.functional_call(module, weights, (input, (h0, c0)))
+        return output.data if packed else output, h_n, c_n
 
-    seq_len, batch = (3, 2) if with_parameters else (2, 1)
     inputs = [torch.randn(seq_len, batch, 2, **F64), torch.randn(2, batch, 2, **F64), torch.randn(2, batch, 2, **F64)]
     if with_parameters:
         inputs += [parameter.detach().clone() for parameter in module.parameters()]
-    assert torch.autograd.gradgradcheck(lstm, [tensor.requires_grad_() for tensor in inputs])
+    assert torch.autograd.gradgradcheck(lstm, [tensor.requires_grad_() for tensor in inputs], check_batched_grad=True)
+
+
+def _functional_loss(module, input):
+    """The module's loss as a function of its parameters, for torch.func transforms."""
+
+    def loss(parameters, input=input):
+        output, (h_n, c_n) = torch.func.functional_call(module, parameters, (input,))
+        return output.sin().sum() + (h_n * c_n).sum()
+
+    return loss
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_jacrev_of_jacrev_matches_nn_lstm(backend):
+    """The Hessian over the parameters, through two nested torch.func transforms (vmap over both backwards)."""
+    torch.manual_seed(2)
+    reference, candidate = _pair(backend, hidden=2, layers=1, bidirectional=True, **F64)
+    input = torch.randn(3, 2, 2, **F64)
+    parameters = {name: parameter.detach() for name, parameter in candidate.named_parameters()}
+    expected = torch.func.jacrev(torch.func.jacrev(_functional_loss(reference, input)))(parameters)
+    actual = torch.func.jacrev(torch.func.jacrev(_functional_loss(candidate, input)))(parameters)
+    for name, row in expected.items():
+        for other, block in row.items():
+            torch.testing.assert_close(actual[name][other], block, atol=1e-9, rtol=1e-9)
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_per_sample_gradients_match_nn_lstm(backend):
+    """vmap over grad: each example's own parameter gradients, as differential-privacy training takes them, against
+    nn.LSTM's one example at a time (nn.LSTM's CPU kernel itself refuses vmap)."""
+    torch.manual_seed(3)
+    reference, candidate = _pair(backend, hidden=3, layers=2, **F64)
+    examples = torch.randn(4, 5, 1, 2, **F64)
+    parameters = {name: parameter.detach() for name, parameter in candidate.named_parameters()}
+    per_sample = torch.func.vmap(torch.func.grad(_functional_loss(candidate, None)), in_dims=(None, 0))(parameters,
+                                                                                                     examples)
+    for index, example in enumerate(examples):
+        expected = torch.func.grad(_functional_loss(reference, example))(parameters)
+        for name, grad in expected.items():
+            torch.testing.assert_close(per_sample[name][index], grad, atol=1e-9, rtol=1e-9)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -12,17 +12,13 @@ from torch.nn.utils.rnn import pack_sequence
 
 import rnn_fast
 from rnn_fast.ops.lstm import FUSED_BACKENDS
-from rnn_fast.testing import TOLERANCES, assert_lstm_matches
+from rnn_fast.testing import TOLERANCES, assert_lstm_matches, runnable_backends
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _runnable(name):
-    return rnn_fast.resolve_backend(name, DEVICE, torch.float32, 5).name == name
-
-
-BACKENDS = [name for name in FUSED_BACKENDS if _runnable(name)]
+BACKENDS = runnable_backends(DEVICE)
 DTYPES = [pytest.param(dtype, tol, tol, id=str(dtype).split(".")[1]) for dtype, tol in TOLERANCES.items()]
 
 # The odd sizes cycle through the product of the structural options, so each appears with each option.

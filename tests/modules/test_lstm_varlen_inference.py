@@ -15,22 +15,15 @@ from torch.nn.utils.rnn import pack_padded_sequence, pack_sequence
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import rnn_fast
-from rnn_fast.ops.lstm import (FUSED_BACKENDS, InferenceBackend, PackedLayoutBackend, StackInferenceBackend,
-                               load_backend)
-from rnn_fast.testing import TOLERANCES, assert_lstm_matches
+from rnn_fast.ops.lstm import InferenceBackend, PackedLayoutBackend, StackInferenceBackend, load_backend
+from rnn_fast.testing import TOLERANCES, assert_lstm_matches, runnable_backends
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 DTYPES = [pytest.param(dtype, tol, tol, id=str(dtype).split(".")[1]) for dtype, tol in TOLERANCES.items()]
 
 
-def _runnable(name):
-    if name not in rnn_fast.available_backends():
-        return False
-    return load_backend(name).unsupported_reason(DEVICE, torch.float64, 5) is None
-
-
-BACKENDS = [name for name in FUSED_BACKENDS if _runnable(name)]
+BACKENDS = runnable_backends(DEVICE)
 # Backends with the packed layout's ops; the others always get PackedSequence input padded.
 PACKED_BACKENDS = [name for name in BACKENDS if isinstance(load_backend(name), PackedLayoutBackend)]
 INFERENCE_BACKENDS = [name for name in BACKENDS if isinstance(load_backend(name), InferenceBackend)]

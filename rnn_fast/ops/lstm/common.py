@@ -2,7 +2,7 @@
 projection, the state entering each step, the one-GEMM ``grad_w_hh`` (both in cuDNN's GEMM precision), the packed
 layout's conversions, and the autograd / fake registration of an op pair."""
 import contextlib
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, Type
 
 import torch
 
@@ -87,7 +87,7 @@ class _ProjectionInPrecision(torch.autograd.Function):
             if ctx.needs_input_grad[0]:
                 grad_flat = grad_xw[0] @ w_ih[0]
                 for direction in range(1, w_ih.shape[0]):
-                    grad_flat.addmm_(grad_xw[direction], w_ih[direction])
+                    grad_flat = torch.addmm(grad_flat, grad_xw[direction], w_ih[direction])
             if ctx.needs_input_grad[1]:
                 grad_w_ih = torch.bmm(grad_xw.transpose(1, 2), flat.unsqueeze(0).expand(w_ih.shape[0], -1, -1))
         if ctx.has_bias and ctx.needs_input_grad[2]:
@@ -108,6 +108,61 @@ def project_parts(parts: torch.Tensor, w_ih: torch.Tensor, bias: Optional[torch.
     else:
         xw = _ProjectionInPrecision.apply(flat, w_ih, bias, precision)
     return xw.view(w_ih.shape[0], seq_len, batch, -1)
+
+
+class _LayerParameters(torch.autograd.Function):
+    """One layer's parameters as the recurrence contract takes them: ``w_ih [D, 4H, In]``, ``w_hh [D, 4H, H]`` and
+    ``bias_ih + bias_hh [D, 4H]`` (or None), from ``params``, each direction's ``(w_ih, w_hh[, b_ih, b_hh])`` in
+    ``nn.RNNBase._flat_weights`` order.
+
+    Its backward hands every parameter a gradient of its own storage, as nn.LSTM's does. Built from torch ops
+    (stack, unsqueeze, add), the parameters' gradients would be views of one tensor: both biases of a direction
+    the same memory, and the directions side by side in one storage. Autograd keeps such views as ``.grad`` when
+    they are fresh, and then whatever changes ``.grad`` in place (``clip_grad_norm_``, a second backward that
+    accumulates, ``GradScaler.unscale_``) changes them all, twice over for the biases."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(num_directions, has_bias, *params):
+        per_direction = len(params) // num_directions
+
+        def directions(kind):
+            tensors = params[kind::per_direction]
+            return tensors[0].unsqueeze(0) if num_directions == 1 else torch.stack(tensors)
+
+        bias = directions(2) + directions(3) if has_bias else None
+        return directions(0), directions(1), bias
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.num_directions, ctx.has_bias = inputs[0], inputs[1]
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def backward(ctx, grad_w_ih, grad_w_hh, grad_bias):
+        num_directions = ctx.num_directions
+
+        def own(grad, direction, shared):
+            # One direction's slice, copied where another parameter's gradient would share its storage: the
+            # other direction's slice, or the second bias of the same sum.
+            if grad is None:
+                return None
+            part = grad[direction]
+            return part.clone() if shared else part
+
+        grads = []
+        for direction in range(num_directions):
+            grads += [own(grad_w_ih, direction, num_directions > 1), own(grad_w_hh, direction, num_directions > 1)]
+            if ctx.has_bias:
+                grads += [own(grad_bias, direction, num_directions > 1), own(grad_bias, direction, True)]
+        return (None, None, *grads)
+
+
+def layer_parameters(params, num_directions: int, has_bias: bool):
+    """``(w_ih, w_hh, bias)`` of one layer for the recurrence contract, each parameter's gradient its own tensor
+    (:class:`_LayerParameters`)."""
+    return _LayerParameters.apply(num_directions, has_bias, *params)
 
 
 def previous_steps(seq: torch.Tensor, init: torch.Tensor, lengths: Optional[torch.Tensor]) -> torch.Tensor:
@@ -153,14 +208,14 @@ def _recurrent_weight_grad(grad_xw: torch.Tensor, y: torch.Tensor, h0: torch.Ten
 
     forward = grad_xw[0, 0].t() @ h0[0]
     if seq_len > 1:
-        forward = forward.addmm_(steps(grad_xw[0], 1, None).t(), steps(y[0], None, -1))
+        forward = torch.addmm(forward, steps(grad_xw[0], 1, None).t(), steps(y[0], None, -1))
     if num_directions == 1:
         return forward.unsqueeze(0)
     row_last = (torch.full((batch,), seq_len - 1, device=grad_xw.device) if lengths is None
                 else lengths.to(grad_xw.device) - 1)
     reverse = grad_xw[1, row_last, torch.arange(batch, device=grad_xw.device)].t() @ h0[1]
     if seq_len > 1:
-        reverse = reverse.addmm_(steps(grad_xw[1], None, -1).t(), steps(y[1], 1, None))
+        reverse = torch.addmm(reverse, steps(grad_xw[1], None, -1).t(), steps(y[1], 1, None))
     return torch.stack([forward, reverse])
 
 
@@ -183,8 +238,9 @@ def packed_to_padded(steps: torch.Tensor, batch_sizes: torch.Tensor, batch: int)
     """``[D, N, W]`` in the packed layout -> ``[D, T, B, W]``, zeros at padded steps."""
     num_directions, num_rows, width = steps.shape
     seq_len = batch_sizes.shape[0]
-    padded = steps.new_zeros(num_directions, seq_len * batch, width)
-    padded[:, _packed_positions(batch_sizes, num_rows, batch).to(steps.device)] = steps
+    positions = _packed_positions(batch_sizes, num_rows, batch).to(steps.device)
+    # Out of place, so that vmap can batch it (double backward of the packed ops).
+    padded = steps.new_zeros(num_directions, seq_len * batch, width).index_copy(1, positions, steps)
     return padded.view(num_directions, seq_len, batch, width)
 
 
@@ -229,9 +285,30 @@ def _empty_forward_outputs(xw: torch.Tensor, h0: torch.Tensor, saved_dtype: Opti
                       xw.new_empty(*rows, gate_size // 4, dtype=saved_dtype))
 
 
+def register_autograd_function(op, backward: Callable, setup_context: Callable) -> Type[torch.autograd.Function]:
+    """Registers ``backward`` and ``setup_context`` as ``op``'s autograd formula, and returns an autograd.Function
+    that runs ``op`` with the same formula.
+
+    The driver calls the Function. torch.func transforms (per-sample gradients, ``jacrev`` of ``jacrev``,
+    gradgradcheck's batched check) differentiate an autograd.Function that has a ``setup_context``, but refuse an
+    op's registered formula wherever a transform is active around it (pytorch/pytorch#179652). The registration
+    serves whoever calls the op itself, ``opcheck`` among them. ``op`` is an OpOverload, the form torch.compile
+    traces inside a Function."""
+    torch.library.register_autograd(op, backward, setup_context=setup_context)
+
+    def forward(*inputs):
+        return op(*inputs)
+
+    return type(f"{op.name().split('::')[-1]}_function", (torch.autograd.Function,),
+                {"forward": staticmethod(forward), "setup_context": staticmethod(setup_context),
+                 "backward": staticmethod(backward), "generate_vmap_rule": True})
+
+
 def register_recurrence_autograd(forward_op, backward_op,
-                                 packed_weight_grad: Optional[Callable[..., torch.Tensor]] = None) -> None:
-    """Autograd for ``forward_op`` through ``backward_op``, plus the one-GEMM ``grad_w_hh``.
+                                 packed_weight_grad: Optional[Callable[..., torch.Tensor]] = None
+                                 ) -> Type[torch.autograd.Function]:
+    """Autograd for ``forward_op`` through ``backward_op``, plus the one-GEMM ``grad_w_hh``; returns the
+    autograd.Function that the backend's driver calls (:func:`register_autograd_function`).
 
     An op pair of the packed layout (docs/contract.md), whose fifth input is ``batch_sizes``, passes its
     ``packed_weight_grad(grad_xw, y, h0, batch_sizes)``. Extra trailing inputs of ``forward_op`` (flags such as
@@ -268,7 +345,7 @@ def register_recurrence_autograd(forward_op, backward_op,
         grad_w_hh = weight_grad(grad_xw, y, h0, lengths).to(w_hh.dtype) if ctx.needs_input_grad[1] else None
         return (grad_xw, grad_w_hh, grad_h0, grad_c0, None) + (None,) * len(ctx.extra)
 
-    torch.library.register_autograd(forward_op, backward, setup_context=setup_context)
+    return register_autograd_function(forward_op, backward, setup_context)
 
 
 def _dense_grad(grad: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:

@@ -15,8 +15,8 @@ from typing import Optional
 
 import torch
 
-from .common import register_recurrence_autograd
-from .extension import forward_op, inference_op, packed_backward_op, packed_forward_op, packed_inference_op
+from .common import register_autograd_function, register_recurrence_autograd
+from .extension import forward_function, inference_op, packed_backward_op, packed_forward_op, packed_inference_op
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
 
@@ -31,7 +31,7 @@ def _packed_weight_grad_fake(grad_xw, y, h0, batch_sizes):
     return grad_xw.new_empty(grad_xw.shape[0], grad_xw.shape[-1], y.shape[-1])
 
 
-register_recurrence_autograd(packed_forward_op, packed_backward_op, packed_weight_grad_op)
+packed_forward_function = register_recurrence_autograd(packed_forward_op, packed_backward_op, packed_weight_grad_op)
 
 
 @torch.library.register_fake(stack_inference_op)
@@ -77,7 +77,7 @@ def _differentiable_projection_backward(grad_xw, parts, w_ih, output_mask):
     return grad_parts, grad_w_ih, grad_bias
 
 
-torch.library.register_autograd(projection_op, _projection_backward, setup_context=_projection_setup_context)
+projection_function = register_autograd_function(projection_op, _projection_backward, _projection_setup_context)
 
 
 def unavailable_reason() -> Optional[str]:
@@ -97,16 +97,15 @@ def input_projection(parts: torch.Tensor, w_ih: torch.Tensor, bias: Optional[tor
     (any strides whose last dimension is dense), ``w_ih [D, 4H, P*K]`` and ``bias [D, 4H]`` or None."""
     if parts.stride(-1) != 1 or parts.stride(-2) < parts.shape[-1]:
         parts = parts.contiguous()
-    return projection_op(parts, w_ih, bias)
+    return projection_function.apply(parts, w_ih, bias)
 
 
-def lstm_recurrence(xw, w_hh, h0, c0, lengths):
-    return forward_op(xw, w_hh, h0, c0, lengths)
+lstm_recurrence = forward_function.apply
 
-
-# InferenceBackend, PackedLayoutBackend and StackInferenceBackend (rnn_fast.ops.lstm): the ops themselves.
+# InferenceBackend, PackedLayoutBackend and StackInferenceBackend (rnn_fast.ops.lstm): the inference ops
+# themselves, the packed forward through its autograd.Function.
 lstm_recurrence_inference = inference_op
-lstm_packed_recurrence = packed_forward_op
+lstm_packed_recurrence = packed_forward_function.apply
 lstm_packed_recurrence_inference = packed_inference_op
 lstm_stack_inference = stack_inference_op
 

@@ -18,7 +18,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .extension import REBUILD_COMMAND, forward_op
+from .extension import REBUILD_COMMAND, forward_function
 from .common import project_parts
 
 _FORWARD_OP_NAME = "rnn_fast::lstm_recurrence_forward"
@@ -69,8 +69,7 @@ def _kernel_limits(index: int, dtype: torch.dtype, hidden_size: int) -> Optional
 input_projection = project_parts
 
 
-def lstm_recurrence(xw, w_hh, h0, c0, lengths):
-    return forward_op(xw, w_hh, h0, c0, lengths)
+lstm_recurrence = forward_function.apply
 
 
 def lstm_recurrence_inference(xw, w_hh, h0, c0, lengths):

@@ -30,7 +30,7 @@ def _saved_dtype(xw: torch.Tensor) -> torch.dtype:
 
 
 register_recurrence_fake(forward_op, backward_op, saved_dtype=_saved_dtype)
-register_recurrence_autograd(forward_op, backward_op)
+forward_function = register_recurrence_autograd(forward_op, backward_op)
 register_inference_fake(inference_op)
 
 packed_forward_op = torch.ops.rnn_fast.lstm_packed_recurrence_forward.default

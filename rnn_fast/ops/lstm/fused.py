@@ -104,8 +104,8 @@ def _allows_tf32(xw: torch.Tensor) -> bool:
 
 
 def lstm_recurrence(xw, w_hh, h0, c0, lengths):
-    """The differentiable forward op of the contract."""
-    return torch.ops.rnn_fast.triton_lstm_recurrence_forward(xw, w_hh, h0, c0, lengths, _allows_tf32(xw))
+    """The differentiable forward of the contract: the forward op through its autograd.Function."""
+    return _recurrence_function.apply(xw, w_hh, h0, c0, lengths, _allows_tf32(xw))
 
 
 def lstm_recurrence_inference(xw, w_hh, h0, c0, lengths):
@@ -558,7 +558,9 @@ if _TRITON_IMPORT_ERROR is None:
     # The contract's fake kernels replace triton_op's traced body, which the CPU interpreter cannot run on fakes.
     register_recurrence_fake(_recurrence_forward, _recurrence_backward)
     register_inference_fake(_recurrence_inference)
-    register_recurrence_autograd(_recurrence_forward, _recurrence_backward)
+    # OpOverloads, which torch.compile traces inside the autograd.Function (triton_op's own object it cannot).
+    _recurrence_function = register_recurrence_autograd(torch.ops.rnn_fast.triton_lstm_recurrence_forward.default,
+                                                        torch.ops.rnn_fast.triton_lstm_recurrence_backward.default)
 
 
 def tile_choices() -> Dict[str, Dict[str, str]]:

@@ -85,12 +85,14 @@ def differentiable_backward(grad_y: torch.Tensor, grad_h_n: torch.Tensor, grad_c
     """
     num_directions, seq_len, batch, gate_size = gates.shape
     acc = torch.promote_types(gates.dtype, torch.float32)  # 16-bit saved state (CUDA's saved_16bit) counts in fp32
-    grad_xw = grad_y.new_zeros(num_directions, seq_len, batch, gate_size)
-    grad_h0, grad_c0 = torch.empty_like(grad_h_n), torch.empty_like(grad_c_n)
     cell_prev = previous_steps(cell, c0, lengths)
+    # Built from lists and stacked, never written in place: vmap (gradgradcheck's batched check, jacrev of jacrev)
+    # batches these ops, and an in-place copy of a batched value into an unbatched buffer is not allowed.
+    grad_xw, grad_h0, grad_c0 = [], [], []
     for d in range(num_directions):
         dh, dc = grad_h_n[d].to(acc), grad_c_n[d].to(acc)
         w = w_hh[d].to(acc)
+        grad_steps = [None] * seq_len
         for t in reversed(_step_order(d, seq_len)):
             i, f, g, o = gates[d, t].to(acc).chunk(4, dim=1)
             dh_t = dh + grad_y[d, t].to(acc)
@@ -109,9 +111,12 @@ def differentiable_backward(grad_y: torch.Tensor, grad_h_n: torch.Tensor, grad_c
             grad_pre = grad_pre * valid
             dh = torch.where(valid, grad_pre @ w, dh)
             dc = torch.where(valid, dc_t * f, dc)
-            grad_xw[d, t] = grad_pre.to(grad_xw.dtype)
-        grad_h0[d], grad_c0[d] = dh, dc
-    return grad_xw, grad_h0, grad_c0
+            grad_steps[t] = grad_pre.to(grad_y.dtype)
+        grad_xw.append(torch.stack(grad_steps))
+        grad_h0.append(dh)
+        grad_c0.append(dc)
+    return (torch.stack(grad_xw), torch.stack(grad_h0).to(grad_h_n.dtype),
+            torch.stack(grad_c0).to(grad_c_n.dtype))
 
 
 # The packed layout [D, N, *] (PackedSequence data order, docs/contract.md): the padded reference on the padded
@@ -170,7 +175,9 @@ def packed_recurrent_weight_grad(grad_xw: torch.Tensor, y: torch.Tensor, h0: tor
 # The reference runs as custom ops so that it goes through exactly the autograd and fake-tensor machinery the
 # fused backends use; tests then check that machinery against nn.LSTM too.
 def _custom_op(name, function):
-    return torch.library.custom_op(f"rnn_fast::naive_{name}", mutates_args=())(function)
+    """The op's OpOverload: what the registrations take, and what torch.compile traces inside a Function."""
+    torch.library.custom_op(f"rnn_fast::naive_{name}", mutates_args=())(function)
+    return getattr(torch.ops.rnn_fast, f"naive_{name}").default
 
 
 forward_op = _custom_op("lstm_recurrence_forward", lstm_recurrence_forward)
@@ -180,12 +187,12 @@ packed_forward_op = _custom_op("lstm_packed_recurrence_forward", lstm_packed_rec
 packed_backward_op = _custom_op("lstm_packed_recurrence_backward", lstm_packed_recurrence_backward)
 packed_inference_op = _custom_op("lstm_packed_recurrence_inference", lstm_packed_recurrence_inference_reference)
 packed_weight_grad_op = _custom_op("packed_recurrent_weight_grad", packed_recurrent_weight_grad)
-for _forward_op, _backward_op, _inference_op, _packed_weight_grad in (
-        (forward_op, backward_op, inference_op, None),
-        (packed_forward_op, packed_backward_op, packed_inference_op, packed_weight_grad_op)):
+for _forward_op, _backward_op, _inference_op in ((forward_op, backward_op, inference_op),
+                                                  (packed_forward_op, packed_backward_op, packed_inference_op)):
     register_recurrence_fake(_forward_op, _backward_op)
-    register_recurrence_autograd(_forward_op, _backward_op, _packed_weight_grad)
     register_inference_fake(_inference_op)
+forward_function = register_recurrence_autograd(forward_op, backward_op)
+packed_forward_function = register_recurrence_autograd(packed_forward_op, packed_backward_op, packed_weight_grad_op)
 
 
 @torch.library.register_fake(packed_weight_grad_op)
@@ -204,11 +211,10 @@ def unsupported_reason(device: torch.device, dtype: torch.dtype, hidden_size: in
 input_projection = project_parts
 
 
-def lstm_recurrence(xw, w_hh, h0, c0, lengths):
-    return forward_op(xw, w_hh, h0, c0, lengths)
+lstm_recurrence = forward_function.apply
 
-
-# InferenceBackend and PackedLayoutBackend (rnn_fast.ops.lstm): the ops themselves.
+# InferenceBackend and PackedLayoutBackend (rnn_fast.ops.lstm): the inference ops themselves, the packed forward
+# through its autograd.Function.
 lstm_recurrence_inference = inference_op
-lstm_packed_recurrence = packed_forward_op
+lstm_packed_recurrence = packed_forward_function.apply
 lstm_packed_recurrence_inference = packed_inference_op
