@@ -9,6 +9,7 @@ import re
 import shlex
 import statistics
 import sys
+import time
 from pathlib import Path
 from typing import Callable, Dict, Iterable, Iterator, List, Optional
 
@@ -118,8 +119,45 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+# The instruction-set features that decide which kernels a CPU can run fast (fp32 FMA width, bf16 and int8 dot
+# products, AMX tiles), as /proc/cpuinfo names them.
+CPU_FEATURES = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
+
+
+def cpu_features() -> List[str]:
+    """Which of :data:`CPU_FEATURES` this CPU has."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            flags = next((line.split(":", 1)[1].split() for line in cpuinfo if line.startswith("flags")), [])
+    except OSError:
+        flags = []
+    return [feature for feature in CPU_FEATURES if feature in flags]
+
+
+def alternating(benchmark, fused_step: Callable[[], None], reference_step: Callable[[], None], rounds: int,
+                warmup_rounds: int) -> Dict[str, dict]:
+    """Times ``fused_step`` through pytest-benchmark and ``reference_step`` by hand in each round's setup, so that
+    the two alternate round by round and share whatever load the machine has. Returns both summaries (after
+    the warm-up rounds) and the speedup, reference median over fused median."""
+    reference_seconds = []
+
+    def time_reference_round():
+        start = time.perf_counter()
+        reference_step()
+        reference_seconds.append(time.perf_counter() - start)
+
+    benchmark.pedantic(fused_step, setup=time_reference_round, rounds=rounds, warmup_rounds=warmup_rounds,
+                       iterations=1)
+    fused = summary(benchmark.stats.stats.data)
+    reference = summary(reference_seconds[warmup_rounds:warmup_rounds + rounds])
+    speedup = reference["median_ms"] / fused["median_ms"]
+    benchmark.extra_info.update(torch_median_ms=reference["median_ms"], speedup_vs_torch=speedup)
+    return {"fused": fused, "torch": reference, "speedup": speedup}
+
+
 def environment(device: torch.device) -> dict:
-    """Device, library versions, date and the exact command, recorded with every result."""
+    """Device, library versions, date and the exact command, recorded with every result; on CPU also the
+    thread count and the instruction-set features (:data:`CPU_FEATURES`)."""
     try:
         import triton
         triton_version = triton.__version__
@@ -133,6 +171,7 @@ def environment(device: torch.device) -> dict:
         "date": datetime.date.today().isoformat(),
         "command": shlex.join(["python", "-m", "pytest"] + sys.argv[1:]) if "pytest" in sys.argv[0]
         else shlex.join(["python"] + sys.argv),
+        **({"cpu_features": cpu_features()} if device.type == "cpu" else {}),
     }
 
 

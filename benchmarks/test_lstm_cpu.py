@@ -4,14 +4,12 @@
 
 The stack is 2 layers of hidden size 128 over ``[B, 100, 160]`` batch-first input that does not require grad,
 unidirectional and bidirectional, B in {256, 768}, on 2 threads. A round is one forward and one backward of a
-random weighting of the output. pytest-benchmark times the fused backend; nn.LSTM, with the same weights, runs
-in each round's setup and is timed by hand there, so the two alternate round by round and share whatever load
-the machine has. The medians, p20/p80 and the speedup (nn.LSTM median / fused median) go to
+random weighting of the output. The fused backend and nn.LSTM, with the same weights, alternate round by round
+and share whatever load the machine has (``_timing.alternating``). The medians, p20/p80 and the speedup (nn.LSTM median / fused median) go to
 ``benchmarks/results/cpu-<date>.json`` (timing and recording helpers: ``_timing.py``).
 """
 import datetime
 import os
-import time
 
 import pytest
 import torch
@@ -20,7 +18,7 @@ from torch import nn
 import rnn_fast
 from rnn_fast.ops.lstm import unavailable_reason
 
-from _timing import RESULTS_DIR, report, summary, threads_then_results
+from _timing import RESULTS_DIR, alternating, report, threads_then_results
 
 INPUT_SIZE, HIDDEN, LAYERS, SEQ_LEN = 160, 128, 2, 100
 BATCHES = (256, 768)
@@ -43,6 +41,7 @@ def results_file():
 
 def _forward_backward(module: nn.Module, x: torch.Tensor, weight: torch.Tensor):
     def step():
+        module.zero_grad(set_to_none=True)
         output, _ = module(x)
         (output * weight).sum().backward()
 
@@ -60,24 +59,10 @@ def test_forward_backward(benchmark, batch, bidirectional):
     fused.load_state_dict(reference.state_dict())
     x = torch.randn(batch, SEQ_LEN, INPUT_SIZE)
     weight = torch.randn(batch, SEQ_LEN, HIDDEN * (2 if bidirectional else 1))
-    reference_step = _forward_backward(reference, x, weight)
-    reference_seconds = []
-
-    def time_reference_round():
-        reference.zero_grad(set_to_none=True)
-        fused.zero_grad(set_to_none=True)
-        start = time.perf_counter()
-        reference_step()
-        reference_seconds.append(time.perf_counter() - start)
-
     benchmark.group = f"lstm-cpu-B{batch}-{'bi' if bidirectional else 'uni'}"
-    benchmark.pedantic(_forward_backward(fused, x, weight), setup=time_reference_round, rounds=ROUNDS,
-                       warmup_rounds=WARMUP_ROUNDS, iterations=1)
-
-    fused_stats = summary(benchmark.stats.stats.data)
-    torch_stats = summary(reference_seconds[WARMUP_ROUNDS:WARMUP_ROUNDS + ROUNDS])
-    speedup = torch_stats["median_ms"] / fused_stats["median_ms"]
-    benchmark.extra_info.update(torch_median_ms=torch_stats["median_ms"], speedup_vs_torch=speedup)
+    timed = alternating(benchmark, _forward_backward(fused, x, weight), _forward_backward(reference, x, weight),
+                        ROUNDS, WARMUP_ROUNDS)
+    fused_stats, torch_stats, speedup = timed["fused"], timed["torch"], timed["speedup"]
     _records.append({"batch": batch, "bidirectional": bidirectional, "cpu": fused_stats, "torch": torch_stats,
                      "speedup_vs_torch": speedup})
     report(f"{'BLSTM' if bidirectional else 'LSTM'} B={batch}: nn.LSTM {torch_stats['median_ms']:.0f} ms, "

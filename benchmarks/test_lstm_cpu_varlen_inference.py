@@ -15,8 +15,8 @@ both sides. Cases:
 - ``memory``: peak memory of one inference call above what was resident before it, each implementation in a
   fresh process (``_timing.peak_memory_probe``: RSS high-water mark, reset through ``/proc/self/clear_refs``).
 
-pytest-benchmark times the fused backend; nn.LSTM runs in each round's setup and is timed by hand there, so the
-two alternate round by round and share whatever load the machine has. Medians, p20/p80, the speedup (nn.LSTM
+The fused backend and nn.LSTM alternate round by round and share whatever load the machine has
+(``_timing.alternating``). Medians, p20/p80, the speedup (nn.LSTM
 median / fused median) and, for the packed cases, the cost relative to rnn_fast's own padded run of the same
 model and batch go to ``benchmarks/results/cpu-varlen-inference-<date>.json``, with the host's load average
 before and after (the 2-core machine is shared).
@@ -25,7 +25,6 @@ import datetime
 import math
 import multiprocessing
 import os
-import time
 from typing import Callable, NamedTuple, Optional
 
 import pytest
@@ -36,7 +35,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 import rnn_fast
 from rnn_fast.ops.lstm import unavailable_reason
 
-from _timing import RESULTS_DIR, peak_memory_probe, report, summary, threads_then_results
+from _timing import RESULTS_DIR, alternating, peak_memory_probe, report, threads_then_results
 
 INPUT_SIZE, HIDDEN, LAYERS = 160, 128, 2
 NUM_THREADS = 2
@@ -189,20 +188,9 @@ def test_varlen_and_inference(benchmark, case):
         x, tokens = _input(case, generator)
     reference_step = _step(case, reference, x, torch.Generator().manual_seed(2))
     fused_step = _step(case, fused, x, torch.Generator().manual_seed(2))
-    reference_seconds = []
-
-    def time_reference_round():
-        start = time.perf_counter()
-        reference_step()
-        reference_seconds.append(time.perf_counter() - start)
-
     benchmark.group = f"lstm-cpu-{case}"
-    benchmark.pedantic(fused_step, setup=time_reference_round, rounds=case.rounds, warmup_rounds=WARMUP_ROUNDS,
-                       iterations=1)
-    fused_stats = summary(benchmark.stats.stats.data)
-    torch_stats = summary(reference_seconds[WARMUP_ROUNDS:WARMUP_ROUNDS + case.rounds])
-    speedup = torch_stats["median_ms"] / fused_stats["median_ms"]
-    benchmark.extra_info.update(torch_median_ms=torch_stats["median_ms"], speedup_vs_torch=speedup)
+    timed = alternating(benchmark, fused_step, reference_step, case.rounds, WARMUP_ROUNDS)
+    fused_stats, torch_stats, speedup = timed["fused"], timed["torch"], timed["speedup"]
     _records.append({"case": str(case), **case._asdict(), "tokens_over_padded": tokens, "cpu": fused_stats,
                      "torch": torch_stats, "speedup_vs_torch": speedup})
     report(f"{case}: nn.LSTM {torch_stats['median_ms']:.2f} ms, cpu {fused_stats['median_ms']:.2f} ms, "
