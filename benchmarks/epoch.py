@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _timing import peak_memory_probe, summary, synchronize, write_results  # noqa: E402
 
 from rnn_fast import model_backend, resolve_backend  # noqa: E402
-from rnn_fast.models import MODEL_NAMES, build_model  # noqa: E402
+from rnn_fast.nsynth.models import MODEL_NAMES, build_model  # noqa: E402
 from rnn_fast.ops.lstm import BACKENDS  # noqa: E402
 
 SEED_ITERS, SEED_BATCH_SIZE = 369, 768

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from rnn_fast.nsynth import CLASSES, CLIP_SAMPLES, BatchLoader, NSynthSplit, load_split, save_split
+from rnn_fast.nsynth.data import CLASSES, CLIP_SAMPLES, BatchLoader, NSynthSplit, load_split, save_split
 
 from _timing import report, summary, torch_threads, write_results
 

@@ -106,10 +106,10 @@ def time_epochs(data_dir: Path, rounds: int, threads: int, batch_size: int, mode
     recipes epoch by epoch so that a slow spell of the shared machine hits both alike."""
     import torch
 
-    from rnn_fast import nsynth
-    from rnn_fast.models import build_model
-    from rnn_fast.recipes import RECIPES
-    from rnn_fast.training import seed_everything, train_one_epoch
+    from rnn_fast.nsynth import data as nsynth
+    from rnn_fast.nsynth.models import build_model
+    from rnn_fast.nsynth.recipes import RECIPES
+    from rnn_fast.nsynth.training.engine import seed_everything, train_one_epoch
 
     torch.set_num_threads(threads)
     split = nsynth.load_split(data_dir / "rnn_fast_cache", "train")
@@ -160,7 +160,7 @@ def write_report(final_results: dict, ablation_results: dict, epoch_record: Opti
     confusion matrices summed over seeds) and the ablation table."""
     import numpy as np
 
-    from rnn_fast.plots import plot_confusion_comparison
+    from rnn_fast.nsynth.plots import plot_confusion_comparison
 
     runs = final_runs(final_results)
     classes = next(iter(runs.values()))[0]["classes"]

@@ -34,12 +34,12 @@ from typing import List, Optional
 import torch
 
 import rnn_fast
-from rnn_fast import nsynth
-from rnn_fast.audio import FRONT_ENDS
-from rnn_fast.models import MODEL_NAMES, POOLINGS, build_model
-from rnn_fast.plots import write_figures, write_report
-from rnn_fast.recipes import RECIPES, SCHEDULES, Recipe
-from rnn_fast.training import (Distributed, TrainingState, all_gather_objects, distributed_session,
+from rnn_fast.nsynth import data as nsynth
+from rnn_fast.nsynth.audio import FRONT_ENDS
+from rnn_fast.nsynth.models import MODEL_NAMES, POOLINGS, build_model
+from rnn_fast.nsynth.plots import write_figures, write_report
+from rnn_fast.nsynth.recipes import RECIPES, SCHEDULES, Recipe
+from rnn_fast.nsynth.training.engine import (Distributed, TrainingState, all_gather_objects, distributed_session,
                                evaluate, fit, load_checkpoint, metrics_summary, restore_checkpoint, seed_everything,
                                wrap_model, write_json)
 

@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rnn_fast import nsynth
+from rnn_fast.nsynth import data as nsynth
 
-from . import tiny_dataset
+from .. import tiny_dataset
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 OLD_CHECKPOINT = FIXTURES / "checkpoint-robust-ema-before-layout.pt"

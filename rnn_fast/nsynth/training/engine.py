@@ -27,8 +27,8 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 
-from .models import build_model
-from .nsynth import waveform_to_frames
+from ..models import build_model
+from ..data import waveform_to_frames
 
 
 # --------------------------------------------------------------------------------------------------- distributed

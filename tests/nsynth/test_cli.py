@@ -26,12 +26,13 @@ from sklearn.metrics import confusion_matrix as sklearn_confusion_matrix
 from sklearn.metrics import recall_score
 
 import rnn_fast
-from rnn_fast import nsynth, training
-from rnn_fast.models import build_model
+from rnn_fast.nsynth import data as nsynth
+from rnn_fast.nsynth.training import engine as training
+from rnn_fast.nsynth.models import build_model
 from rnn_fast.ops.lstm.fused import MAX_HIDDEN
-from rnn_fast.plots import FIGURES
-from rnn_fast.recipes import RECIPES
-from rnn_fast.training import (Distributed, accuracy, capture_rng_state, confusion_matrix, evaluate,
+from rnn_fast.nsynth.plots import FIGURES
+from rnn_fast.nsynth.recipes import RECIPES
+from rnn_fast.nsynth.training.engine import (Distributed, accuracy, capture_rng_state, confusion_matrix, evaluate,
                                load_checkpoint, per_class_accuracy, restore_rng_state, save_checkpoint, shard_bounds)
 
 REPO = Path(__file__).resolve().parents[1]

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from rnn_fast.audio import FrontEnd, LogMel, RandomEQ, SpecAugment, WaveformAugment, mel_filterbank, normalise_loudness
-from rnn_fast.nsynth import CLIP_SAMPLES, FRAME_SIZE, FRAMES, SAMPLE_RATE
+from rnn_fast.nsynth.audio import FrontEnd, LogMel, RandomEQ, SpecAugment, WaveformAugment, mel_filterbank, normalise_loudness
+from rnn_fast.nsynth.data import CLIP_SAMPLES, FRAME_SIZE, FRAMES, SAMPLE_RATE
 
 
 def reference_filterbank(n_fft: int, n_mels: int, f_min: float, f_max: float) -> np.ndarray:

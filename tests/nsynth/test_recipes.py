@@ -8,11 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rnn_fast import nsynth
-from rnn_fast.audio import FrontEnd
-from rnn_fast.models import build_model
-from rnn_fast.recipes import RECIPES, Recipe, class_weights, cosine_schedule
-from rnn_fast.training import Objective, TrainingState, evaluate, fit, same_class_partners
+from rnn_fast.nsynth import data as nsynth
+from rnn_fast.nsynth.audio import FrontEnd
+from rnn_fast.nsynth.models import build_model
+from rnn_fast.nsynth.recipes import RECIPES, Recipe, class_weights, cosine_schedule
+from rnn_fast.nsynth.training.engine import Objective, TrainingState, evaluate, fit, same_class_partners
 
 
 def test_seed_recipe_is_the_report_setup():

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from .training import Objective
+from .training.engine import Objective
 
 SCHEDULES = ("constant", "cosine")
 

@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from .nsynth.families import FRAME_SIZE, FRAMES, SAMPLE_RATE
+from .data.families import FRAME_SIZE, FRAMES, SAMPLE_RATE
 
 FRONT_ENDS = ("frames", "logmel")
 LOG_FLOOR = 1e-6  # added to the mel power before the log: 60 dB below a unit-RMS signal

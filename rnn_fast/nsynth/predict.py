@@ -16,8 +16,8 @@ import numpy as np
 import torch
 
 import rnn_fast
-from rnn_fast import nsynth
-from rnn_fast.training import load_classifier, predict_logits
+from rnn_fast.nsynth import data as nsynth
+from rnn_fast.nsynth.training.engine import load_classifier, predict_logits
 
 
 def read_clip(path: Path) -> np.ndarray:

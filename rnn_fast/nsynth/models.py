@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .audio import FrontEnd
-from .modules.lstm import LSTM
+from rnn_fast import LSTM
 
 MODEL_NAMES = ("lstm", "blstm", "cnn")
 # Statistics over the steps of the last layer's outputs that each pooling gives the head, side by side.
