@@ -35,13 +35,14 @@ import torch
 
 import rnn_fast
 from rnn_fast.nsynth import data as nsynth
+from rnn_fast.nsynth.atomic import write_json
 from rnn_fast.nsynth.audio import FRONT_ENDS
 from rnn_fast.nsynth.models import MODEL_NAMES, POOLINGS, build_model
 from rnn_fast.nsynth.plots import write_figures, write_report
 from rnn_fast.nsynth.recipes import RECIPES, SCHEDULES, Recipe
 from rnn_fast.nsynth.training.engine import (Distributed, TrainingState, all_gather_objects, distributed_session,
                                evaluate, fit, load_checkpoint, metrics_summary, restore_checkpoint, seed_everything,
-                               wrap_model, write_json)
+                               wrap_model)
 
 CHECKPOINT = "checkpoint.pt"
 # Settings a resumed run must share with the checkpoint it continues (--epochs may grow, unless the learning

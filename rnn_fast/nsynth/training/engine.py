@@ -10,7 +10,6 @@ orders each epoch from ``(seed, epoch)`` alone), so a run killed at any point an
 checkpoint ends, on CPU with a fixed seed, with exactly the metrics of an uninterrupted run.
 """
 import contextlib
-import json
 import math
 import os
 import random
@@ -27,6 +26,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 
+from ..atomic import atomic_write
 from ..models import build_model
 from ..data import waveform_to_frames
 
@@ -304,19 +304,11 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
 
 # --------------------------------------------------------------------------------------------------- checkpoints
 def save_checkpoint(path: Path, state: dict) -> None:
-    """Writes ``state`` next to ``path`` and renames it over ``path``: a kill at any moment leaves either the
-    previous checkpoint or the new one, never a torn file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(temporary, "wb") as handle:
-            torch.save(state, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+    """Writes ``state`` atomically: a kill at any moment leaves either the previous checkpoint or the new one,
+    never a torn file."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(path) as handle:
+        torch.save(state, handle)
 
 
 def load_checkpoint(path: Path, map_location="cpu") -> dict:
@@ -342,14 +334,6 @@ def served_weights(checkpoint: dict) -> dict:
         prefix = "module."
         return {key[len(prefix):]: value for key, value in checkpoint["average"].items() if key.startswith(prefix)}
     return checkpoint["model"]
-
-
-def write_json(path: Path, obj) -> None:
-    """Atomic like :func:`save_checkpoint`, so a reader never sees half a file."""
-    path = Path(path)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(temporary, path)
 
 
 # --------------------------------------------------------------------------------------------------- the loop

@@ -7,8 +7,8 @@ import pytest
 from rnn_fast.nsynth.data import (CLASSES, CLIP_SAMPLES, FAMILIES, SOURCES, SPLITS, BadAudioError, DatasetLayoutError,
                              class_index, load_split, prepare, read_examples, read_wav, save_split, write_wav)
 from rnn_fast.nsynth.data import cache
-from rnn_fast.nsynth.cache import METADATA_FIELDS
-from rnn_fast.nsynth.jsonwav import LAYOUT
+from rnn_fast.nsynth.data.cache import METADATA_FIELDS
+from rnn_fast.nsynth.data.jsonwav import LAYOUT
 
 from .. import indexed_split, tiny_dataset, write_raw_wav
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from rnn_fast.nsynth.data import BatchLoader, load_split, save_split, waveform_to_frames
-from rnn_fast.nsynth.loader import _copy_to_device
+from rnn_fast.nsynth.data.loader import _copy_to_device
 
 from .. import indexed_split, rows_of
 
