@@ -1,7 +1,6 @@
 """A checkpoint written before the classifier moved into ``rnn_fast.nsynth`` (fixtures/README.md) still loads,
 predicts what it predicted then, and resumes."""
 import contextlib
-import importlib.util
 import io
 import json
 import pickletools
@@ -12,27 +11,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rnn_fast.nsynth import data as nsynth
+from rnn_fast.nsynth import cli
+from rnn_fast.nsynth.data import CLASSES, CLIP_SAMPLES, SAMPLE_RATE, write_wav
 
 from .. import tiny_dataset
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 OLD_CHECKPOINT = FIXTURES / "checkpoint-robust-ema-before-layout.pt"
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
-
-
-def load_example(name: str):
-    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def tone_wav(path: Path) -> Path:
     """The decaying 440 Hz tone whose probabilities the fixture's JSON records."""
-    time = np.arange(nsynth.CLIP_SAMPLES) / nsynth.SAMPLE_RATE
+    time = np.arange(CLIP_SAMPLES) / SAMPLE_RATE
     clip = np.round(12000 * np.sin(2 * np.pi * 440 * time) * np.exp(-3 * time)).astype(np.int16)
-    nsynth.write_wav(path, clip, nsynth.SAMPLE_RATE)
+    write_wav(path, clip, SAMPLE_RATE)
     return path
 
 
@@ -49,9 +41,9 @@ def test_old_checkpoint_holds_no_pickled_classes():
 def test_old_checkpoint_predicts_what_it_predicted(tmp_path, capsys):
     expected = json.loads(OLD_CHECKPOINT.with_suffix(".json").read_text())["tone_probabilities"]
     wav = tone_wav(tmp_path / "tone.wav")
-    load_example("predict").main(["--checkpoint", str(OLD_CHECKPOINT), "--json", str(wav)])
+    cli.predict_main(["--checkpoint", str(OLD_CHECKPOINT), "--json", str(wav)])
     printed = json.loads(capsys.readouterr().out)[str(wav)]
-    assert list(printed["probabilities"]) == list(expected) == list(nsynth.CLASSES)
+    assert list(printed["probabilities"]) == list(expected) == list(CLASSES)
     np.testing.assert_allclose(list(printed["probabilities"].values()), list(expected.values()), rtol=1e-5,
                                atol=1e-6)
 
@@ -65,7 +57,7 @@ def test_old_checkpoint_resumes(tmp_path):
     shutil.copy(OLD_CHECKPOINT, out / "checkpoint.pt")
     old = torch.load(OLD_CHECKPOINT, weights_only=True)
     with contextlib.redirect_stdout(io.StringIO()):
-        metrics = load_example("train_nsynth").main([
+        metrics = cli.train_main([
             "--data-dir", str(data), "--cache-dir", str(tmp_path / "cache"), "--out", str(out), "--recipe", "robust",
             "--ema", "0.9", "--hidden", "4", "--layers", "1", "--epochs", "2", "--batch-size", "8",
             "--eval-batch-size", "16", "--no-progress", "--device", "cpu", "--resume"])
