@@ -13,7 +13,7 @@ import torch
 import rnn_fast
 
 from .atomic import write_json
-from .data import BatchLoader, CLASSES, FRAME_SIZE, SOURCES, SPLITS, ensure_builtin_dataset, load_split, prepare
+from .data import CLASSES, FRAME_SIZE, SOURCES, SPLITS, BatchLoader, ensure_builtin_dataset, load_split, prepare
 from .models import MODEL_NAMES, build_model
 from .plots import write_figures, write_report
 from .predict import format_table, predict_files

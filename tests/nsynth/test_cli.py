@@ -242,9 +242,11 @@ def another_value(field: dataclasses.Field):
         return next(choice for choice in choices if choice != field.default)
     if field.type is bool:
         return not field.default
-    if field.type in (int, float):
-        return field.default + field.type(3) / 4 if field.type is float else field.default + 3
-    return (5.0, 15.0)  # noise_snr
+    if field.type is int:
+        return field.default + 3
+    if field.type is float:
+        return field.default + 0.75
+    return (5.0, 15.0)  # noise_snr, the one tuple
 
 
 def test_every_recipe_field_has_a_flag_that_is_unset_by_default():
