@@ -48,7 +48,7 @@ def _run_dir(name: str, seed: int) -> Path:
 def train(name: str, data_dir: Path, flags: List[str], seed: int, results: Path, common: List[str]) -> dict:
     """One ``examples/train_nsynth.py`` run (skipped when ``results`` already holds it); its record is appended
     to ``results`` and returned."""
-    recorded = _load(results)
+    recorded = load_results(results)
     key = f"{name}/seed{seed}"
     if key in recorded:
         return recorded[key]
@@ -74,14 +74,14 @@ def train(name: str, data_dir: Path, flags: List[str], seed: int, results: Path,
         "median_epoch_seconds": statistics.median(entry["epoch_seconds"] for entry in history),
         "wall_seconds": time.perf_counter() - started, "history": history,
     }
-    recorded = _load(results)
+    recorded = load_results(results)
     recorded[key] = record
     results.parent.mkdir(parents=True, exist_ok=True)
     write_json(results, recorded, indent=1)
     return record
 
 
-def _load(results: Path) -> dict:
+def load_results(results: Path) -> dict:
     return json.loads(results.read_text()) if results.exists() else {}
 
 
@@ -229,7 +229,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         final(args.data_dir, args.seeds, args.recipes, args.results)
     elif args.command == "report":
         epoch = RESULTS / "nsynth-dev-epoch.json"
-        print(write_report(_load(RESULTS / "nsynth-dev-final.json"), _load(RESULTS / "nsynth-dev-ablation.json"),
+        print(write_report(load_results(RESULTS / "nsynth-dev-final.json"), load_results(RESULTS / "nsynth-dev-ablation.json"),
                            json.loads(epoch.read_text()) if epoch.exists() else None, args.out))
 
 
