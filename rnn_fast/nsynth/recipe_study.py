@@ -229,7 +229,8 @@ def main(argv: Optional[List[str]] = None) -> None:
         final(args.data_dir, args.seeds, args.recipes, args.results)
     elif args.command == "report":
         epoch = RESULTS / "nsynth-dev-epoch.json"
-        print(write_report(load_results(RESULTS / "nsynth-dev-final.json"), load_results(RESULTS / "nsynth-dev-ablation.json"),
+        print(write_report(load_results(RESULTS / "nsynth-dev-final.json"),
+                           load_results(RESULTS / "nsynth-dev-ablation.json"),
                            json.loads(epoch.read_text()) if epoch.exists() else None, args.out))
 
 
