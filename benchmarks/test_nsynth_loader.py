@@ -1,4 +1,4 @@
-"""Throughput of ``rnn_fast.nsynth.BatchLoader`` from a prepared cache, in examples per second.
+"""Throughput of ``rnn_fast.nsynth.data.BatchLoader`` from a prepared cache, in examples per second.
 
     python -m pytest benchmarks/test_nsynth_loader.py --benchmark-only
 

@@ -107,7 +107,7 @@ def load_split(cache_dir: PathLike, split: str) -> NSynthSplit:
     entry = _read_manifest(cache_dir)["splits"].get(split)
     if entry is None:
         raise FileNotFoundError(f"no prepared {split!r} split in {cache_dir}; "
-                                "run rnn_fast.nsynth.prepare(root, cache_dir) first")
+                                "run rnn_fast.nsynth.data.prepare(root, cache_dir) first")
     return NSynthSplit(audio=np.load(_audio_file(cache_dir, split), mmap_mode="r"),
                        note_strs=entry["note_strs"],
                        **{name: np.load(cache_dir / f"{split}.{name}.npy") for name in METADATA_FIELDS})
@@ -274,5 +274,5 @@ def _read_manifest(cache_dir: Path, missing_ok: bool = False) -> dict:
         return {"version": CACHE_VERSION, "classes": list(CLASSES), "sample_rate": SAMPLE_RATE,
                 "clip_samples": CLIP_SAMPLES, "splits": {}}
     found = "missing" if manifest is None else f"version {manifest.get('version')}, expected {CACHE_VERSION}"
-    raise FileNotFoundError(f"{cache_dir / MANIFEST} is {found}; run rnn_fast.nsynth.prepare(root, cache_dir)")
+    raise FileNotFoundError(f"{cache_dir / MANIFEST} is {found}; run rnn_fast.nsynth.data.prepare(root, cache_dir)")
 

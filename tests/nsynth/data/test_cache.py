@@ -220,7 +220,7 @@ def test_class_index():
 
 
 def test_load_split_before_prepare(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"manifest.json is missing; run rnn_fast.nsynth.prepare"):
+    with pytest.raises(FileNotFoundError, match=r"manifest.json is missing; run rnn_fast.nsynth.data.prepare"):
         load_split(tmp_path, "train")
 
 
