@@ -30,12 +30,11 @@ from typing import Callable, Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import peak_memory_probe, summary, synchronize, write_results  # noqa: E402
+from rnn_fast import model_backend, resolve_backend
+from rnn_fast.nsynth.models import MODEL_NAMES, build_model
+from rnn_fast.ops.lstm import BACKENDS
 
-from rnn_fast import model_backend, resolve_backend  # noqa: E402
-from rnn_fast.models import MODEL_NAMES, build_model  # noqa: E402
-from rnn_fast.ops.lstm import BACKENDS  # noqa: E402
+from _timing import peak_memory_probe, summary, synchronize, write_results
 
 SEED_ITERS, SEED_BATCH_SIZE = 369, 768
 FRAMES, FRAME_SIZE, NUM_CLASSES = 100, 160, 10

@@ -11,7 +11,7 @@ import torch
 
 from epoch import (DEFAULT_BACKENDS, SEED_BATCH_SIZE, SEED_ITERS, DeviceDataset, EpochConfig, TrainingRun,
                    model_backends, skip_reason)
-from rnn_fast.models import MODEL_NAMES
+from rnn_fast.nsynth.models import MODEL_NAMES
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 EPOCH_SIZE = {"cuda": {"iters": SEED_ITERS, "batch_size": SEED_BATCH_SIZE}, "cpu": {"iters": 2, "batch_size": 8}}

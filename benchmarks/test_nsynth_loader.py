@@ -1,4 +1,4 @@
-"""Throughput of ``rnn_fast.nsynth.BatchLoader`` from a prepared cache, in examples per second.
+"""Throughput of ``rnn_fast.nsynth.data.BatchLoader`` from a prepared cache, in examples per second.
 
     python -m pytest benchmarks/test_nsynth_loader.py --benchmark-only
 
@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from rnn_fast.nsynth import CLASSES, CLIP_SAMPLES, BatchLoader, NSynthSplit, load_split, save_split
+from rnn_fast.nsynth.data import CLASSES, CLIP_SAMPLES, BatchLoader, NSynthSplit, load_split, save_split
 
 from _timing import report, summary, torch_threads, write_results
 

@@ -1,17 +1,11 @@
-"""NSynth for the family classifier: the official jsonwav reader, a memory-mapped cache, a batch loader and a
-deterministic synthetic stand-in (see ``ensure_builtin_dataset``)."""
-from .cache import BadAudioError, NSynthSplit, load_split, prepare, save_split
-from .families import (CLASSES, CLIP_SAMPLES, DROPPED_FAMILIES, FAMILIES, FRAME_SIZE, FRAMES, NOTE_SAMPLES, QUALITIES,
-                       SAMPLE_RATE, SOURCES, SPLITS, class_index, make_note_str)
-from .jsonwav import DatasetLayoutError, WavError, read_examples, read_wav, write_wav
-from .loader import BatchLoader, waveform_to_frames
-from .synthetic import BUILTIN_SIZES, default_data_dir, ensure_builtin_dataset, generate_synthetic
+"""The NSynth instrument-family classifier, rnn_fast's first user: an application built on the library.
 
-__all__ = [
-    "FAMILIES", "CLASSES", "DROPPED_FAMILIES", "SOURCES", "QUALITIES", "SPLITS",
-    "SAMPLE_RATE", "NOTE_SAMPLES", "CLIP_SAMPLES", "FRAMES", "FRAME_SIZE", "class_index", "make_note_str",
-    "read_examples", "read_wav", "write_wav", "DatasetLayoutError", "WavError",
-    "prepare", "load_split", "save_split", "NSynthSplit", "BadAudioError",
-    "BatchLoader", "waveform_to_frames",
-    "generate_synthetic", "ensure_builtin_dataset", "default_data_dir", "BUILTIN_SIZES",
-]
+It imports ``rnn_fast`` and never the reverse: ``import rnn_fast`` loads none of it.
+
+* ``data``: NSynth's jsonwav layout, the prepared cache, the synthetic stand-in and the batch loader
+* ``audio``, ``models``, ``recipes``: the front end, the classifiers and what trains them
+* ``training``: the training and evaluation loop, its loss, metrics, checkpoints and distributed pieces
+* ``plots``: the figures and report.md of a run; ``predict``: probabilities of WAV files from a checkpoint
+* ``cli``: the entry points of ``examples/train_nsynth.py`` and ``examples/predict.py``
+* ``atomic``: how files are written; ``recipe_study``: the development-set study behind ``--recipe robust``
+"""

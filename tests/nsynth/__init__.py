@@ -4,7 +4,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rnn_fast.nsynth import CLASSES, CLIP_SAMPLES, SAMPLE_RATE, NSynthSplit, generate_synthetic
+from rnn_fast.nsynth.data import CLASSES, CLIP_SAMPLES, SAMPLE_RATE, NSynthSplit, generate_synthetic
 
 TINY_SIZES = {"n_train": 22, "n_valid": 10, "n_test": 10}  # two notes per family in train, one per class elsewhere
 

@@ -4,13 +4,13 @@ import shutil
 import numpy as np
 import pytest
 
-from rnn_fast.nsynth import (CLASSES, CLIP_SAMPLES, FAMILIES, SOURCES, SPLITS, BadAudioError, DatasetLayoutError,
+from rnn_fast.nsynth.data import (CLASSES, CLIP_SAMPLES, FAMILIES, SOURCES, SPLITS, BadAudioError, DatasetLayoutError,
                              class_index, load_split, prepare, read_examples, read_wav, save_split, write_wav)
-from rnn_fast.nsynth import cache
-from rnn_fast.nsynth.cache import METADATA_FIELDS
-from rnn_fast.nsynth.jsonwav import LAYOUT
+from rnn_fast.nsynth.data import cache
+from rnn_fast.nsynth.data.cache import METADATA_FIELDS
+from rnn_fast.nsynth.data.jsonwav import LAYOUT
 
-from . import indexed_split, tiny_dataset, write_raw_wav
+from .. import indexed_split, tiny_dataset, write_raw_wav
 
 
 @pytest.fixture(scope="module")
@@ -220,7 +220,7 @@ def test_class_index():
 
 
 def test_load_split_before_prepare(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"manifest.json is missing; run rnn_fast.nsynth.prepare"):
+    with pytest.raises(FileNotFoundError, match=r"manifest.json is missing; run rnn_fast.nsynth.data.prepare"):
         load_split(tmp_path, "train")
 
 

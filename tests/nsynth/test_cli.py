@@ -1,15 +1,15 @@
-"""Training, evaluation, checkpoints and the example scripts, end to end on a tiny synthetic NSynth.
+"""The command lines (rnn_fast.nsynth.cli behind examples/train_nsynth.py and examples/predict.py), end to end on a
+tiny synthetic NSynth: training, evaluation, checkpoints, resume, torchrun, prediction, and the recipe flags.
 
-One short run of ``examples/train_nsynth.py`` (module fixture) is the reference that the other end-to-end tests
-compare against: a run killed with SIGKILL and resumed must reproduce its metrics.json exactly, and a
-two-process torchrun (gloo) run with the same global batch must reproduce its training curve.
+One short run (module fixture) is the reference that the other end-to-end tests compare against: a run killed
+with SIGKILL and resumed must reproduce its metrics.json exactly, and a two-process torchrun (gloo) run with the
+same global batch must reproduce its training curve.
 """
 import contextlib
-import importlib.util
+import dataclasses
 import io
 import json
 import os
-import random
 import re
 import signal
 import subprocess
@@ -26,15 +26,17 @@ from sklearn.metrics import confusion_matrix as sklearn_confusion_matrix
 from sklearn.metrics import recall_score
 
 import rnn_fast
-from rnn_fast import nsynth, training
-from rnn_fast.models import build_model
+from rnn_fast.nsynth import cli
+from rnn_fast.nsynth.data import (CLASSES, CLIP_SAMPLES, SAMPLE_RATE, WavError, generate_synthetic, load_split,
+                                  prepare, waveform_to_frames, write_wav)
+from rnn_fast.nsynth.models import build_model
+from rnn_fast.nsynth.plots import FIGURES
+from rnn_fast.nsynth.recipes import RECIPES, Recipe
+from rnn_fast.nsynth.training import engine
+from rnn_fast.nsynth.training.checkpoint import load_checkpoint, load_classifier
 from rnn_fast.ops.lstm.fused import MAX_HIDDEN
-from rnn_fast.plots import FIGURES
-from rnn_fast.recipes import RECIPES
-from rnn_fast.training import (Distributed, accuracy, capture_rng_state, confusion_matrix, evaluate,
-                               load_checkpoint, per_class_accuracy, restore_rng_state, save_checkpoint, shard_bounds)
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "examples"
 EPOCHS = 4
 METRICS_KEYS = {"model", "backend", "recipe", "tested_epoch", "test_accuracy", "per_class_accuracy", "confusion_matrix",
@@ -42,24 +44,13 @@ METRICS_KEYS = {"model", "backend", "recipe", "tested_epoch", "test_accuracy", "
 HISTORY_KEYS = {"epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "epoch_seconds"}
 
 
-def load_example(name: str):
-    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-train_nsynth = load_example("train_nsynth")
-predict = load_example("predict")
-
-
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     """600 training notes (two instruments per family and source, synth_lead dropped), 60 validation and 60 test
     notes from unseen instruments."""
     base = tmp_path_factory.mktemp("nsynth")
-    root = nsynth.generate_synthetic(base / "root", n_train=660, n_valid=60, n_test=60, seed=0, progress=False)
-    cache = nsynth.prepare(root, base / "cache", workers=1, progress=False)
+    root = generate_synthetic(base / "root", n_train=660, n_valid=60, n_test=60, seed=0, progress=False)
+    cache = prepare(root, base / "cache", workers=1, progress=False)
     return root, cache
 
 
@@ -77,7 +68,7 @@ def reference_run(dataset, tmp_path_factory):
     out = tmp_path_factory.mktemp("reference")
     console = io.StringIO()
     with contextlib.redirect_stdout(console):
-        metrics = train_nsynth.main(run_args(dataset, out))
+        metrics = cli.train_main(run_args(dataset, out))
     return out, metrics, console.getvalue()
 
 
@@ -97,71 +88,6 @@ def without_timings(metrics: dict) -> dict:
                                    for entry in metrics["history"]]}
 
 
-# ----------------------------------------------------------------------------------------------- metrics
-@pytest.mark.parametrize("num_classes,count,seed", [(10, 257, 0), (4, 31, 1), (7, 5, 2)],
-                         ids=["C10-N257", "C4-N31", "C7-N5"])
-def test_metrics_match_scikit_learn(num_classes, count, seed):
-    rng = np.random.default_rng(seed)
-    # The last class never occurs as a true label: its per-class accuracy is undefined.
-    y_true = rng.integers(0, num_classes - 1, count)
-    y_pred = np.where(rng.random(count) < 0.6, y_true, rng.integers(0, num_classes, count))
-    labels = list(range(num_classes))
-    confusion = confusion_matrix(y_true, y_pred, num_classes)
-    np.testing.assert_array_equal(confusion, sklearn_confusion_matrix(y_true, y_pred, labels=labels))
-    assert accuracy(y_true, y_pred) == pytest.approx(accuracy_score(y_true, y_pred), abs=1e-15)
-    np.testing.assert_allclose(per_class_accuracy(confusion),
-                               recall_score(y_true, y_pred, labels=labels, average=None, zero_division=np.nan),
-                               rtol=1e-15)
-
-
-@pytest.mark.parametrize("count,world_size", [(10, 3), (2, 3), (61, 2), (7, 1)])
-def test_evaluation_shards_cover_every_example_once(count, world_size):
-    covered = np.concatenate([np.arange(count)[shard_bounds(count, Distributed(rank, world_size))]
-                              for rank in range(world_size)])
-    np.testing.assert_array_equal(covered, np.arange(count))
-
-
-def test_evaluate_returns_every_logit_in_split_order():
-    torch.manual_seed(0)
-    model = build_model("blstm", hidden_size=5, num_layers=1, num_classes=10)
-    audio = np.random.default_rng(0).integers(-2**15, 2**15, (11, nsynth.CLIP_SAMPLES), dtype=np.int16)
-    labels = np.arange(11) % 10
-    evaluation = evaluate(model, audio, labels, batch_size=4, device=torch.device("cpu"))
-    with torch.no_grad():
-        logits = model(nsynth.waveform_to_frames(audio))
-    np.testing.assert_allclose(evaluation.logits, logits.numpy(), rtol=2e-5, atol=2e-5)
-    assert evaluation.loss == pytest.approx(torch.nn.functional.cross_entropy(logits, torch.from_numpy(labels)).item(),
-                                            rel=1e-5)
-    assert evaluation.accuracy == accuracy_score(labels, logits.argmax(1).numpy())
-
-
-# ----------------------------------------------------------------------------------------------- checkpoints
-def test_rng_state_round_trips_through_a_checkpoint(tmp_path):
-    torch.manual_seed(3), np.random.seed(4), random.seed(5)
-    save_checkpoint(tmp_path / "rng.pt", {"rng": capture_rng_state()})
-    expected = (torch.rand(3), np.random.rand(3), [random.random() for _ in range(3)])
-    restore_rng_state(load_checkpoint(tmp_path / "rng.pt")["rng"])  # weights_only=True load
-    torch.testing.assert_close(torch.rand(3), expected[0], rtol=0, atol=0)
-    np.testing.assert_array_equal(np.random.rand(3), expected[1])
-    assert [random.random() for _ in range(3)] == expected[2]
-
-
-def test_failed_checkpoint_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
-    path = tmp_path / "checkpoint.pt"
-    save_checkpoint(path, {"epoch": 1})
-
-    def torn_save(obj, handle):
-        handle.write(b"half a checkpoint")
-        raise OSError("disk full")
-
-    monkeypatch.setattr(torch, "save", torn_save)
-    with pytest.raises(OSError, match="disk full"):
-        save_checkpoint(path, {"epoch": 2})
-    monkeypatch.undo()
-    assert load_checkpoint(path) == {"epoch": 1}
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]
-
-
 # ----------------------------------------------------------------------------------------------- end to end
 def test_training_learns_well_above_chance(reference_run):
     _, metrics, _ = reference_run
@@ -175,11 +101,11 @@ def test_metrics_json_has_exactly_the_documented_content(reference_run, dataset)
     out, metrics, _ = reference_run
     assert json.loads((out / "metrics.json").read_text()) == metrics
     assert set(metrics) == METRICS_KEYS
-    assert metrics["model"] == "lstm" and metrics["classes"] == list(nsynth.CLASSES)
+    assert metrics["model"] == "lstm" and metrics["classes"] == list(CLASSES)
     assert (metrics["n_train"], metrics["n_valid"], metrics["n_test"]) == (600, 60, 60)
     assert [entry["epoch"] for entry in metrics["history"]] == list(range(1, EPOCHS + 1))
     assert all(set(entry) == HISTORY_KEYS for entry in metrics["history"])
-    assert list(metrics["per_class_accuracy"]) == list(nsynth.CLASSES)
+    assert list(metrics["per_class_accuracy"]) == list(CLASSES)
 
 
 def test_metrics_json_matches_scikit_learn_on_the_checkpoint(reference_run, dataset):
@@ -187,10 +113,10 @@ def test_metrics_json_matches_scikit_learn_on_the_checkpoint(reference_run, data
     checkpoint = load_checkpoint(out / "checkpoint.pt")
     model = build_model(**checkpoint["config"]["model_config"])
     model.load_state_dict(checkpoint["model"])
-    test = nsynth.load_split(dataset[1], "test")
+    test = load_split(dataset[1], "test")
     with torch.no_grad():
-        predictions = model.eval()(nsynth.waveform_to_frames(np.asarray(test.audio))).argmax(1).numpy()
-    labels = list(range(len(nsynth.CLASSES)))
+        predictions = model.eval()(waveform_to_frames(np.asarray(test.audio))).argmax(1).numpy()
+    labels = list(range(len(CLASSES)))
     confusion = sklearn_confusion_matrix(test.labels, predictions, labels=labels)
     assert metrics["confusion_matrix"] == confusion.tolist()
     assert metrics["test_accuracy"] == pytest.approx(accuracy_score(test.labels, predictions), abs=1e-12)
@@ -211,7 +137,7 @@ def test_figures_and_report_are_written(reference_run):
 
 def test_resume_after_kill_reproduces_the_uninterrupted_run(reference_run, dataset, tmp_path):
     out = tmp_path / "killed"
-    checkpoint = out / train_nsynth.CHECKPOINT
+    checkpoint = out / cli.CHECKPOINT
     process = subprocess.Popen([sys.executable, str(EXAMPLES / "train_nsynth.py"), *run_args(dataset, out)],
                                env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 240
@@ -227,29 +153,29 @@ def test_resume_after_kill_reproduces_the_uninterrupted_run(reference_run, datas
     assert 1 <= killed_after < EPOCHS
 
     with pytest.raises(SystemExit, match="--resume"):
-        train_nsynth.main(run_args(dataset, out))
-    resumed = train_nsynth.main(run_args(dataset, out) + ["--resume"])
+        cli.train_main(run_args(dataset, out))
+    resumed = cli.train_main(run_args(dataset, out) + ["--resume"])
     assert without_timings(resumed) == without_timings(reference_run[1])
 
 
 def test_robust_recipe_beats_chance(dataset, tmp_path):
     """A few seconds of the robust recipe (log-mel front end, mean pooling, cosine schedule, best-epoch selection)
     on the synthetic set beats chance (10%), and the checkpoint serves the selected epoch's weights."""
-    metrics = train_nsynth.main(run_args(dataset, tmp_path, epochs=2) + ["--recipe", "robust", "--lr", "0.01"])
+    metrics = cli.train_main(run_args(dataset, tmp_path, epochs=2) + ["--recipe", "robust", "--lr", "0.01"])
     assert metrics["recipe"] == RECIPES["robust"].replace(lr=0.01).as_dict()
     assert metrics["test_accuracy"] >= 0.25, metrics
     assert metrics["tested_epoch"] == 1 + int(np.argmax([entry["val_accuracy"] for entry in metrics["history"]]))
-    checkpoint = load_checkpoint(tmp_path / train_nsynth.CHECKPOINT)
-    served, _ = training.load_classifier(tmp_path / train_nsynth.CHECKPOINT, torch.device("cpu"))
+    checkpoint = load_checkpoint(tmp_path / cli.CHECKPOINT)
+    served, _ = load_classifier(tmp_path / cli.CHECKPOINT, torch.device("cpu"))
     assert all(torch.equal(value, checkpoint["best_model"][name]) for name, value in served.state_dict().items())
 
 
 def test_a_run_with_a_weight_average_serves_the_average(dataset, tmp_path):
     """Without --select-best, fit tests the moving average; predict.py's loader must serve that, not the raw
     weights that the checkpoint keeps for --resume."""
-    train_nsynth.main(run_args(dataset, tmp_path, epochs=1) + ["--ema", "0.9"])
-    checkpoint = load_checkpoint(tmp_path / train_nsynth.CHECKPOINT)
-    served, _ = training.load_classifier(tmp_path / train_nsynth.CHECKPOINT, torch.device("cpu"))
+    cli.train_main(run_args(dataset, tmp_path, epochs=1) + ["--ema", "0.9"])
+    checkpoint = load_checkpoint(tmp_path / cli.CHECKPOINT)
+    served, _ = load_classifier(tmp_path / cli.CHECKPOINT, torch.device("cpu"))
     averaged = {name[len("module."):]: value for name, value in checkpoint["average"].items()
                 if name.startswith("module.")}
     assert served.state_dict().keys() == averaged.keys()
@@ -267,27 +193,27 @@ def test_augmented_recipe_resumes_exactly(dataset, tmp_path, monkeypatch):
             "--time-masks", "1", "--freq-shift", "2", "--eq-db", "3", "--reverb", "0.2", "--mixup", "0.2",
             "--dropout", "0.1", "--label-smoothing", "0.1", "--ema", "0.9", "--pooling", "meanstdmax"]
 
-    metrics = train_nsynth.main(augmented_args(tmp_path / "uninterrupted"))
-    save_checkpoint = training.save_checkpoint
+    metrics = cli.train_main(augmented_args(tmp_path / "uninterrupted"))
+    save_checkpoint = engine.save_checkpoint
 
     def save_then_stop(path, state):
         save_checkpoint(path, state)
         if state["epoch"] == 1:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(training, "save_checkpoint", save_then_stop)
+    monkeypatch.setattr(engine, "save_checkpoint", save_then_stop)
     with pytest.raises(KeyboardInterrupt):
-        train_nsynth.main(augmented_args(tmp_path / "interrupted"))
+        cli.train_main(augmented_args(tmp_path / "interrupted"))
     monkeypatch.undo()
     with pytest.raises(SystemExit, match="epochs"):  # the cosine schedule spans the run: its length is fixed
-        train_nsynth.main(augmented_args(tmp_path / "interrupted") + ["--epochs", "3", "--resume"])
-    resumed = train_nsynth.main(augmented_args(tmp_path / "interrupted") + ["--resume"])
+        cli.train_main(augmented_args(tmp_path / "interrupted") + ["--epochs", "3", "--resume"])
+    resumed = cli.train_main(augmented_args(tmp_path / "interrupted") + ["--resume"])
     assert without_timings(resumed) == without_timings(metrics)
 
 
 def test_recipe_flags_override_the_chosen_recipe():
     def recipe(*flags):
-        return train_nsynth.resolve_recipe(train_nsynth.parse_args(list(flags)))
+        return cli.resolve_recipe(cli.parse_train_args(list(flags)))
 
     assert recipe() == RECIPES["seed"]
     assert recipe("--recipe", "robust") == RECIPES["robust"]
@@ -301,15 +227,72 @@ def test_recipe_flags_override_the_chosen_recipe():
     assert recipe("--model", "cnn", "--weight-decay", "0.1").weight_decay == 0.1
 
 
+def recipe_fields():
+    return [field for field in dataclasses.fields(Recipe) if field.name != "name"]
+
+
+def flag(field: dataclasses.Field) -> str:
+    return "--" + field.name.replace("_", "-")
+
+
+def another_value(field: dataclasses.Field):
+    """A value of the field other than the seed recipe's, that a recipe accepts with the others' such values."""
+    choices = field.metadata.get("choices")
+    if choices:
+        return next(choice for choice in choices if choice != field.default)
+    if field.type is bool:
+        return not field.default
+    if field.type is int:
+        return field.default + 3
+    if field.type is float:
+        return field.default + 0.75
+    return (5.0, 15.0)  # noise_snr, the one tuple
+
+
+def test_every_recipe_field_has_a_flag_that_is_unset_by_default():
+    args = cli.parse_train_args([])
+    for field in recipe_fields():
+        assert field.metadata["help"], field.name
+        assert getattr(args, field.name) is None, field.name  # unset: the chosen recipe's value stays
+    help_text = subprocess.run([sys.executable, str(EXAMPLES / "train_nsynth.py"), "--help"], env=subprocess_env(),
+                               capture_output=True, text=True, check=True).stdout
+    for field in recipe_fields():
+        assert flag(field) in help_text, field.name
+        if field.type is bool:
+            assert f"--no-{flag(field)[2:]}" in help_text, field.name
+
+
+def test_every_recipe_field_round_trips_through_its_flag():
+    """A recipe that differs from the seed in every field, written as flags, reads back as itself."""
+    changed = Recipe(**{field.name: another_value(field) for field in recipe_fields()})
+    assert all(getattr(changed, field.name) != field.default for field in recipe_fields())
+    flags = []
+    for field in recipe_fields():
+        value = getattr(changed, field.name)
+        if field.type is bool:
+            flags.append(flag(field) if value else f"--no-{flag(field)[2:]}")
+        else:
+            flags += [flag(field), ",".join(map(str, value)) if isinstance(value, tuple) else str(value)]
+    assert cli.resolve_recipe(cli.parse_train_args(flags)) == changed
+    assert cli.resolve_recipe(cli.parse_train_args(["--recipe", "robust", *flags])) == dataclasses.replace(
+        changed, name="robust")
+
+
+def test_predict_script_help():
+    completed = subprocess.run([sys.executable, str(EXAMPLES / "predict.py"), "--help"], env=subprocess_env(),
+                               capture_output=True, text=True, check=True)
+    assert "--checkpoint" in completed.stdout and "16-bit PCM mono at 16 kHz" in completed.stdout
+
+
 @pytest.mark.parametrize("model,size_flags", [("blstm", ["--hidden", "8"]), ("cnn", ["--cnn-width", "4"])])
 def test_other_models_train_end_to_end(model, size_flags, dataset, tmp_path):
     out = tmp_path / model
-    metrics = train_nsynth.main(run_args(dataset, out, epochs=1) + ["--model", model, *size_flags])
+    metrics = cli.train_main(run_args(dataset, out, epochs=1) + ["--model", model, *size_flags])
     assert metrics["model"] == model and len(metrics["history"]) == 1
     # The cpu backend runs every LSTM on CPU here when the extension is built (test_available_backends checks that).
     expected = "none" if model == "cnn" else ("cpu" if "cpu" in rnn_fast.available_backends() else "torch")
     assert metrics["backend"] == expected
-    assert load_checkpoint(out / train_nsynth.CHECKPOINT)["config"]["model_config"]["name"] == model
+    assert load_checkpoint(out / cli.CHECKPOINT)["config"]["model_config"]["name"] == model
 
 
 def test_metrics_record_the_backend_that_ran_after_a_fallback(dataset, tmp_path):
@@ -319,7 +302,7 @@ def test_metrics_record_the_backend_that_ran_after_a_fallback(dataset, tmp_path)
     hidden = MAX_HIDDEN + 1
     rnn_fast.modules.lstm._warned.clear()
     with pytest.warns(UserWarning, match="backend 'triton' cannot run this input"):
-        metrics = train_nsynth.main(run_args(dataset, tmp_path, epochs=1)
+        metrics = cli.train_main(run_args(dataset, tmp_path, epochs=1)
                                     + ["--backend", "triton", "--hidden", str(hidden), "--layers", "1"])
     assert metrics["backend"] == "torch"
 
@@ -327,7 +310,7 @@ def test_metrics_record_the_backend_that_ran_after_a_fallback(dataset, tmp_path)
 def test_resume_refuses_a_checkpoint_trained_with_other_settings(reference_run, dataset):
     out, _, _ = reference_run
     with pytest.raises(SystemExit, match="hidden_size"):
-        train_nsynth.main(run_args(dataset, out) + ["--hidden", "16", "--resume"])
+        cli.train_main(run_args(dataset, out) + ["--hidden", "16", "--resume"])
 
 
 def test_torchrun_two_cpu_processes_follow_the_single_process_run(reference_run, dataset, tmp_path):
@@ -353,7 +336,7 @@ def test_torchrun_two_cpu_processes_follow_the_single_process_run(reference_run,
     assert {k: metrics[k] for k in ("n_train", "n_valid", "n_test", "classes")} == \
         {k: single[k] for k in ("n_train", "n_valid", "n_test", "classes")}
     assert np.sum(metrics["confusion_matrix"]) == single["n_test"]
-    checkpoint = load_checkpoint(out / train_nsynth.CHECKPOINT)
+    checkpoint = load_checkpoint(out / cli.CHECKPOINT)
     assert checkpoint["world_size"] == 2 and len(checkpoint["rng"]) == 2
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in reference_out.iterdir())
 
@@ -361,41 +344,41 @@ def test_torchrun_two_cpu_processes_follow_the_single_process_run(reference_run,
 def test_predict_script_gives_the_models_probabilities(reference_run, dataset, tmp_path, capsys):
     out, _, _ = reference_run
     root, cache = dataset
-    test = nsynth.load_split(cache, "test")
+    test = load_split(cache, "test")
     rows = [0, 13, 42]
     wavs = [root / "nsynth-test" / "audio" / f"{test.note_strs[row]}.wav" for row in rows]
     short = tmp_path / "short.wav"
-    nsynth.write_wav(short, np.asarray(test.audio[5, :9000]), nsynth.SAMPLE_RATE)
+    write_wav(short, np.asarray(test.audio[5, :9000]), SAMPLE_RATE)
 
-    results = predict.main(["--checkpoint", str(out / "checkpoint.pt"), "--json", *map(str, wavs), str(short)])
+    results = cli.predict_main(["--checkpoint", str(out / "checkpoint.pt"), "--json", *map(str, wavs), str(short)])
     printed = json.loads(capsys.readouterr().out)
 
     checkpoint = load_checkpoint(out / "checkpoint.pt")
     model = build_model(**checkpoint["config"]["model_config"])
     model.load_state_dict(checkpoint["model"])
-    padded = np.zeros(nsynth.CLIP_SAMPLES, np.int16)
+    padded = np.zeros(CLIP_SAMPLES, np.int16)
     padded[:9000] = test.audio[5, :9000]
     clips = np.concatenate([np.asarray(test.audio[rows]), padded[None]])
     with torch.no_grad():
-        expected = torch.softmax(model.eval()(nsynth.waveform_to_frames(clips)), dim=1).numpy()
+        expected = torch.softmax(model.eval()(waveform_to_frames(clips)), dim=1).numpy()
     for path, probabilities in zip([*wavs, short], expected):
         entry = printed[str(path)]
-        assert list(entry["probabilities"]) == list(nsynth.CLASSES)
+        assert list(entry["probabilities"]) == list(CLASSES)
         np.testing.assert_allclose(list(entry["probabilities"].values()), probabilities, rtol=1e-5, atol=1e-6)
-        assert entry["prediction"] == nsynth.CLASSES[int(probabilities.argmax())]
+        assert entry["prediction"] == CLASSES[int(probabilities.argmax())]
         assert results[str(path)] == entry["probabilities"]
 
 
 def test_predict_script_table_and_rejected_sample_rate(reference_run, dataset, tmp_path, capsys):
     out, _, _ = reference_run
     wav = tmp_path / "note.wav"
-    nsynth.write_wav(wav, np.zeros(nsynth.CLIP_SAMPLES, np.int16), nsynth.SAMPLE_RATE)
-    predict.main(["--checkpoint", str(out / "checkpoint.pt"), str(wav)])
+    write_wav(wav, np.zeros(CLIP_SAMPLES, np.int16), SAMPLE_RATE)
+    cli.predict_main(["--checkpoint", str(out / "checkpoint.pt"), str(wav)])
     header, row = capsys.readouterr().out.splitlines()
-    assert header.split() == ["file", "prediction", *nsynth.CLASSES]
-    assert row.split()[0] == str(wav) and len(row.split()) == 2 + len(nsynth.CLASSES)
+    assert header.split() == ["file", "prediction", *CLASSES]
+    assert row.split()[0] == str(wav) and len(row.split()) == 2 + len(CLASSES)
 
     wrong_rate = tmp_path / "44k.wav"
-    nsynth.write_wav(wrong_rate, np.zeros(44100, np.int16), 44100)
-    with pytest.raises(nsynth.WavError, match="44100 Hz"):
-        predict.main(["--checkpoint", str(out / "checkpoint.pt"), str(wrong_rate)])
+    write_wav(wrong_rate, np.zeros(44100, np.int16), 44100)
+    with pytest.raises(WavError, match="44100 Hz"):
+        cli.predict_main(["--checkpoint", str(out / "checkpoint.pt"), str(wrong_rate)])

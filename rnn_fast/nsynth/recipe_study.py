@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """The development-set study behind ``--recipe robust`` (docs/nsynth.md, "Choosing the robust recipe").
 
 The development set is rendered from General MIDI soundfonts by ``../shared/tools/render_gm_nsynth.py`` (outside
@@ -10,15 +9,18 @@ choices are made on a proxy: the same train and valid notes, with the test split
 
   python ../shared/tools/render_gm_nsynth.py /data/gm-nsynth                                   # the set
   python ../shared/tools/render_gm_nsynth.py /data/gm-proxy --test timgm=/usr/share/sounds/sf2/TimGM6mb.sf2
-  python benchmarks/nsynth_dev.py run --data-dir /data/gm-proxy NAME -- FLAGS   # one ablation run, seed 0
-  python benchmarks/nsynth_dev.py final --data-dir /data/gm-nsynth             # both recipes x 3 seeds, test once
-  python benchmarks/nsynth_dev.py time --data-dir /data/gm-nsynth              # epoch seconds, alternating
-  python benchmarks/nsynth_dev.py report                                       # docs/nsynth-dev/report.md
+  python -m rnn_fast.nsynth.recipe_study run --data-dir /data/gm-proxy NAME -- FLAGS   # one ablation run, seed 0
+  python -m rnn_fast.nsynth.recipe_study final --data-dir /data/gm-nsynth     # both recipes x 3 seeds, test once
+  python benchmarks/recipe_epoch.py --data-dir /data/gm-nsynth                # epoch seconds, alternating
+  python -m rnn_fast.nsynth.recipe_study report                               # docs/nsynth-dev/report.md
 
 Every run is ``examples/train_nsynth.py`` in a subprocess under ``nice -n 10`` with ``OMP_NUM_THREADS`` =
 ``$NSYNTH_DEV_THREADS`` (default 1: on a 2-core machine shared with other jobs, one thread wastes no time waiting
 for a descheduled partner in every step's barriers); results are appended to ``benchmarks/results/nsynth-dev-*.json``
 as each run ends (a rerun skips what is recorded). Thread counts change no accuracy beyond summation order.
+
+The study works in a checkout of the repository, whose files it reads and writes (examples/, runs/,
+benchmarks/results/, docs/nsynth-dev/), wherever it is started from.
 """
 import argparse
 import json
@@ -31,7 +33,9 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
-REPO = Path(__file__).resolve().parents[1]
+from .atomic import write_json
+
+REPO = Path(__file__).resolve().parents[2]
 RESULTS = REPO / "benchmarks" / "results"
 THREADS = int(os.environ.get("NSYNTH_DEV_THREADS", "1"))
 
@@ -44,11 +48,13 @@ def _run_dir(name: str, seed: int) -> Path:
 def train(name: str, data_dir: Path, flags: List[str], seed: int, results: Path, common: List[str]) -> dict:
     """One ``examples/train_nsynth.py`` run (skipped when ``results`` already holds it); its record is appended
     to ``results`` and returned."""
-    recorded = _load(results)
+    recorded = load_results(results)
     key = f"{name}/seed{seed}"
     if key in recorded:
         return recorded[key]
     out = _run_dir(name, seed)
+    if not (REPO / "examples" / "train_nsynth.py").is_file():
+        raise SystemExit(f"{REPO} is no checkout of the repository: the study trains with examples/train_nsynth.py")
     argv = ["examples/train_nsynth.py", "--data-dir", str(data_dir), *common, *flags, "--seed", str(seed),
             "--out", str(out), "--overwrite", "--no-progress", "--log-every", "1000000"]
     started = time.perf_counter()
@@ -68,14 +74,14 @@ def train(name: str, data_dir: Path, flags: List[str], seed: int, results: Path,
         "median_epoch_seconds": statistics.median(entry["epoch_seconds"] for entry in history),
         "wall_seconds": time.perf_counter() - started, "history": history,
     }
-    recorded = _load(results)
+    recorded = load_results(results)
     recorded[key] = record
     results.parent.mkdir(parents=True, exist_ok=True)
-    results.write_text(json.dumps(recorded, indent=1) + "\n")
+    write_json(results, recorded, indent=1)
     return record
 
 
-def _load(results: Path) -> dict:
+def load_results(results: Path) -> dict:
     return json.loads(results.read_text()) if results.exists() else {}
 
 
@@ -87,7 +93,8 @@ def _line(record: dict, unseen_name: str) -> str:
 
 # ------------------------------------------------------------------------------------------------ the study
 # Both recipes train for the same epochs at the same batch, in the ablation and in the final runs.
-COMMON = ["--device", "cpu", "--backend", "cpu", "--epochs", "20", "--batch-size", "64"]
+BATCH_SIZE = 64
+COMMON = ["--device", "cpu", "--backend", "cpu", "--epochs", "20", "--batch-size", str(BATCH_SIZE)]
 FINAL = {"seed": ["--recipe", "seed"], "robust": ["--recipe", "robust"]}
 FINAL_SEEDS = (0, 1, 2)
 
@@ -97,45 +104,6 @@ def final(data_dir: Path, seeds: List[int], recipes: List[str], results: Path) -
         for name in recipes:
             flags = FINAL[name]
             print(_line(train(f"final-{name}", data_dir, flags, seed, results, COMMON), "test"), flush=True)
-
-
-def time_epochs(data_dir: Path, rounds: int, threads: int, batch_size: int, model_name: str) -> dict:
-    """Median seconds of one training epoch of each recipe over the development set's train split, measured
-    like the training script's ``epoch_seconds`` (``train_one_epoch``: batches from the cache, the recipe's
-    objective, schedule and weight average) in this one process, a warm-up epoch each, then ``rounds`` rounds alternating the
-    recipes epoch by epoch so that a slow spell of the shared machine hits both alike."""
-    import torch
-
-    from rnn_fast import nsynth
-    from rnn_fast.models import build_model
-    from rnn_fast.recipes import RECIPES
-    from rnn_fast.training import seed_everything, train_one_epoch
-
-    torch.set_num_threads(threads)
-    split = nsynth.load_split(data_dir / "rnn_fast_cache", "train")
-    runs = {}
-    for name in FINAL:
-        recipe = RECIPES[name]
-        seed_everything(0)
-        model = build_model(model_name, **recipe.model_options(), backend="cpu")
-        optimizer = recipe.optimizer(model.parameters())
-        loader = nsynth.BatchLoader(split, batch_size, seed=0)
-        runs[name] = (model, loader, optimizer, recipe.objective(split.labels, len(nsynth.CLASSES)),
-                      recipe.scheduler(optimizer, rounds + 1, len(loader)), recipe.weight_average(model))
-    seconds = {name: [] for name in runs}
-    for round_index in range(rounds + 1):
-        for name, (model, loader, optimizer, objective, scheduler, average) in runs.items():
-            loader.set_epoch(round_index)
-            started = time.perf_counter()
-            train_one_epoch(model, loader, optimizer, round_index, rounds, progress=False, objective=objective,
-                            scheduler=scheduler, average=average)
-            if round_index:  # round 0 warms up
-                seconds[name].append(time.perf_counter() - started)
-    ratios = [robust / seed for seed, robust in zip(seconds["seed"], seconds["robust"])]
-    return {"model": model_name, "batch_size": batch_size, "threads": threads, "train_examples": len(split),
-            "steps_per_epoch": len(runs["seed"][1]), "seconds": seconds,
-            "median_seconds": {name: statistics.median(values) for name, values in seconds.items()},
-            "median_ratio_robust_to_seed": statistics.median(ratios), "ratios": ratios}
 
 
 def _mean_std(values: List[float]) -> str:
@@ -160,7 +128,7 @@ def write_report(final_results: dict, ablation_results: dict, epoch_record: Opti
     confusion matrices summed over seeds) and the ablation table."""
     import numpy as np
 
-    from rnn_fast.plots import plot_confusion_comparison
+    from .plots import plot_confusion_comparison
 
     runs = final_runs(final_results)
     classes = next(iter(runs.values()))[0]["classes"]
@@ -171,7 +139,7 @@ def write_report(final_results: dict, ablation_results: dict, epoch_record: Opti
     plot_confusion_comparison(confusions, classes, out_dir / "confusion_comparison.png")
     names = list(runs)
     lines = ["# NSynth development set: the seed and robust recipes side by side", "",
-             "Written by `python benchmarks/nsynth_dev.py report` from "
+             "Written by `python -m rnn_fast.nsynth.recipe_study report` from "
              "`benchmarks/results/nsynth-dev-{final,ablation,epoch}.json`; how the set, the protocol and the "
              "recipes are defined: [docs/nsynth.md](../nsynth.md#the-development-set).", "",
              "## Both recipes", "",
@@ -245,14 +213,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     ablation.add_argument("flags", nargs=argparse.REMAINDER)
     finals = commands.add_parser("final", help="both recipes over the seeds on the development set, test once")
     finals.add_argument("--recipes", nargs="+", choices=tuple(FINAL), default=list(FINAL))
-    timing = commands.add_parser("time", help="epoch seconds of both recipes, alternating in one process")
-    timing.add_argument("--rounds", type=int, default=5)
-    timing.add_argument("--threads", type=int, default=2)
-    timing.add_argument("--batch-size", type=int, default=int(COMMON[COMMON.index("--batch-size") + 1]))
-    timing.add_argument("--model", default="lstm")
     report = commands.add_parser("report", help="docs/nsynth-dev/report.md from the results files")
     report.add_argument("--out", type=Path, default=REPO / "docs" / "nsynth-dev")
-    for command, default in ((ablation, "ablation"), (finals, "final"), (timing, "epoch")):
+    for command, default in ((ablation, "ablation"), (finals, "final")):
         command.add_argument("--data-dir", type=Path, required=True)
         command.add_argument("--results", type=Path, default=RESULTS / f"nsynth-dev-{default}.json")
     for command, seeds in ((ablation, [0]), (finals, list(FINAL_SEEDS))):
@@ -264,16 +227,10 @@ def main(argv: Optional[List[str]] = None) -> None:
             print(_line(train(args.name, args.data_dir, flags, seed, args.results, COMMON), "unseen"))
     elif args.command == "final":
         final(args.data_dir, args.seeds, args.recipes, args.results)
-    elif args.command == "time":
-        import torch
-        from _timing import environment  # benchmarks/, this script's folder
-
-        record = time_epochs(args.data_dir, args.rounds, args.threads, args.batch_size, args.model)
-        args.results.write_text(json.dumps({**environment(torch.device("cpu")), **record}, indent=1) + "\n")
-        print(json.dumps(record["median_seconds"]), f"ratio {record['median_ratio_robust_to_seed']:.2f}")
     elif args.command == "report":
         epoch = RESULTS / "nsynth-dev-epoch.json"
-        print(write_report(_load(RESULTS / "nsynth-dev-final.json"), _load(RESULTS / "nsynth-dev-ablation.json"),
+        print(write_report(load_results(RESULTS / "nsynth-dev-final.json"),
+                           load_results(RESULTS / "nsynth-dev-ablation.json"),
                            json.loads(epoch.read_text()) if epoch.exists() else None, args.out))
 
 

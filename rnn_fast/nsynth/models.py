@@ -1,13 +1,13 @@
 """NSynth instrument-family classifiers on the first second of audio, framed as ``[B, 100, 160]``.
 
 * :class:`LSTMClassifier`: the course report's model. A stack of :class:`rnn_fast.LSTM` layers over the 100
-  frames of 160 samples, then one linear layer on the last time step. An optional :class:`rnn_fast.audio.FrontEnd`
-  turns the frames into other inputs first (a log-mel spectrogram, loudness normalisation, augmentation in
-  training mode), still 100 steps; ``pooling`` other than ``"last"`` reads statistics of the last layer's outputs
-  over the steps (their mean, and with it their maximum or standard deviation) instead of the last step. For a
-  bidirectional stack the "last time step" is each direction's final state: the forward direction after frame 99
-  and the reverse direction after frame 0 (``h_n`` of the last layer), because the reverse direction's output at
-  frame 99 has seen one frame only.
+  frames of 160 samples, then one linear layer on the last time step. An optional
+  :class:`rnn_fast.nsynth.audio.FrontEnd` turns the frames into other inputs first (a log-mel spectrogram, loudness
+  normalisation, augmentation in training mode), still 100 steps; ``pooling`` other than ``"last"`` reads
+  statistics of the last layer's outputs over the steps (their mean, and with it their maximum or standard
+  deviation) instead of the last step. For a bidirectional stack the "last time step" is each direction's final
+  state: the forward direction after frame 99 and the reverse direction after frame 0 (``h_n`` of the last layer),
+  because the reverse direction's output at frame 99 has seen one frame only.
 * :class:`M5Classifier`: the raw-waveform CNN baseline, M5 of Dai et al., "Very deep convolutional neural networks
   for raw waveforms" (ICASSP 2017): one wide strided convolution (80 taps, stride 4) then three 3-tap
   convolutions with batch norm, ReLU and 4x max pooling, global average pooling and a linear layer. It takes the
@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .audio import FrontEnd
-from .modules.lstm import LSTM
+from rnn_fast import LSTM
 
 MODEL_NAMES = ("lstm", "blstm", "cnn")
 # Statistics over the steps of the last layer's outputs that each pooling gives the head, side by side.
@@ -41,7 +41,7 @@ class LSTMClassifier(nn.Module):
     """``[B, T, input_size]`` frames -> ``[B, num_classes]`` logits through an LSTM stack and a linear head.
 
     ``dropout`` applies between LSTM layers and to the head's input. ``front_end`` holds the keyword arguments of
-    a :class:`~rnn_fast.audio.FrontEnd` that the frames go through first (its ``output_size`` then replaces
+    a :class:`~rnn_fast.nsynth.audio.FrontEnd` that the frames go through first (its ``output_size`` then replaces
     ``input_size``; it needs ``[B, 100, 160]`` frames); ``None`` feeds the frames to the LSTM as they are.
     ``pooling`` is what the head reads: ``"last"`` the final states, ``"mean"`` the last layer's outputs (both
     directions) averaged over the steps, ``"meanmax"`` that average and the outputs' maximum over the steps side by

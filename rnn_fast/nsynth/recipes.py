@@ -8,6 +8,7 @@
 
 Every field can be overridden (``Recipe.replace`` / the script's flags), which is how the ablation ran.
 """
+import argparse
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -17,38 +18,69 @@ import numpy as np
 import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from .training import Objective
+from .audio import FRONT_ENDS
+from .models import POOLINGS
+from .training.objective import Objective
 
 SCHEDULES = ("constant", "cosine")
 
 
+def piece(default, help: str, **flag) -> dataclasses.Field:
+    """A field of :class:`Recipe` with its command-line flag ``--<name-with-dashes>``: ``help`` and ``flag``
+    (argparse's ``choices``, ``metavar``, ``type``) are what the CLI declares it with."""
+    return dataclasses.field(default=default, metadata={"help": help, **flag})
+
+
+def parse_noise_snr(text: str) -> Tuple[float, ...]:
+    """``--noise-snr``: ``LOW,HIGH`` in dB, or ``off``."""
+    if text == "off":
+        return ()
+    try:
+        low, high = (float(value) for value in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LOW,HIGH in dB or off, got {text!r}") from None
+    return low, high
+
+
 @dataclass(frozen=True)
 class Recipe:
+    """Every field but ``name`` (which ``--recipe`` picks) is a flag of ``examples/train_nsynth.py``."""
     name: str = "seed"
-    # The front end (rnn_fast.audio.FrontEnd), part of the model.
-    front_end: str = "frames"
-    n_mels: int = 64
-    loudness: bool = False
-    max_delay: float = 0.0             # seconds of random onset delay (training only)
-    noise_snr: Tuple[float, ...] = ()  # (low, high) dB of added white noise (training only); () = none
-    freq_masks: int = 0                # SpecAugment masks (training only)
-    time_masks: int = 0
-    freq_shift: int = 0                # random shift of the features by up to this many bands (training only)
-    reverb: float = 0.0                # longest reverberation time in seconds of a random room (training only)
-    eq_db: float = 0.0                 # random equalisation of up to this many dB over the mel bands (training only)
-    pooling: str = "last"              # what the head reads: one of rnn_fast.models.POOLINGS
+    # The front end (rnn_fast.nsynth.audio.FrontEnd), part of the model.
+    front_end: str = piece("frames", "LSTM input: raw 160-sample frames or log-mel", choices=FRONT_ENDS)
+    n_mels: int = piece(64, "mel bands of the log-mel front end")
+    loudness: bool = piece(False, "scale every example's first second to unit RMS")
+    max_delay: float = piece(0.0, "random onset delay in training", metavar="SECONDS")
+    noise_snr: Tuple[float, ...] = piece((), "white noise at a random SNR (dB) on half the training examples",
+                                         metavar="LOW,HIGH|off", type=parse_noise_snr)
+    freq_masks: int = piece(0, "SpecAugment frequency masks (up to 8 bands each)")
+    time_masks: int = piece(0, "SpecAugment time masks (up to 10 frames each)")
+    freq_shift: int = piece(0, "shift the features by a random number of bands up to this (training only)",
+                            metavar="BANDS")
+    reverb: float = piece(0.0, "training only: a random room with a reverberation time of up to SECONDS on half "
+                               "the examples", metavar="SECONDS")
+    eq_db: float = piece(0.0, "log-mel only: random smooth equalisation of up to DB dB per training example",
+                         metavar="DB")
+    pooling: str = piece("last", "the head reads the LSTM's last step, or its mean over the steps, with the maximum "
+                                 "(and standard deviation)", choices=POOLINGS)
     # Regularisation and optimisation.
-    dropout: float = 0.0               # between the LSTM layers and before the head
-    mixup: float = 0.0                 # Beta(a, a) mixup of waveforms and targets; 0 = off
-    mixup_within_family: bool = False  # mix each example with another of its family only
-    class_balanced: bool = False       # cross-entropy weighted by inverse training class frequency
-    label_smoothing: float = 0.0       # share of each target spread evenly over the classes
-    lr: float = 0.003
-    weight_decay: float = 0.0          # decoupled (AdamW); 0 is Adam
-    schedule: str = "constant"         # or "cosine": one epoch of linear warm-up, then cosine decay to 0
-    ema: float = 0.0                   # per-step decay of an exponential moving average of the weights; 0 = off
-    select_best: bool = False          # test (and save for predict.py) the epoch of best validation accuracy
-    patience: int = 0                  # with select_best: stop after this many epochs without improvement
+    dropout: float = piece(0.0, "dropout between LSTM layers and before the head")
+    mixup: float = piece(0.0, "mixup with Beta(ALPHA, ALPHA); 0 = off", metavar="ALPHA")
+    mixup_within_family: bool = piece(False, "with --mixup: mix each note with another of its own family, keeping "
+                                             "its label")
+    class_balanced: bool = piece(False, "weight the loss by inverse training class frequency")
+    label_smoothing: float = piece(0.0, "cross-entropy against targets with EPS spread evenly over the classes",
+                                   metavar="EPS")
+    lr: float = piece(0.003, "Adam learning rate")
+    weight_decay: float = piece(0.0, "decoupled (AdamW) weight decay; 0 is Adam")
+    schedule: str = piece("constant", "learning rate schedule (cosine: one epoch of linear warm-up, then cosine "
+                                      "decay to 0)", choices=SCHEDULES)
+    ema: float = piece(0.0, "validate, select and serve an exponential moving average of the weights (per-step "
+                            "decay; 0 = off)", metavar="DECAY")
+    select_best: bool = piece(False, "test (and serve to predict.py) the epoch with the best validation accuracy "
+                                     "instead of the last")
+    patience: int = piece(0, "with --select-best: stop after this many epochs without a better validation "
+                             "accuracy; 0 = never")
 
     def __post_init__(self):
         if self.schedule not in SCHEDULES:
@@ -67,7 +99,7 @@ class Recipe:
         return dataclasses.replace(self, **{key: value for key, value in changes.items() if value is not None})
 
     def front_end_config(self) -> Optional[dict]:
-        """Keyword arguments of :class:`rnn_fast.audio.FrontEnd`, or ``None`` for the seed's plain frames."""
+        """Keyword arguments of :class:`rnn_fast.nsynth.audio.FrontEnd`, or ``None`` for the seed's plain frames."""
         config = self._front_end_kwargs()
         return None if config == SEED_FRONT_END else config
 
@@ -81,7 +113,7 @@ class Recipe:
         return config
 
     def model_options(self) -> dict:
-        """The recipe's keyword arguments of :func:`rnn_fast.models.build_model`."""
+        """The recipe's keyword arguments of :func:`rnn_fast.nsynth.models.build_model`."""
         return {"dropout": self.dropout, "front_end": self.front_end_config(), "pooling": self.pooling}
 
     def optimizer(self, parameters) -> torch.optim.Optimizer:

@@ -3,10 +3,10 @@ import json
 import numpy as np
 import pytest
 
-from rnn_fast.nsynth import DatasetLayoutError, WavError, read_examples, read_wav, write_wav
-from rnn_fast.nsynth.jsonwav import LAYOUT, check_layout
+from rnn_fast.nsynth.data import DatasetLayoutError, WavError, read_examples, read_wav, write_wav
+from rnn_fast.nsynth.data.jsonwav import LAYOUT, check_layout
 
-from . import write_raw_wav
+from .. import write_raw_wav
 
 
 def random_samples(count: int, seed: int = 0) -> np.ndarray:

@@ -3,7 +3,7 @@ import json
 import os
 import wave
 from pathlib import Path
-from typing import Optional, Tuple, Union
+from typing import BinaryIO, Optional, Tuple, Union
 
 import numpy as np
 
@@ -106,25 +106,17 @@ def read_json_or_none(path: PathLike) -> Optional[dict]:
         return None
 
 
-def write_json_atomically(path: PathLike, value: dict) -> None:
-    """Readers see the old file or the new one, never half of one."""
-    temporary = Path(path).with_name(Path(path).name + ".tmp")
-    with open(temporary, "w") as fh:
-        json.dump(value, fh)
-    os.replace(temporary, path)
-
-
 def _require(path: Path, is_dir: bool) -> None:
     if not (path.is_dir() if is_dir else path.is_file()):
         kind = "directory" if is_dir else "file"
         raise DatasetLayoutError(f"missing {kind} {path}; expected NSynth's jsonwav layout: {LAYOUT}")
 
 
-def write_wav(path: PathLike, samples: np.ndarray, sample_rate: int) -> None:
-    """Write int16 mono ``samples`` as a 16-bit PCM WAV."""
+def write_wav(target: Union[PathLike, BinaryIO], samples: np.ndarray, sample_rate: int) -> None:
+    """Write int16 mono ``samples`` as a 16-bit PCM WAV to a path or to a binary file open for writing."""
     if samples.dtype != np.int16 or samples.ndim != 1:
         raise ValueError(f"expected 1-D int16 samples, got {samples.dtype} with shape {tuple(samples.shape)}")
-    with wave.open(str(path), "wb") as writer:
+    with wave.open(os.fspath(target) if isinstance(target, (str, os.PathLike)) else target, "wb") as writer:
         writer.setnchannels(1)
         writer.setsampwidth(2)
         writer.setframerate(sample_rate)

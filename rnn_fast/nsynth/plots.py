@@ -12,7 +12,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from .nsynth import waveform_to_frames  # noqa: E402
+from .data import waveform_to_frames  # noqa: E402
 
 FIGURES = {
     "loss": ("loss_curves.png", "Training and validation loss per epoch"),

@@ -25,9 +25,10 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 from tqdm.auto import tqdm
 
+from ..atomic import atomic_write, move_into_place, write_json
 from .families import CLASSES, CLIP_SAMPLES, DROPPED_FAMILIES, FAMILIES, SAMPLE_RATE, SOURCES, SPLITS, class_index
 from .jsonwav import (LAYOUT, PathLike, WavError, audio_dir, check_layout, examples_path, read_examples,
-                      read_json_or_none, read_wav, split_path, write_json_atomically)
+                      read_json_or_none, read_wav, split_path)
 
 CACHE_VERSION = 1
 MANIFEST = "manifest.json"
@@ -106,8 +107,8 @@ def load_split(cache_dir: PathLike, split: str) -> NSynthSplit:
     entry = _read_manifest(cache_dir)["splits"].get(split)
     if entry is None:
         raise FileNotFoundError(f"no prepared {split!r} split in {cache_dir}; "
-                                "run rnn_fast.nsynth.prepare(root, cache_dir) first")
-    return NSynthSplit(audio=np.load(cache_dir / f"{split}.audio.npy", mmap_mode="r"),
+                                "run rnn_fast.nsynth.data.prepare(root, cache_dir) first")
+    return NSynthSplit(audio=np.load(_audio_file(cache_dir, split), mmap_mode="r"),
                        note_strs=entry["note_strs"],
                        **{name: np.load(cache_dir / f"{split}.{name}.npy") for name in METADATA_FIELDS})
 
@@ -116,11 +117,11 @@ def save_split(cache_dir: PathLike, split: str, data: NSynthSplit) -> None:
     """Write an in-memory split in cache format (e.g. for benchmarks); ``load_split`` reads it back."""
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    temporary = cache_dir / f"{split}.audio.tmp.npy"
-    np.save(temporary, np.ascontiguousarray(data.audio))
     _forget_split(cache_dir, split)
-    _commit_split(cache_dir, split, temporary, list(data.note_strs),
-                  {name: getattr(data, name) for name in METADATA_FIELDS}, source={})
+    with atomic_write(_audio_file(cache_dir, split)) as handle:
+        np.save(handle, np.ascontiguousarray(data.audio))
+    _commit_split(cache_dir, split, list(data.note_strs), {name: getattr(data, name) for name in METADATA_FIELDS},
+                  source={})
 
 
 def _prepare_split(read_dir: Path, cache_dir: Path, split: str, workers: Optional[int], progress: bool,
@@ -138,7 +139,7 @@ def _prepare_split(read_dir: Path, cache_dir: Path, split: str, workers: Optiona
         shutil.rmtree(work_dir, ignore_errors=True)
         work_dir.mkdir()
         np.lib.format.open_memmap(audio_file, mode="w+", dtype=np.int16, shape=(count, CLIP_SAMPLES)).flush()
-        write_json_atomically(work_dir / "plan.json", plan)
+        write_json(work_dir / "plan.json", plan, indent=None)
 
     wav_dir = str(audio_dir(read_dir))
     pending = [(str(audio_file), wav_dir, start, note_strs[start:start + chunk_size])
@@ -154,7 +155,8 @@ def _prepare_split(read_dir: Path, cache_dir: Path, split: str, workers: Optiona
             bar.update(done)
     if bad_files:
         return bad_files
-    _commit_split(cache_dir, split, audio_file, note_strs, columns, source)
+    move_into_place(audio_file, _audio_file(cache_dir, split))
+    _commit_split(cache_dir, split, note_strs, columns, source)
     shutil.rmtree(work_dir)
     return {}
 
@@ -228,20 +230,25 @@ def _named_field(example: dict, name: str, allowed: Sequence[str], key: str, sou
     return value
 
 
-def _commit_split(cache_dir: Path, split: str, audio_file: Path, note_strs: List[str],
-                  columns: Dict[str, np.ndarray], source: dict) -> None:
+def _audio_file(cache_dir: Path, split: str) -> Path:
+    return cache_dir / f"{split}.audio.npy"
+
+
+def _commit_split(cache_dir: Path, split: str, note_strs: List[str], columns: Dict[str, np.ndarray],
+                  source: dict) -> None:
+    """Writes the metadata beside the split's audio, already in place, then lists the split in the manifest."""
     for name in METADATA_FIELDS:
-        np.save(cache_dir / f"{split}.{name}.npy", np.ascontiguousarray(columns[name], dtype=np.int64))
-    os.replace(audio_file, cache_dir / f"{split}.audio.npy")
+        with atomic_write(cache_dir / f"{split}.{name}.npy") as handle:
+            np.save(handle, np.ascontiguousarray(columns[name], dtype=np.int64))
     manifest = _read_manifest(cache_dir, missing_ok=True)
     manifest["splits"][split] = {"count": len(note_strs), "note_strs": note_strs, "source": source}
-    write_json_atomically(cache_dir / MANIFEST, manifest)
+    write_json(cache_dir / MANIFEST, manifest, indent=None)
 
 
 def _forget_split(cache_dir: Path, split: str) -> None:
     manifest = _read_manifest(cache_dir, missing_ok=True)
     if manifest["splits"].pop(split, None) is not None:
-        write_json_atomically(cache_dir / MANIFEST, manifest)
+        write_json(cache_dir / MANIFEST, manifest, indent=None)
 
 
 def _fingerprint(read_dir: Path) -> dict:
@@ -267,5 +274,5 @@ def _read_manifest(cache_dir: Path, missing_ok: bool = False) -> dict:
         return {"version": CACHE_VERSION, "classes": list(CLASSES), "sample_rate": SAMPLE_RATE,
                 "clip_samples": CLIP_SAMPLES, "splits": {}}
     found = "missing" if manifest is None else f"version {manifest.get('version')}, expected {CACHE_VERSION}"
-    raise FileNotFoundError(f"{cache_dir / MANIFEST} is {found}; run rnn_fast.nsynth.prepare(root, cache_dir)")
+    raise FileNotFoundError(f"{cache_dir / MANIFEST} is {found}; run rnn_fast.nsynth.data.prepare(root, cache_dir)")
 

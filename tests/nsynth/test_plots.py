@@ -1,8 +1,8 @@
 """The choices behind the run figures (which examples, which families) and the report's content."""
 import numpy as np
 
-import rnn_fast.plots
-from rnn_fast.plots import (FIGURES, extreme_examples, pick_example_families, plot_confusion_comparison,
+import rnn_fast.nsynth.plots
+from rnn_fast.nsynth.plots import (FIGURES, extreme_examples, pick_example_families, plot_confusion_comparison,
                             plot_per_class_accuracy, row_normalised, write_report)
 
 
@@ -24,7 +24,7 @@ def test_example_families_cover_the_most_sources():
 
 def test_per_class_bars_leave_out_absent_families(tmp_path, monkeypatch):
     saved = {}
-    monkeypatch.setattr(rnn_fast.plots, "_save", lambda figure, path: saved.update(figure=figure, path=path))
+    monkeypatch.setattr(rnn_fast.nsynth.plots, "_save", lambda figure, path: saved.update(figure=figure, path=path))
     plot_per_class_accuracy({"bass": 0.5, "brass": None, "flute": 1.0}, tmp_path / "bars.png", overall=0.75)
     (axis,) = saved["figure"].axes
     bars = {tick.get_text(): bar.get_height() for tick, bar in zip(axis.get_xticklabels(), axis.patches)}
@@ -56,7 +56,7 @@ def test_row_normalised_confusion_gives_each_rows_recall():
 
 def test_confusion_comparison_draws_one_row_normalised_panel_per_run(tmp_path, monkeypatch):
     saved = {}
-    monkeypatch.setattr(rnn_fast.plots, "_save", lambda figure, path: saved.update(figure=figure, path=path))
+    monkeypatch.setattr(rnn_fast.nsynth.plots, "_save", lambda figure, path: saved.update(figure=figure, path=path))
     classes = ["bass", "brass", "flute"]
     confusions = {"seed": np.array([[3, 1, 0], [0, 2, 2], [1, 0, 5]]), "robust": np.eye(3, dtype=int) * 4}
     plot_confusion_comparison(confusions, classes, tmp_path / "both.png")

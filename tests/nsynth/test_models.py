@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import rnn_fast
-from rnn_fast.models import LSTMClassifier, M5Classifier, build_model
+from rnn_fast.nsynth.models import LSTMClassifier, M5Classifier, build_model
 
 TOLERANCES = {torch.float64: dict(atol=1e-9, rtol=1e-9), torch.float32: dict(atol=2e-5, rtol=2e-5)}
 # The head's wiring is what is tested here (each backend is tested against nn.LSTM in tests/ops): "auto" runs

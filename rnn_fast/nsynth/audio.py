@@ -9,7 +9,7 @@ and in ``eval()`` mode they are the identity.
 
 torchaudio's CPU wheel does not install next to the torch this project pins, so the mel spectrogram is written
 here with ``torch.stft`` and a triangular mel filterbank (HTK mel scale, unnormalised triangles: torchaudio's
-``MelSpectrogram`` defaults).
+``MelSpectrogram`` defaults, and ``librosa.filters.mel(htk=True, norm=None)``, which the tests compare it with).
 """
 import math
 from typing import Optional, Sequence
@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from .nsynth.families import FRAME_SIZE, FRAMES, SAMPLE_RATE
+from .data.families import FRAME_SIZE, FRAMES, SAMPLE_RATE
 
 FRONT_ENDS = ("frames", "logmel")
 LOG_FLOOR = 1e-6  # added to the mel power before the log: 60 dB below a unit-RMS signal

@@ -19,11 +19,11 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 from tqdm.auto import tqdm
 
+from ..atomic import atomic_write, write_json
 from .cache import prepare
 from .families import (CLASSES, FAMILIES, NOTE_SAMPLES, QUALITIES, SAMPLE_RATE, SOURCES, SPLITS, make_instrument_str,
                        make_note_str)
-from .jsonwav import (PathLike, audio_dir, examples_path, read_json_or_none, split_path, write_json_atomically,
-                      write_wav)
+from .jsonwav import PathLike, audio_dir, examples_path, read_json_or_none, split_path, write_wav
 
 GENERATOR_VERSION = 1
 NOTES_PER_INSTRUMENT = 16
@@ -140,10 +140,10 @@ def generate_synthetic(root: PathLike, n_train: int = BUILTIN_SIZES["n_train"],
         for split in SPLITS:
             shutil.rmtree(split_path(root, split), ignore_errors=True)
     root.mkdir(parents=True, exist_ok=True)
-    write_json_atomically(root / SIGNATURE_FILE, {**signature, "complete": False})
+    write_json(root / SIGNATURE_FILE, {**signature, "complete": False}, indent=None)
     for split, count in sizes.items():
         _write_split(split_path(root, split), split_plan(split, count, seed), seed, progress)
-    write_json_atomically(root / SIGNATURE_FILE, {**signature, "complete": True})
+    write_json(root / SIGNATURE_FILE, {**signature, "complete": True}, indent=None)
     return root
 
 
@@ -327,10 +327,10 @@ def _write_split(split_dir: Path, plan: List[Tuple[Instrument, int, int]], seed:
         examples[note_str] = _example(instrument, note_str, pitch, velocity)
         path = wav_dir / f"{note_str}.wav"
         if not path.exists():  # a finished file from an interrupted run of the same set
-            temporary = wav_dir / f".{note_str}.wav.tmp"
-            write_wav(temporary, render_note(instrument, pitch, velocity, seed), SAMPLE_RATE)
-            os.replace(temporary, path)
-    write_json_atomically(examples_path(split_dir), examples)
+            samples = render_note(instrument, pitch, velocity, seed)
+            with atomic_write(path) as handle:
+                write_wav(handle, samples, SAMPLE_RATE)
+    write_json(examples_path(split_dir), examples, indent=None)
 
 
 def _example(instrument: Instrument, note_str: str, pitch: int, velocity: int) -> dict:

@@ -2,10 +2,10 @@ import numpy as np
 import pytest
 import torch
 
-from rnn_fast.nsynth import BatchLoader, load_split, save_split, waveform_to_frames
-from rnn_fast.nsynth.loader import _copy_to_device
+from rnn_fast.nsynth.data import BatchLoader, load_split, save_split, waveform_to_frames
+from rnn_fast.nsynth.data.loader import _copy_to_device
 
-from . import indexed_split, rows_of
+from .. import indexed_split, rows_of
 
 COUNT = 50
 

@@ -8,12 +8,12 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from rnn_fast.nsynth import (CLASSES, CLIP_SAMPLES, FAMILIES, FRAME_SIZE, FRAMES, NOTE_SAMPLES, QUALITIES, SOURCES,
+from rnn_fast.nsynth.data import (CLASSES, CLIP_SAMPLES, FAMILIES, FRAME_SIZE, FRAMES, NOTE_SAMPLES, QUALITIES, SOURCES,
                              SPLITS, default_data_dir, ensure_builtin_dataset, generate_synthetic, load_split,
                              make_note_str, read_examples, read_wav)
-from rnn_fast.nsynth import cache, synthetic
+from rnn_fast.nsynth.data import cache, synthetic
 
-from . import TINY_SIZES, tiny_dataset
+from .. import TINY_SIZES, tiny_dataset
 
 # Enough notes for a linear probe to tell families apart on instruments it has never heard.
 PROBE_SIZES = {"n_train": 220, "n_valid": 10, "n_test": 100}

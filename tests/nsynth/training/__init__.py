@@ -1,0 +1,1 @@
+"""Tests of training: the engine, its objective, metrics, checkpoints and distributed pieces."""
