@@ -25,7 +25,7 @@
 #include <thread>
 #include <vector>
 
-#include "lstm_recurrence.cuh"
+#include "lstm_launch_template.cuh"
 
 namespace rc = rnn_fast::cuda;
 namespace detail = rnn_fast::cuda::detail;
