@@ -25,6 +25,8 @@
 #include <thread>
 #include <vector>
 
+#include "lstm_backward_kernel.cuh"
+#include "lstm_forward_kernel.cuh"
 #include "lstm_launch_template.cuh"
 
 namespace rc = rnn_fast::cuda;
