@@ -70,7 +70,7 @@
 #include <cstdint>
 
 #ifdef RNN_FAST_PRIMITIVES_HEADER
-#include RNN_FAST_PRIMITIVES_HEADER  // tests/cuda_emulation: CPU stand-ins for the PTX primitives
+#include RNN_FAST_PRIMITIVES_HEADER  // tests/library/csrc/cuda_emulation: CPU stand-ins for the PTX primitives
 #else
 #include "lstm_primitives.cuh"
 #endif

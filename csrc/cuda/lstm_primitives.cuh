@@ -1,6 +1,6 @@
 // The PTX the recurrence kernels use, each behind one small function. lstm_kernel_common.cuh includes this file
-// unless RNN_FAST_PRIMITIVES_HEADER names another: tests/cuda_emulation supplies CPU stand-ins with the same
-// names, written from the PTX ISA's definitions, and runs the unchanged kernels on a CPU.
+// unless RNN_FAST_PRIMITIVES_HEADER names another: tests/library/csrc/cuda_emulation supplies CPU stand-ins with
+// the same names, written from the PTX ISA's definitions, and runs the unchanged kernels on a CPU.
 #pragma once
 
 #include <cuda_runtime.h>
