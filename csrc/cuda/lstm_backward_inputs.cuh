@@ -7,9 +7,7 @@
 
 #include "lstm_kernel_traits.cuh"
 
-namespace rnn_fast {
-namespace cuda {
-namespace detail {
+namespace rnn_fast::cuda::detail {
 
 // Where step s's inputs of a thread's row i are: its 4 saved gates and grad_y at the step's position, and the
 // cell of the step processed before it (its c_{t-1}; none at s == 0, where it is c0).
@@ -153,6 +151,4 @@ using BackwardInputs = typename std::conditional<Config<P, V>::ring(MT),
                                                  RingInputs<typename Config<P, V>::Saved, typename Config<P, V>::Elem, 2 * MT>,
                                                  RegisterInputs<typename Config<P, V>::Saved, typename Config<P, V>::Elem, 2 * MT>>::type;
 
-}  // namespace detail
-}  // namespace cuda
-}  // namespace rnn_fast
+}  // namespace rnn_fast::cuda::detail

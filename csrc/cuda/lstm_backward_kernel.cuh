@@ -9,9 +9,7 @@
 #include "lstm_backward_inputs.cuh"
 #include "lstm_cluster_exchange.cuh"
 
-namespace rnn_fast {
-namespace cuda {
-namespace detail {
+namespace rnn_fast::cuda::detail {
 
 // Backward: column `unit` is column `unit` of W_hh; K runs over the 4 gates x Hp padded gate rows.
 template <typename Elem, typename S>
@@ -176,6 +174,4 @@ __global__ void __launch_bounds__(kMaxThreads, 1)
   }
 }
 
-}  // namespace detail
-}  // namespace cuda
-}  // namespace rnn_fast
+}  // namespace rnn_fast::cuda::detail

@@ -7,9 +7,7 @@
 
 #include "lstm_kernel_common.cuh"
 
-namespace rnn_fast {
-namespace cuda {
-namespace detail {
+namespace rnn_fast::cuda::detail {
 
 // ---------------------------------------------------------------------------------------------------------
 // Shared memory of the cluster.
@@ -160,6 +158,4 @@ struct MbarrierExchange {
 template <bool kMbarrier>
 using Exchange = typename std::conditional<kMbarrier, MbarrierExchange, BarrierExchange>::type;
 
-}  // namespace detail
-}  // namespace cuda
-}  // namespace rnn_fast
+}  // namespace rnn_fast::cuda::detail

@@ -6,9 +6,7 @@
 #include "lstm_cluster_exchange.cuh"
 #include "lstm_kernel_traits.cuh"
 
-namespace rnn_fast {
-namespace cuda {
-namespace detail {
+namespace rnn_fast::cuda::detail {
 
 // Forward: column (gate, unit) is row gate*H + unit of W_hh; K runs over its H inputs (padded to Hp).
 template <typename Elem, typename S>
@@ -202,6 +200,4 @@ __global__ void __launch_bounds__(kMaxThreads, 1)
   }
 }
 
-}  // namespace detail
-}  // namespace cuda
-}  // namespace rnn_fast
+}  // namespace rnn_fast::cuda::detail

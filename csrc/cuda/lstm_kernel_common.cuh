@@ -75,9 +75,7 @@
 #include "lstm_primitives.cuh"
 #endif
 
-namespace rnn_fast {
-namespace cuda {
-namespace detail {
+namespace rnn_fast::cuda::detail {
 
 constexpr int kGates = 4;
 constexpr int kWarpSize = 32;
@@ -243,6 +241,4 @@ struct ThreadRows {
   }
 };
 
-}  // namespace detail
-}  // namespace cuda
-}  // namespace rnn_fast
+}  // namespace rnn_fast::cuda::detail

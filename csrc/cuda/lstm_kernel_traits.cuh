@@ -8,9 +8,7 @@
 #include "lstm_mma_policies.cuh"
 #include "lstm_recurrence.h"
 
-namespace rnn_fast {
-namespace cuda {
-namespace detail {
+namespace rnn_fast::cuda::detail {
 
 // ---------------------------------------------------------------------------------------------------------
 // Which policy runs which precision, and what a variant set changes.
@@ -109,6 +107,4 @@ __global__ void lstm_forward_kernel(const Problem<ConfigArgs<P, V, Pass::kForwar
 template <Precision P, unsigned V, int MT>
 __global__ void lstm_backward_kernel(const Problem<ConfigArgs<P, V, Pass::kBackward>> problem);
 
-}  // namespace detail
-}  // namespace cuda
-}  // namespace rnn_fast
+}  // namespace rnn_fast::cuda::detail

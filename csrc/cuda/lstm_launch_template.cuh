@@ -14,9 +14,7 @@
 #include "lstm_backward_inputs.cuh"  // RingInputs: the planner gives the backward's input slots their shared memory
 #include "lstm_kernel_traits.cuh"
 
-namespace rnn_fast {
-namespace cuda {
-namespace detail {
+namespace rnn_fast::cuda::detail {
 
 struct DeviceLimits {
   int major;
@@ -389,9 +387,7 @@ inline cudaError_t launch(const Args& args, unsigned variants, cudaStream_t stre
   });
 }
 
-}  // namespace detail
-}  // namespace cuda
-}  // namespace rnn_fast
+}  // namespace rnn_fast::cuda::detail
 
 // Defines the entry point NAME of lstm_recurrence.h for Precision::PRECISION, Pass::PASS and saved-state type
 // SAVED; each lstm_<pass>_<precision>.cu holds the entries of one precision and pass, so that every kernel

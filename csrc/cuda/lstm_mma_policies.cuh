@@ -8,9 +8,7 @@
 
 #include "lstm_kernel_common.cuh"
 
-namespace rnn_fast {
-namespace cuda {
-namespace detail {
+namespace rnn_fast::cuda::detail {
 
 // ---------------------------------------------------------------------------------------------------------
 // Activations.
@@ -360,6 +358,4 @@ struct FmaPolicy {
   }
 };
 
-}  // namespace detail
-}  // namespace cuda
-}  // namespace rnn_fast
+}  // namespace rnn_fast::cuda::detail
