@@ -1,6 +1,6 @@
 // CUDA kernels of the rnn_fast::lstm_recurrence_forward/backward/inference ops (schemas in csrc/rnn_fast.cpp):
 // input checks, dtype dispatch, the kernel variants of RNN_FAST_CUDA_VARIANTS, output allocation and the launch on
-// the current stream. The kernels themselves are framework-free (lstm_recurrence.cuh) and reached through the
+// the current stream. The kernels themselves are framework-free (the .cuh headers of csrc/cuda) and reached through the
 // plain entry points of lstm_recurrence.h.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>

@@ -1,5 +1,6 @@
-// The forward recurrence for fp16, with its variants (see lstm_recurrence.cuh).
-#include "lstm_recurrence.cuh"
+// The forward recurrence for fp16, with its variants (see lstm_forward_kernel.cuh).
+#include "lstm_forward_kernel.cuh"
+#include "lstm_launch_template.cuh"
 
 RNN_FAST_RECURRENCE_ENTRY(lstm_forward_fp16, kFloat16, kForward, float)
 RNN_FAST_RECURRENCE_ENTRY(lstm_forward_fp16, kFloat16, kForward, __half)

@@ -1,5 +1,6 @@
-// The forward recurrence for tf32, with its variants (see lstm_recurrence.cuh).
-#include "lstm_recurrence.cuh"
+// The forward recurrence for tf32, with its variants (see lstm_forward_kernel.cuh).
+#include "lstm_forward_kernel.cuh"
+#include "lstm_launch_template.cuh"
 
 RNN_FAST_RECURRENCE_ENTRY(lstm_forward_tf32, kTf32, kForward, float)
 RNN_FAST_RECURRENCE_ENTRY(lstm_forward_tf32, kTf32, kForward, __half)

@@ -1,4 +1,5 @@
-// The forward recurrence without saved state (inference) for tf32, with its variants (see lstm_recurrence.cuh).
-#include "lstm_recurrence.cuh"
+// The forward recurrence without saved state (inference) for tf32, with its variants (see lstm_forward_kernel.cuh).
+#include "lstm_forward_kernel.cuh"
+#include "lstm_launch_template.cuh"
 
 RNN_FAST_RECURRENCE_ENTRY(lstm_inference_tf32, kTf32, kInference, float)

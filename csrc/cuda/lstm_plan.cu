@@ -1,5 +1,5 @@
 // Which (precision, hidden size) the kernels can run on the current device: the same planner the launches use.
-#include "lstm_recurrence.cuh"
+#include "lstm_launch_template.cuh"
 
 namespace rnn_fast {
 namespace cuda {

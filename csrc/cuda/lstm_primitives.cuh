@@ -1,6 +1,6 @@
-// The PTX the recurrence kernels use, each behind one small function. lstm_recurrence.cuh includes this file
-// unless RNN_FAST_PRIMITIVES_HEADER names another: tests/cuda_emulation supplies CPU stand-ins with the same
-// names, written from the PTX ISA's definitions, and runs the unchanged kernels on a CPU.
+// The PTX the recurrence kernels use, each behind one small function. lstm_kernel_common.cuh includes this file
+// unless RNN_FAST_PRIMITIVES_HEADER names another: tests/library/csrc/cuda_emulation supplies CPU stand-ins with
+// the same names, written from the PTX ISA's definitions, and runs the unchanged kernels on a CPU.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -22,7 +22,7 @@ __device__ __forceinline__ unsigned char* dynamic_shared_memory() {
   return shared_memory;
 }
 
-// D = A * B + C in place, fp32 accumulators; fragment layouts in lstm_recurrence.cuh.
+// D = A * B + C in place, fp32 accumulators; fragment layouts in lstm_mma_policies.cuh.
 __device__ __forceinline__ void mma_m16n8k16_bf16(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
                                                   uint32_t b0, uint32_t b1) {
   asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "

@@ -1,6 +1,6 @@
 """The CUDA recurrence (csrc/cuda, ``backend="cuda"``) on a GPU, against the naive reference and ``torch.nn.LSTM``.
 
-Skipped without a CUDA device or without the extension's CUDA kernels. tests/test_cuda_emulation.py runs the same
+Skipped without a CUDA device or the extension's CUDA kernels. tests/library/csrc/test_cuda_emulation.py runs the same
 kernels on a CPU emulation; this file checks what only the GPU shows: tensor-core rounding, the memory model,
 the launcher. The shapes reach both cluster sizes, both batch tiles (B=3000 makes the planner take 32 rows), odd and
 padded hidden sizes, and lengths in both directions.
@@ -162,7 +162,7 @@ def _run_ops(monkeypatch, variants, dtype, tf32, inputs, grads):
 def test_variants_as_accurate_as_the_baseline(monkeypatch, variants, dtype, tf32):
     """Every output and gradient under a variant set at most twice as far from float64 as the baseline kernels',
     plus, where 16-bit saved state or tanh.approx apply, their cost (bf16 1e-2, fp16/TF32 1e-3 relative to the
-    largest value; tests/test_cuda_emulation.py measured what they cost), at the classifier's H with lengths."""
+    largest value; tests/library/csrc/test_cuda_emulation.py measured them), at the classifier's H with lengths."""
     _needs_sm90()
     shape = Shape(2, 37, 1500, 128, True)
     inputs = contract_inputs(shape, torch.float64, seed=41)

@@ -1,4 +1,4 @@
-"""The CUDA recurrence kernels of csrc/cuda, run unchanged on a CPU emulation of the GPU (tests/cuda_emulation),
+"""The CUDA recurrence kernels of csrc/cuda, run unchanged on a CPU emulation of the GPU (cuda_emulation/ here),
 against the readable float64 reference (rnn_fast.ops.lstm.naive).
 
 This checks, without a GPU, what is easiest to get wrong in the kernels: the MMA operand layouts (the emulated
@@ -9,9 +9,9 @@ the real memory model are the GPU tests' job (tests run there with backend="cuda
 """
 import os
 import re
+import runpy
 import shutil
 import subprocess
-import sys
 import zlib
 from pathlib import Path
 from typing import Dict, NamedTuple, Optional
@@ -22,9 +22,10 @@ import torch
 
 from rnn_fast.ops.lstm import naive
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
-from cuda_variants import kernel_variants  # noqa: E402
+ROOT = Path(__file__).resolve().parents[3]
+# tools/ is not a package: run its file rather than put the folder on sys.path.
+kernel_variants = runpy.run_path(str(ROOT / "tools" / "cuda_variants.py"))["kernel_variants"]
+EMULATION = Path(__file__).resolve().parent / "cuda_emulation"  # the driver and the PTX stand-ins
 
 # precision -> (input dtype, saved-state dtype, max |error| / max(1, max |reference|))
 PRECISIONS = {
@@ -60,15 +61,15 @@ def _cuda_include_dir() -> Optional[Path]:
 
 
 def build_emulator(folder: Path) -> Optional[Path]:
-    """Compiles the emulation driver (tests/cuda_emulation/run_kernels.cpp) into `folder`; None without g++ or
+    """Compiles the emulation driver (cuda_emulation/run_kernels.cpp) into `folder`; None without g++ or
     the CUDA toolkit's headers."""
     compiler, include = shutil.which("g++"), _cuda_include_dir()
     if compiler is None or include is None:
         return None
     binary = folder / "run_kernels"
-    flags = ["-std=c++17", "-O1", "-w", f"-I{ROOT / 'tests' / 'cuda_emulation'}", f"-I{ROOT / 'csrc' / 'cuda'}",
+    flags = ["-std=c++17", "-O1", "-w", f"-I{EMULATION}", f"-I{ROOT / 'csrc' / 'cuda'}",
              "-isystem", str(include), '-DRNN_FAST_PRIMITIVES_HEADER="emulated_primitives.h"', "-pthread"]
-    source = ROOT / "tests" / "cuda_emulation" / "run_kernels.cpp"
+    source = EMULATION / "run_kernels.cpp"
     parts = [folder / f"run_kernels_{part}.o" for part in range(2)]  # two halves of the instantiations, in parallel
     builds = [subprocess.Popen([compiler, *flags, f"-DRUN_KERNELS_PART={part}", "-c", str(source), "-o", str(out)])
               for part, out in enumerate(parts)]
@@ -163,7 +164,7 @@ CASES = [
     Case(2, 3, 16, 128, lengths=False),  # the classifier's hidden size: a cluster of 2 (float64: 4 and 8)
 ]
 
-# Which directions have a two-m-tile (32-row) kernel: lstm_recurrence.cuh's PrecisionTraits.
+# Which directions have a two-m-tile (32-row) kernel: lstm_kernel_traits.cuh's PrecisionTraits.
 TWO_TILE_DIRECTIONS = {"bf16": ("forward", "backward"), "fp16": ("forward", "backward"), "tf32": ("forward",)}
 
 
@@ -483,7 +484,7 @@ def test_tanh_approx_within_tolerance(emulator, tmp_path):
 
 
 def test_launch_cache_asks_each_question_once(emulator):
-    """lstm_recurrence.cuh's LaunchCache from 8 threads: one device query per device, one occupancy query per
+    """lstm_launch_template.cuh's LaunchCache from 8 threads: one device query per device, one occupancy query per
     (device, kernel, shape), the shared-memory attribute only raised (run_kernels.cpp's cache_selftest)."""
     result = subprocess.run([str(emulator), "cache"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr

@@ -4,15 +4,15 @@ mbarrier exchange has no memory fence in its step loop, and the baseline has one
 torch binding (csrc/cuda/*.cpp) compiles against this torch's headers, as a CUDA build of the extension would
 compile it. Needs nvcc, not a GPU.
 
-``python tests/test_cuda_compile.py`` prints the per-kernel register / shared-memory / spill tables of
+``python tests/library/csrc/test_cuda_compile.py`` prints the per-kernel register / shared-memory / spill tables of
 csrc/cuda/README.md (shared memory from the launch planner at the classifier's hidden size, through the CPU
 emulation's driver), and the step loop's synchronisation instructions per kernel.
 """
 import bisect
 import re
+import runpy
 import shutil
 import subprocess
-import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -21,9 +21,9 @@ from typing import Dict, List, Optional
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
-from cuda_variants import kernel_variants  # noqa: E402
+ROOT = Path(__file__).resolve().parents[3]
+# tools/ is not a package: run its file rather than put the folder on sys.path.
+kernel_variants = runpy.run_path(str(ROOT / "tools" / "cuda_variants.py"))["kernel_variants"]
 
 SOURCES = sorted((ROOT / "csrc" / "cuda").glob("*.cu"))
 RECURRENCE_SOURCES = sorted((ROOT / "csrc" / "cuda").glob("lstm_*_*.cu"))  # one pass and precision each
@@ -198,7 +198,7 @@ def _planned_shared_bytes(binary: Path, source: Path, major: int, kernel: Kernel
 def markdown_tables(hidden: int = 128) -> str:
     """The baseline kernels on both architectures, then every variant kernel on sm_90a (the only one they are
     compiled for)."""
-    from test_cuda_emulation import build_emulator  # this file runs as a script from tests/
+    from test_cuda_emulation import build_emulator  # this folder is on sys.path, as a script or under pytest
 
     folder = Path(tempfile.mkdtemp())
     compilations = compile_all(shutil.which("nvcc"), folder)

@@ -1,5 +1,5 @@
 // CPU stand-ins for the CUDA built-ins and the PTX primitives of csrc/cuda/lstm_primitives.cuh, so that the
-// unchanged kernels of lstm_recurrence.cuh run on a CPU (no GPU is needed to check their indexing).
+// unchanged kernels of lstm_{forward,backward}_kernel.cuh run on a CPU (no GPU is needed to check their indexing).
 //
 // Every CUDA thread of one cluster is a fiber (ucontext) on one OS thread; fibers switch only inside barriers
 // and warp collectives, so a run is deterministic. The warp collectives (shuffles, mma.sync) are written from
@@ -10,7 +10,7 @@
 // a cp.async at the cp.async.wait_group that retires its group; an st.async when the CTA that owns its mbarrier
 // next waits on that mbarrier. A run where every thread waits and none can proceed aborts as a deadlock.
 //
-// Included by lstm_recurrence.cuh through -DRNN_FAST_PRIMITIVES_HEADER='"emulated_primitives.h"'.
+// Included by lstm_kernel_common.cuh through -DRNN_FAST_PRIMITIVES_HEADER='"emulated_primitives.h"'.
 #pragma once
 
 #include <ucontext.h>

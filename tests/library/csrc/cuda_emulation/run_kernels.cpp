@@ -1,5 +1,5 @@
 // Runs one recurrence kernel of csrc/cuda on the CPU emulation of emulated_primitives.h, with the launch shape
-// the production planner picks, and writes its outputs. Driven by tests/test_cuda_emulation.py:
+// the production planner picks, and writes its outputs. Driven by tests/library/csrc/test_cuda_emulation.py:
 //
 //   run_kernels <bf16|fp16|tf32|fp32|fp64> <forward|inference|backward> <tiles> <compute major> <folder>
 //               D T B H <0|1 lengths> <variants>
@@ -25,7 +25,9 @@
 #include <thread>
 #include <vector>
 
-#include "lstm_recurrence.cuh"
+#include "lstm_backward_kernel.cuh"
+#include "lstm_forward_kernel.cuh"
+#include "lstm_launch_template.cuh"
 
 namespace rc = rnn_fast::cuda;
 namespace detail = rnn_fast::cuda::detail;
