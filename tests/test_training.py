@@ -28,7 +28,7 @@ from sklearn.metrics import recall_score
 import rnn_fast
 from rnn_fast import nsynth, training
 from rnn_fast.models import build_model
-from rnn_fast.ops.lstm.fused import MAX_HIDDEN
+from rnn_fast.ops.lstm.triton import MAX_HIDDEN
 from rnn_fast.plots import FIGURES
 from rnn_fast.recipes import RECIPES
 from rnn_fast.training import (Distributed, accuracy, capture_rng_state, confusion_matrix, evaluate,

@@ -399,7 +399,7 @@ def recurrence_ops(backend: str):
     """``(forward, backward, inference or None)`` contract ops of a backend, each taking the contract's arguments.
     The C++ ops of ``cpu`` and ``cuda`` are one pair that dispatches on the tensors' device."""
     if backend == "triton":
-        from rnn_fast.ops.lstm import common, fused
+        from rnn_fast.ops.lstm import common, triton as fused
 
         def tf32(xw):
             return common.cudnn_fp32_precision(xw.device, xw.dtype) == "tf32"
@@ -509,7 +509,7 @@ def command_run(args) -> Dict:
         result["benchmarks"] += bench_recurrence(shape, device, {label: backend}, allowed)
         save(args, result)
     if "triton" in {**smoked, **benched}:
-        from rnn_fast.ops.lstm import fused
+        from rnn_fast.ops.lstm import triton as fused
 
         result["triton_tiles"] = fused.tile_choices()
     return result
@@ -597,7 +597,7 @@ def command_sweep(args) -> Dict:
     """Without a pinned tile: the autotuner's timing of every candidate tile at the session's shape."""
     import torch
 
-    from rnn_fast.ops.lstm import fused
+    from rnn_fast.ops.lstm import triton as fused
 
     if fused.pinned_tile() is not None:
         raise SystemExit(f"unset {fused.TILE_ENV} for the sweep")
