@@ -8,7 +8,7 @@ B in {256, 768, 2048}; Triton unidirectional and bidirectional, the CUDA backend
 two precisions:
 
 - ``tf32``: float32 with TF32 allowed for cuDNN's RNNs (its default), which both fused recurrences and the driver's
-  GEMMs follow (``rnn_fast.ops.lstm.common.cudnn_fp32_precision``), so that both sides use tensor cores throughout;
+  GEMMs follow (``rnn_fast.ops.lstm.precision.cudnn_fp32_precision``), so that both sides use tensor cores throughout;
 - ``bf16``: parameters and input in bfloat16 (state in fp32 on both sides).
 
 Passes: ``forward`` (a training forward, building the autograd graph), ``backward`` (of a forward run in the

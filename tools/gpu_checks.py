@@ -399,10 +399,10 @@ def recurrence_ops(backend: str):
     """``(forward, backward, inference or None)`` contract ops of a backend, each taking the contract's arguments.
     The C++ ops of ``cpu`` and ``cuda`` are one pair that dispatches on the tensors' device."""
     if backend == "triton":
-        from rnn_fast.ops.lstm import common, triton as fused
+        from rnn_fast.ops.lstm import precision, triton as fused
 
         def tf32(xw):
-            return common.cudnn_fp32_precision(xw.device, xw.dtype) == "tf32"
+            return precision.cudnn_fp32_precision(xw.device, xw.dtype) == "tf32"
 
         return (lambda *args: fused.launch_forward(*args, tf32(args[0])),
                 lambda *args: fused.launch_backward(*args, tf32(args[3])),

@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from ..ops.lstm import BACKENDS, BackendChoice, resolve_backend, unavailable_reason
-from ..ops.lstm.common import layer_parameters
+from ..ops.lstm.layer import layer_parameters
 
 _warned = set()
 

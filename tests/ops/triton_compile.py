@@ -64,7 +64,7 @@ def _compile_case(case: Case) -> Dict:
     from triton.compiler import ASTSource
 
     from rnn_fast.ops.lstm import triton as triton_backend
-    from rnn_fast.ops.lstm.common import state_dtype
+    from rnn_fast.ops.lstm.precision import state_dtype
 
     _, dtype_name, allow_tf32 = next(p for p in PRECISIONS if p[0] == case.precision)
     dtype = getattr(torch, dtype_name)

@@ -32,8 +32,9 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from rnn_fast.ops.lstm.common import (cudnn_fp32_precision, project_parts, register_inference_fake,
-                                     register_recurrence_autograd, register_recurrence_fake, state_dtype)
+from .autograd import register_inference_fake, register_recurrence_autograd, register_recurrence_fake
+from .layer import project_parts
+from .precision import cudnn_fp32_precision, state_dtype
 
 try:
     import triton
@@ -324,7 +325,7 @@ if _TRITON_IMPORT_ERROR is None:
         # the grid's second axis) is an argument only for the autotune key, in both kernels.
         i_b = tl.program_id(0).to(tl.int64)
         i_d = tl.program_id(1).to(tl.int64)
-        # common.state_dtype: fp64 stays fp64, everything else runs in fp32.
+        # precision.state_dtype: fp64 stays fp64, everything else runs in fp32.
         state_ty = tl.float64 if p_xw.dtype.element_ty == tl.float64 else tl.float32
         operand_ty = p_w.dtype.element_ty
         o_h, i_rows, m_b, m_hb, o_hb, o_gb, o_state = _program_tile(i_b, i_d, B, H, BLOCK_H, BLOCK_B)
