@@ -127,7 +127,7 @@ def test_dropout_between_layers_in_training(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_torch_compile_fullgraph(backend):
     if backend == "triton":
-        pytest.skip("covered by tests/ops/test_triton_recurrence.py")
+        pytest.skip("covered by tests/library/ops/test_triton_recurrence.py")
     model = rnn_fast.LSTM(5, 4, num_layers=2, bidirectional=True, batch_first=True, backend=backend,
                           device=DEVICE, dtype=torch.float64)
     reference = nn.LSTM(5, 4, num_layers=2, bidirectional=True, batch_first=True, device=DEVICE,

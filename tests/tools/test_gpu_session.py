@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SESSION = ROOT / "tools" / "gpu_session.sh"
 sys.path.insert(0, str(ROOT / "tools"))
 from gpu_session import OUT_FILES  # noqa: E402

@@ -5,9 +5,9 @@ The interpreter (how CI runs the kernels) never lowers them, so this is what cat
 rejects. It runs in its own process because ``TRITON_INTERPRET=1`` (set by the test session) replaces ``@triton.jit``
 at import.
 
-    python tests/ops/triton_compile.py          # the resource table of the test's cases (sm_90, one tile)
-    python tests/ops/triton_compile.py --all    # every tile the autotuner may pick at H=128, sm_90 and sm_80
-    python tests/ops/triton_compile.py --all --sm90 [--lengths]   # only sm_90 [only with per-row lengths]
+    python tests/library/ops/triton_compile.py          # the resource table of the test's cases (sm_90, one tile)
+    python tests/library/ops/triton_compile.py --all    # every tile the autotuner may pick at H=128, sm_90 and sm_80
+    python tests/library/ops/triton_compile.py --all --sm90 [--lengths]   # only sm_90 [only with per-row lengths]
 
 It compiles with whichever triton it imports: put another version's folder first on PYTHONPATH to compile with that
 one (.ci/run does this for the GPU machine's Triton 3.6.0, see GPU_MACHINE_TRITON).
