@@ -16,10 +16,10 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 import rnn_fast
 from rnn_fast.ops.lstm import naive, triton as triton_backend
-from rnn_fast.testing import assert_lstm_matches
+from rnn_fast.testing import PRECISIONS, assert_lstm_matches
 from recurrence_cases import (BACKWARD_NAMES, DEVICE, DTYPES, FORWARD_NAMES, HALF_DTYPES, TF32_TOLERANCE, Shape,
                               assert_all_close, assert_half_precision_within_twice_torch,
-                              assert_layer_matches_nn_lstm, contract_inputs, output_grads)
+                              assert_layer_matches_nn_lstm, assert_ops_match_naive_in, contract_inputs, output_grads)
 
 pytestmark = pytest.mark.skipif(triton_backend.unavailable_reason() is not None,
                                 reason=str(triton_backend.unavailable_reason()))
@@ -93,6 +93,13 @@ def test_tf32_close_to_float64(shape):
     assert_all_close([t.double() for t in backward],
                       naive.lstm_recurrence_backward(*grads, w_hh, c0, gates, cell, lengths),
                       BACKWARD_NAMES, TF32_TOLERANCE, TF32_TOLERANCE)
+
+
+@pytest.mark.parametrize("precision", list(PRECISIONS))
+def test_ops_in_every_precision_match_naive(precision):
+    """Forward, backward and inference on ragged batch tiles in IEEE fp32, TF32 and bf16 (what the interpreter
+    runs of them): the GPU session's compute-sanitizer target."""
+    assert_ops_match_naive_in(triton_backend, precision)
 
 
 def test_tf32_weight_scaling_keeps_tf32_bits():
