@@ -39,7 +39,7 @@ def _text(path: Optional[Path]) -> str:
     return path.read_text(errors="replace") if path and path.exists() else ""
 
 
-def test_counts(outcome: Outcome) -> dict:
+def pytest_counts(outcome: Outcome) -> dict:
     """Passed, failed, errors and skipped of a pytest step, per test function too, and the failing tests: from its
     junit file, or from pytest's last line where a cut run wrote none."""
     counts = {"status": outcome.status}
@@ -69,7 +69,7 @@ def sanitizer_errors(outcome: Outcome) -> dict:
     """compute-sanitizer's error count (None where it did not run or print one) beside the tests it ran."""
     found = re.findall(r"ERROR SUMMARY: (\d+) error", _text(outcome.log))
     return {"status": outcome.status, "errors": int(found[-1]) if found else None, "note": outcome.note,
-            "tests": test_counts(outcome)}
+            "tests": pytest_counts(outcome)}
 
 
 def benchmark_files(outcome: Outcome) -> List[dict]:
@@ -113,7 +113,7 @@ def _timing(result: dict) -> dict:
 def results_record(outcomes: List[Outcome], environment: dict, command: str, dry_run: bool,
                    triton_tile: str) -> dict:
     """The benchmarks/results/ record: environment first (device, versions, date, command), then the findings."""
-    tests = {o.name: test_counts(o) for o in outcomes if o.kind == "tests"}
+    tests = {o.name: pytest_counts(o) for o in outcomes if o.kind == "tests"}
     benchmarks, tiles, unreadable = [], {}, []
     for outcome in (o for o in outcomes if o.kind == "bench"):
         for record in benchmark_files(outcome):
