@@ -1,21 +1,21 @@
-"""Timing and recording helpers for the benchmarks: synchronised calls, median/p20/p80, the environment a figure
-was measured in, and the results JSON (``benchmarks/results/<device>-<kind>-<date>.json``)."""
+"""Timing and recording helpers for the benchmarks: synchronised calls, median/p20/p80, and the results JSON
+(``benchmarks/results/<device>-<kind>-<date>.json``, with the environment the figure was measured in)."""
 import contextlib
-import datetime
 import json
 import os
-import platform
 import re
-import shlex
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Callable, Dict, Iterable, Iterator, List, Optional
 
 import torch
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+from rnn_fast.testing import environment, results_file_name
+
+# RNN_FAST_RESULTS_DIR moves the results files elsewhere: the GPU session collects them from its own folder, and
+# its CPU dry run must not file figures in the repository.
+RESULTS_DIR = Path(os.environ.get("RNN_FAST_RESULTS_DIR") or Path(__file__).resolve().parent / "results")
 # Lines for the end of the session (benchmarks/conftest.py prints them): pytest captures what tests print.
 _REPORT: List[str] = []
 
@@ -102,38 +102,6 @@ def summary(seconds: Iterable[float]) -> dict:
             "rounds": len(milliseconds)}
 
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{_cpu_model()} x{os.cpu_count()}"
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-# The instruction-set features that decide which kernels a CPU can run fast (fp32 FMA width, bf16 and int8 dot
-# products, AMX tiles), as /proc/cpuinfo names them.
-CPU_FEATURES = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
-
-
-def cpu_features() -> List[str]:
-    """Which of :data:`CPU_FEATURES` this CPU has."""
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            flags = next((line.split(":", 1)[1].split() for line in cpuinfo if line.startswith("flags")), [])
-    except OSError:
-        flags = []
-    return [feature for feature in CPU_FEATURES if feature in flags]
-
-
 def alternating(benchmark, fused_step: Callable[[], None], reference_step: Callable[[], None], rounds: int,
                 warmup_rounds: int) -> Dict[str, dict]:
     """Times ``fused_step`` through pytest-benchmark and ``reference_step`` by hand in each round's setup, so that
@@ -155,26 +123,6 @@ def alternating(benchmark, fused_step: Callable[[], None], reference_step: Calla
     return {"fused": fused, "torch": reference, "speedup": speedup}
 
 
-def environment(device: torch.device) -> dict:
-    """Device, library versions, date and the exact command, recorded with every result; on CPU also the
-    thread count and the instruction-set features (:data:`CPU_FEATURES`)."""
-    try:
-        import triton
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    return {
-        "device": device_name(device),
-        "torch": torch.__version__,
-        "triton": triton_version,
-        "cuda": torch.version.cuda,
-        "date": datetime.date.today().isoformat(),
-        "command": shlex.join(["python", "-m", "pytest"] + sys.argv[1:]) if "pytest" in sys.argv[0]
-        else shlex.join(["python"] + sys.argv),
-        **({"cpu_features": cpu_features()} if device.type == "cpu" else {}),
-    }
-
-
 def threads_then_results(kind: str, threads: int, records: List[dict], payload: Callable[[], dict],
                          path: Path) -> Iterator[None]:
     """The body of a module-scoped fixture: runs the module on ``threads`` CPU threads, then writes what its
@@ -191,8 +139,7 @@ def write_results(kind: str, device: torch.device, payload: dict, path: Optional
     ``results/<device>-<kind>-<date>.json``."""
     record = {**environment(device), **payload}
     if path is None:
-        slug = re.sub(r"[^a-z0-9]+", "-", record["device"].lower()).strip("-")
-        path = RESULTS_DIR / f"{slug}-{kind}-{record['date']}.json"
+        path = RESULTS_DIR / results_file_name(record, kind)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=2) + "\n")
     return path

@@ -17,8 +17,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from epoch import SEED_ITERS  # noqa: E402
+from epoch import SEED_ITERS  # noqa: E402  (benchmarks/, this script's folder)
 
 # The seed report's epochs: 2:03, 3:02 and 6:26 on an older GPU, data loading included.
 SEED_REPORT_SECONDS = {"lstm": 123.0, "blstm": 182.0, "cnn": 386.0}

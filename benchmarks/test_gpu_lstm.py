@@ -4,52 +4,66 @@
     python -m pytest benchmarks/test_gpu_lstm.py --benchmark-only
 
 2 layers, input 160, hidden 128, T=100, batch-first ``[B, 100, 160]`` input that does not require grad,
-B in {256, 768, 2048}; Triton unidirectional and bidirectional, the CUDA backend bidirectional (its target), in
-two precisions:
+B in {256, 768, 2048} (``RNN_FAST_BENCH_BATCHES=768`` picks some); each fused backend unidirectional (LSTM) and
+bidirectional (BLSTM), in two precisions:
 
 - ``tf32``: float32 with TF32 allowed for cuDNN's RNNs (its default), which both fused recurrences and the driver's
-  GEMMs follow (``rnn_fast.ops.lstm.common.cudnn_fp32_precision``), so that both sides use tensor cores throughout;
+  GEMMs follow (``rnn_fast.ops.lstm.precision.cudnn_fp32_precision``), so that both sides use tensor cores throughout;
 - ``bf16``: parameters and input in bfloat16 (state in fp32 on both sides).
 
 Passes: ``forward`` (a training forward, building the autograd graph), ``backward`` (of a forward run in the
 round's untimed setup) and ``forward+backward``; the loss is a fixed random weighting of the output. Every timed
 call ends with a device synchronisation, and every setup with one before the clock starts. Medians, p20/p80 and
-the speedups (cuDNN median / fused median) go to ``benchmarks/results/<device>-<backend>-<date>.json``. A
-fallback from a fused backend to nn.LSTM warns, and warnings fail these benchmarks, so a figure is never filed
-under the wrong name.
+the speedups (cuDNN median / fused median) go to ``benchmarks/results/<device>-<backend>-<date>.json`` (or
+``$RNN_FAST_RESULTS_DIR``), with the settings they ran under (``RNN_FAST_CUDA_VARIANTS``, ``RNN_FAST_TRITON_TILE``)
+and, for Triton, the tile each kernel ran with and what the autotuner measured of the others. A fallback from a
+fused backend to nn.LSTM warns, and warnings fail these benchmarks, so a figure is never filed under the wrong name.
+
+``RNN_FAST_BENCH_DRY_RUN=1`` runs the same flow on the CPU at a tiny size, the Triton kernels in the interpreter
+and the ``cpu`` backend in place of ``cuda``, in float32: it checks the GPU session's flow (tools/gpu_session.py
+--dry-run); its figures mean nothing.
 """
 import os
-from typing import Dict, Tuple
+from typing import Dict, List, Tuple
 
 import pytest
 import torch
 from torch import nn
 
 import rnn_fast
-from rnn_fast.ops.lstm import unavailable_reason
+from rnn_fast.ops.lstm import load_backend, unavailable_reason
+from rnn_fast.testing import PRECISIONS, cudnn_tf32
 
 from _timing import (TRAINING_PASSES, report, summary, synchronize, synchronized, training_passes,
                      write_results)
 
-INPUT_SIZE, HIDDEN, LAYERS, SEQ_LEN = 160, 128, 2, 100
-BATCHES = (256, 768, 2048)
-PRECISIONS = {"tf32": torch.float32, "bf16": torch.bfloat16}
+DRY_RUN = os.environ.get("RNN_FAST_BENCH_DRY_RUN") == "1"
+INPUT_SIZE, HIDDEN, LAYERS, SEQ_LEN = (5, 4, 2, 3) if DRY_RUN else (160, 128, 2, 100)
+BATCHES = tuple(int(batch) for batch in os.environ.get("RNN_FAST_BENCH_BATCHES", "256,768,2048").split(","))
+TIMED_PRECISIONS = ("fp32",) if DRY_RUN else ("tf32", "bf16")
 # fused backend -> the directions it is benchmarked with
-FUSED = {"triton": (False, True), "cuda": (True,)}
-ROUNDS = int(os.environ.get("RNN_FAST_BENCH_ROUNDS", "30"))
-WARMUP_ROUNDS = 3
-DEVICE = torch.device("cuda")
+FUSED = {"triton": (False, True), "cpu" if DRY_RUN else "cuda": (False, True)}
+ROUNDS = int(os.environ.get("RNN_FAST_BENCH_ROUNDS", "1" if DRY_RUN else "30"))
+WARMUP_ROUNDS = 0 if DRY_RUN else 3
+DEVICE = torch.device("cpu" if DRY_RUN else "cuda")
 
 pytestmark = [
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+    pytest.mark.skipif(DEVICE.type == "cuda" and not torch.cuda.is_available(), reason="needs a CUDA device"),
     pytest.mark.filterwarnings("error::UserWarning"),
 ]
 
 _records = []
+# What the Triton autotuner measured when it tuned each case's kernels.
+_tile_timings: List[dict] = []
 
 
 def _case(record: dict) -> Tuple:
     return record["batch"], record["bidirectional"], record["precision"], record["pass"]
+
+
+def _triton_tiles() -> dict:
+    triton_backend = load_backend("triton")
+    return {"triton_tiles": triton_backend.tile_choices(), "triton_tile_timings": _tile_timings}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -72,6 +86,8 @@ def results_files():
             "speedups": [dict(zip(("batch", "bidirectional", "precision", "pass"), case),
                               speedup_vs_cudnn=medians[case + ("cudnn",)] / medians[case + (backend,)])
                          for case in cases],
+            "dry_run": DRY_RUN,
+            **(_triton_tiles() if backend == "triton" else {}),
         })
         for batch, bidirectional, precision, pass_name in cases:
             fused_ms, cudnn_ms = (medians[(batch, bidirectional, precision, pass_name, name)]
@@ -84,10 +100,19 @@ def results_files():
 @pytest.fixture
 def precision_flags(precision):
     """cuDNN's RNN precision: TF32 in the ``tf32`` cases, IEEE otherwise; the previous setting comes back after."""
-    previous = torch.backends.cudnn.rnn.fp32_precision
-    torch.backends.cudnn.rnn.fp32_precision = "tf32" if precision == "tf32" else "ieee"
+    with cudnn_tf32(PRECISIONS[precision].tf32):
+        yield
+
+
+@pytest.fixture
+def autotuner_record(implementation, request):
+    """After a Triton case: what the autotuner measured if it compared tiles for this case's kernels."""
     yield
-    torch.backends.cudnn.rnn.fp32_precision = previous
+    if implementation != "triton":
+        return
+    for kernel, ms_by_tile in load_backend("triton").latest_tile_timings().items():
+        if not any(entry["kernel"] == kernel and entry["ms_by_tile"] == ms_by_tile for entry in _tile_timings):
+            _tile_timings.append({"case": request.node.callspec.id, "kernel": kernel, "ms_by_tile": ms_by_tile})
 
 
 def _stack(implementation: str, bidirectional: bool, dtype: torch.dtype) -> nn.Module:
@@ -118,10 +143,11 @@ def _implementations():
 
 @pytest.mark.parametrize("implementation, bidirectional", list(_implementations()))
 @pytest.mark.parametrize("pass_name", TRAINING_PASSES)
-@pytest.mark.parametrize("precision", list(PRECISIONS))
+@pytest.mark.parametrize("precision", TIMED_PRECISIONS)
 @pytest.mark.parametrize("batch", BATCHES, ids=lambda batch: f"B{batch}")
-def test_lstm_stack(benchmark, precision_flags, batch, precision, pass_name, implementation, bidirectional):
-    dtype = PRECISIONS[precision]
+def test_lstm_stack(benchmark, precision_flags, autotuner_record, batch, precision, pass_name, implementation,
+                    bidirectional):
+    dtype = PRECISIONS[precision].dtype
     module = _stack(implementation, bidirectional, dtype)
     generator = torch.Generator(device=DEVICE).manual_seed(batch)
     x = torch.randn(batch, SEQ_LEN, INPUT_SIZE, device=DEVICE, dtype=dtype, generator=generator)

@@ -9,19 +9,14 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+from rnn_fast.testing import poison_uninitialized_memory  # noqa: E402
+
 
 @pytest.fixture(autouse=True)
-def poison_uninitialized_memory():
-    """Every ``empty`` allocation, in Python or in C++ (``at::empty``), comes back filled with NaN (and
-    integers with their maximum), so an output element a kernel forgets to write fails the comparison."""
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
-    fill = torch.utils.deterministic.fill_uninitialized_memory
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    yield
-    torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
-    torch.utils.deterministic.fill_uninitialized_memory = fill
+def uninitialized_memory_is_nan():
+    """Every test runs with NaN-filled allocations (:func:`rnn_fast.testing.poison_uninitialized_memory`)."""
+    with poison_uninitialized_memory():
+        yield
 
 
 @pytest.fixture

@@ -1,72 +1,86 @@
-"""One command for a lent GPU machine (tools/gpu_session.sh): build, check, time and profile everything in at most
-9 minutes, each step under its own ``timeout``, carrying on after a failure, and leave at most 8 files in ``$OUT``.
+"""One command for a lent GPU machine (tools/gpu_session.sh): build, then run the project's own GPU tests and
+benchmarks, each step under its own ``timeout`` and carrying on after a failure, and gather what they report into
+one results file and a summary, at most 8 files in ``$OUT``, in at most 9 minutes.
 
     OUT=/some/folder tools/gpu_session.sh            # on the GPU machine, from a fresh copy of the repository
-    tools/gpu_session.sh --dry-run --out /tmp/x      # on a CPU machine: the same flow at a tiny shape
+    tools/gpu_session.sh --dry-run --out /tmp/x      # on a CPU machine: the same flow at a tiny size
 
-The machine has no network: the build uses what is installed (no pip), and ``.ci/run`` is never run. The steps,
-in the order they are worth running (a step that would end past the deadline is cut; one that cannot start in
-time is skipped and says so):
+The machine has no network: the build uses what is installed (no pip), and ``.ci/run`` is never run. Every child
+is ``python -m pytest`` run from the repository root, so it imports this copy of rnn_fast. The steps, in the order
+they are worth running (a step that would end past the deadline is cut; one that cannot start in time is skipped
+and says so):
 
-1. ``env``: nvidia-smi, nvcc, ncu, compute-sanitizer, python / torch / triton / cuDNN versions, device.
+1. ``env``: nvidia-smi, nvcc, compute-sanitizer, the Python packages, and the environment record
+   (``rnn_fast.testing.environment``: device, torch, triton, CUDA, date).
 2. ``build`` (``RNN_FAST_CUDA_ARCHS=90 MAX_JOBS=16 python setup.py build_ext --inplace``), while the Triton lane,
-   which needs no build, runs alongside: ``triton-smoke`` (correctness at the classifier's shape) and
-   ``triton-pytest``.
-3. ``baseline``: correctness of the CUDA backend, then every backend against cuDNN with CUDA events.
-4. ``variant-<name>``: the same for each CUDA kernel variant (``RNN_FAST_CUDA_VARIANTS``), one process each;
-   a variant is timed only in the precisions where its smoke check passed.
-5. ``ncu``: one profile of every recurrence kernel at the classifier's shape.
-6. ``triton-sweep``: the Triton autotuner over its candidate tiles (no pin), for the next session's pin.
-7. ``cuda-pytest`` alongside ``compute-sanitizer`` memcheck / racecheck / synccheck on a tiny shape (six at a
-   time: correctness only, so they may share the GPU, unlike the timed steps before them).
+   which needs no build, runs alongside: ``triton-tests``, its op and module tests against the naive reference and
+   nn.LSTM, and the classifier's stack against cuDNN, with the Triton tile pinned.
+3. ``bench``: benchmarks/test_gpu_lstm.py at B=768, cuDNN against triton (pinned tile) and cuda, as LSTM and BLSTM,
+   in TF32 and bf16, forward, backward and forward+backward.
+4. ``bench-<variant>``: the same for cuda under each CUDA kernel variant (``RNN_FAST_CUDA_VARIANTS``), one process
+   each, against cuDNN in the same process.
+5. Correctness, side by side (six at a time: nothing is timed, so they may share the GPU): ``cuda-tests`` (the CUDA
+   op tests, each variant's accuracy against the baseline kernels among them, the module tests and the classifier's
+   stack), ``cuda-tests-<variant>`` (the classifier's stack under the variant), and compute-sanitizer (memcheck,
+   racecheck, synccheck) around each backend's ``test_ops_in_every_precision_match_naive``: every tool on cuda,
+   triton and the first variant, memcheck on the other variants.
+6. ``bench-triton-autotuned``: triton with no tile pinned, so that the autotuner compares its tiles; the benchmark
+   records the tile it kept and the timings of the others.
 
-Every child writes its JSON as it goes, so a step cut by its timeout still reports what it finished.
-
-The budget of each step and what it is based on is in benchmarks/NOTES.md ("GPU session").
+Every pytest child writes a junit file and the benchmarks their results files, as they go, so a step cut by its
+timeout still reports what it finished. The budgets are in benchmarks/NOTES.md ("GPU session").
 """
 import argparse
-import datetime
 import importlib.util
-import json
 import os
-import re
 import shlex
 import shutil
 import subprocess
 import sys
-import tarfile
 import tempfile
 import threading
 import time
-import xml.etree.ElementTree as ElementTree
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
 
-ROOT = Path(__file__).resolve().parents[1]
-CHECKS = ROOT / "tools" / "gpu_checks.py"
-sys.path.insert(0, str(ROOT / "tools"))
-from cuda_variants import VARIANT_ENV, kernel_variants  # noqa: E402  (no torch: the session outlives a broken one)
+# Both modules sit beside this script; neither imports torch, so the session outlives a broken install.
+from cuda_variants import VARIANT_ENV, kernel_variants
+from gpu_session_report import ARCHIVE_FILE_LIMIT, Outcome, archive_contents, pack_archive, write_report
 
+ROOT = Path(__file__).resolve().parents[1]
 TOTAL_SECONDS = 540
-# Kept for packing the archive and writing the summary after the last step.
+# Kept for writing the results, the summary and the archive after the last step.
 RESERVE_SECONDS = 20
 # The tile the session pins (RNN_FAST_TRITON_TILE), so that it compiles one tile per kernel instead of autotuning
 # six: 16 rows fill most of the 132 SMs at B=768 (48 programs per direction), and 8 warps is where the 16-row
 # tiles need least stack under Triton 3.6 (README's table).
 DEFAULT_TILE = "16x8"
+BATCH = 768
+# Rounds of each variant's benchmark (the baseline's are the benchmark's 30): five variants must fit the deadline.
+VARIANT_ROUNDS = "20"
 # Seconds each step may take (see benchmarks/NOTES.md for what they rest on).
-BUDGETS = {"env": 30, "build": 200, "triton-smoke": 100, "triton-pytest": 100, "baseline": 110, "variant": 35,
-           "cuda-pytest": 120, "sanitizer": 100, "ncu": 60, "triton-sweep": 90}
+BUDGETS = {"env": 30, "build": 200, "triton-tests": 150, "bench": 120, "bench-variant": 40,
+           "bench-triton-autotuned": 100, "cuda-tests": 150, "cuda-tests-variant": 60, "sanitizer": 120}
 SANITIZER_TOOLS = ("memcheck", "racecheck", "synccheck")
-NCU_KERNELS = "regex:lstm_(forward|backward)_kernel"
-NCU_SECTIONS = ("SpeedOfLight", "LaunchStats", "Occupancy", "MemoryWorkloadAnalysis_Tables", "WarpStateStats")
-# Files in $OUT (at most 8 come back, 16 MiB each): these four and the results JSON; everything else goes into the
-# archive, but for files over ARCHIVE_FILE_LIMIT (an outsized ncu report or log would keep the archive from coming
-# back), which are listed in session.log instead.
-OUT_FILES = ("summary.md", "session.log", "failures.log", "session-archive.tar.gz")
-ARCHIVE_FILE_LIMIT = 6 * 2 ** 20
+TRITON_TESTS = ["tests/library/ops/test_triton_recurrence.py", "tests/library/modules/test_lstm.py",
+                "tests/library/modules/test_classifier_stack.py"]
+CUDA_TESTS = ["tests/library/ops/test_cuda_recurrence.py", "tests/library/modules/test_lstm.py",
+              "tests/library/modules/test_classifier_stack.py"]
+# Under a variant: the classifier's stack against cuDNN. Each variant's accuracy against the baseline kernels is in
+# test_cuda_recurrence.py, which cuda-tests runs for all of them, and memcheck runs the op checks under each.
+VARIANT_TESTS = [CUDA_TESTS[2]]
+# Each backend's op tests, whose test_ops_in_every_precision_match_naive compute-sanitizer runs.
+OP_TESTS = {"cuda": "tests/library/ops/test_cuda_recurrence.py",
+            "triton": "tests/library/ops/test_triton_recurrence.py"}
+SANITIZED_TEST = "ops_in_every_precision_match_naive"
+# Writes the environment record and the results file's name; python -c puts the repository root first on sys.path,
+# as python -m pytest does.
+ENVIRONMENT_SCRIPT = ("import json, sys, torch; from rnn_fast.testing import environment, results_file_name; "
+                      "record = environment(torch.device('cuda' if torch.cuda.is_available() else 'cpu')); "
+                      "record['results_file'] = results_file_name(record, 'session'); "
+                      "json.dump(record, open(sys.argv[1], 'w'))")
 
 
 @dataclass
@@ -76,19 +90,7 @@ class Step:
     budget: float
     env: Dict[str, str] = field(default_factory=dict)
     note: str = ""
-    json: Optional[Path] = None
-
-
-@dataclass
-class Outcome:
-    name: str
-    status: str  # ok, failed, timeout, skipped
-    seconds: float
-    budget: float
-    returncode: Optional[int] = None
-    note: str = ""
-    log: Optional[Path] = None
-    record: Optional[dict] = None
+    kind: str = "other"  # tests, bench, sanitizer, or other
 
 
 class Session:
@@ -106,12 +108,14 @@ class Session:
         self.lock = threading.Lock()
         self.session_log = (self.logs / "session.log").open("w")
         self.python = sys.executable
-        self.base_env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.pathsep.join(
-            [str(ROOT), os.environ.get("PYTHONPATH", "")]),
-            "TRITON_CACHE_DIR": str(self.work / "triton-cache"), "RNN_FAST_TRITON_TILE": args.triton_tile}
+        # In the dry run the cpu backend stands in for cuda in the benchmarks and the module tests (the same driver,
+        # other ops); CUDA's op tests skip.
+        self.cuda_backend = "cpu" if self.dry_run else "cuda"
+        self.base_env = {**os.environ, "PYTHONUNBUFFERED": "1", "TRITON_CACHE_DIR": str(self.work / "triton-cache"),
+                         "RNN_FAST_TRITON_TILE": args.triton_tile, "RNN_FAST_BENCH_BATCHES": str(BATCH)}
         self.base_env.pop(VARIANT_ENV, None)
         if self.dry_run:
-            self.base_env["TRITON_INTERPRET"] = "1"
+            self.base_env.update(TRITON_INTERPRET="1", RNN_FAST_BENCH_DRY_RUN="1", RNN_FAST_BENCH_BATCHES="4")
 
     # ------------------------------------------------------------------------------------------------ running
     def log(self, line: str) -> None:
@@ -121,15 +125,12 @@ class Session:
             self.session_log.write(f"{stamp} {line}\n")
             self.session_log.flush()
 
-    def seconds_left(self) -> float:
-        return self.deadline - time.monotonic()
-
     def run(self, step: Step) -> Outcome:
         """Runs ``step`` under ``timeout`` (its budget, cut to the deadline), its output into its own log."""
-        log_path = self.logs / f"{step.name}.log"
-        allowed = min(step.budget, self.seconds_left())
+        allowed = min(step.budget, self.deadline - time.monotonic())
         if allowed < 5:
-            return self._record(Outcome(step.name, "skipped", 0.0, step.budget, note="out of time", log=None))
+            return self.skip(step, "out of time")
+        log_path = self.logs / f"{step.name}.log"
         self.log(f"start {step.name} (budget {step.budget:.0f} s, allowed {allowed:.0f} s): "
                  f"{shlex.join(step.command)}")
         began = time.monotonic()
@@ -148,16 +149,12 @@ class Session:
             except OSError as error:
                 log_file.write(f"could not start: {error}\n")
                 returncode = 127
-        seconds = time.monotonic() - began
         status = "ok" if returncode == 0 else "timeout" if returncode in (124, 137, -9) else "failed"
-        record = None
-        if step.json is not None and step.json.exists():
-            try:
-                record = json.loads(step.json.read_text())
-            except ValueError as error:
-                step.note += f" (unreadable JSON: {error})"
-        outcome = Outcome(step.name, status, seconds, step.budget, returncode, step.note.strip(), log_path, record)
-        return self._record(outcome)
+        return self._record(Outcome(step.name, step.kind, status, time.monotonic() - began, step.budget,
+                                    returncode, step.note, log_path, self.work / step.name))
+
+    def skip(self, step: Step, note: str) -> Outcome:
+        return self._record(Outcome(step.name, step.kind, "skipped", 0.0, step.budget, note=note))
 
     def _record(self, outcome: Outcome) -> Outcome:
         with self.lock:
@@ -167,17 +164,10 @@ class Session:
                  f"{' - ' + outcome.note if outcome.note else ''}")
         return outcome
 
-    def skip(self, name: str, budget: float, note: str) -> Outcome:
-        return self._record(Outcome(name, "skipped", 0.0, budget, note=note))
-
     def lanes(self, *lanes: List[Step]) -> None:
         """Runs each list of steps in order, the lists side by side."""
-        def run_lane(steps):
-            for step in steps:
-                self.run(step)
-
         with ThreadPoolExecutor(len(lanes)) as pool:
-            for future in [pool.submit(run_lane, lane) for lane in lanes]:
+            for future in [pool.submit(lambda steps: [self.run(step) for step in steps], lane) for lane in lanes]:
                 future.result()
 
     def pool(self, steps: List[Step], workers: int) -> None:
@@ -187,71 +177,56 @@ class Session:
                 future.result()
 
     # ------------------------------------------------------------------------------------------------- steps
-    def checks(self, name: str, budget: float, *arguments: str, env=None, note="") -> Step:
-        record = self.work / f"{name}.json"
-        command = [self.python, str(CHECKS), *arguments, "--json", str(record)]
-        if self.dry_run:
-            command.append("--dry-run")
-        return Step(name, command, budget, env or {}, note, record)
-
     def env_step(self) -> Step:
         tools = "; ".join(f"echo '$ {tool}'; {tool} 2>&1 | head -40 || true" for tool in (
-            "nvidia-smi", "nvcc --version", "ncu --version", "compute-sanitizer --version", "ninja --version",
-            "nproc", "free -g", "git -C . log -1 --oneline"))
+            "nvidia-smi", "nvcc --version", "compute-sanitizer --version", "ninja --version", "nproc", "free -g",
+            "git -C . log -1 --oneline"))
         pip_list = (f"{shlex.quote(self.python)} -m pip list 2>/dev/null "
                     "| grep -iE '^(torch|triton|pytest|numpy)' || true")
-        checks = self.checks("env", BUDGETS["env"], "env")
-        script = f"{tools}; echo '$ pip list'; {pip_list}; {shlex.join(checks.command)}"
-        return Step("env", ["bash", "-c", script], BUDGETS["env"], json=checks.json)
+        record = shlex.join([self.python, "-c", ENVIRONMENT_SCRIPT, str(self.work / "environment.json")])
+        return Step("env", ["bash", "-c", f"{tools}; echo '$ pip list'; {pip_list}; {record}"], BUDGETS["env"])
 
     def build_step(self) -> Step:
+        env = {"RNN_FAST_CUDA_ARCHS": "90", "MAX_JOBS": "16"}
         if self.dry_run:
             # CI has built the extension already; evaluating setup.py checks its flags and source lists.
-            return Step("build", [self.python, "setup.py", "--name"], BUDGETS["build"],
-                        {"RNN_FAST_CUDA_ARCHS": "90", "MAX_JOBS": "16"}, note="dry run: setup.py evaluated, not built")
-        return Step("build", [self.python, "setup.py", "build_ext", "--inplace"], BUDGETS["build"],
-                    {"RNN_FAST_CUDA_ARCHS": "90", "MAX_JOBS": "16"})
+            return Step("build", [self.python, "setup.py", "--name"], BUDGETS["build"], env,
+                        note="dry run: setup.py evaluated, not built")
+        return Step("build", [self.python, "setup.py", "build_ext", "--inplace"], BUDGETS["build"], env)
 
-    def pytest_step(self, name: str, budget: float, paths: List[str], keyword: str) -> Step:
-        if self.dry_run:
-            # The flow and the junit handling, on one quick test.
-            paths, keyword = ["tests/ops/test_gemm_precision.py"], "matmul_precision"
-        junit = self.logs / f"{name}.xml"
-        command = [self.python, "-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider", f"--junitxml={junit}",
-                   "-k", keyword, *paths]
+    def pytest_command(self, name: str, paths: List[str], keyword: str, workers: int = 1) -> List[str]:
+        """pytest on ``paths`` (tests matching ``keyword``), its junit file in the step's own folder."""
+        command = [self.python, "-m", "pytest", "-q", "-rfEs", "-p", "no:cacheprovider",
+                   f"--junitxml={self.work / name / 'junit.xml'}", "-k", keyword, *paths]
         if importlib.util.find_spec("pytest_timeout"):
-            command.insert(3, "--timeout=60")
-        if importlib.util.find_spec("xdist") and not self.dry_run:
-            command[3:3] = ["-n", "4"]
-        return Step(name, command, budget, note=f"junit {junit.name}")
+            command.insert(3, "--timeout=120")
+        if workers > 1 and importlib.util.find_spec("xdist"):
+            command[3:3] = ["-n", str(workers)]
+        return command
+
+    def tests_step(self, name: str, budget: float, paths: List[str], keyword: str, env=None, note="") -> Step:
+        if self.dry_run:
+            # The flow and the junit handling on the quick tests: the op checks and the classifier's (tiny) stack.
+            keyword = f"({keyword}) and ({SANITIZED_TEST} or within_twice_nn_lstm)"
+        workers = 1 if self.dry_run else 4
+        return Step(name, self.pytest_command(name, paths, keyword, workers), budget, env or {}, note, "tests")
+
+    def bench_step(self, name: str, budget: float, keyword: str, env=None, note="") -> Step:
+        command = [self.python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--benchmark-only",
+                   "benchmarks/test_gpu_lstm.py", "-k", keyword]
+        return Step(name, command, budget, {"RNN_FAST_RESULTS_DIR": str(self.work / name), **(env or {})}, note,
+                    "bench")
 
     def sanitizer_step(self, tool: str, backend: str, variant: str = "") -> Step:
         name = f"sanitize-{tool}-{backend}{'-' + variant if variant else ''}"
-        target = [self.python, str(CHECKS), "sanitize", "--backend", backend]
+        target = self.pytest_command(name, [OP_TESTS[backend]], SANITIZED_TEST)
         env = {VARIANT_ENV: variant} if variant else {}
         if self.dry_run or not shutil.which("compute-sanitizer"):
             note = "dry run" if self.dry_run else "compute-sanitizer not found"
-            return Step(name, target + (["--dry-run"] if self.dry_run else []), BUDGETS["sanitizer"], env,
-                        note=f"{note}: the target without the sanitizer")
+            return Step(name, target, BUDGETS["sanitizer"], env, f"{note}: the tests without the sanitizer",
+                        "sanitizer")
         return Step(name, ["compute-sanitizer", "--tool", tool, "--error-exitcode", "1", "--print-limit", "50",
-                           *target], BUDGETS["sanitizer"], env)
-
-    def ncu_step(self) -> Step:
-        report = self.work / "ncu-recurrence"
-        profile = [self.python, str(CHECKS), "profile", "--backends", "triton,cuda", "--precisions", "tf32,bf16"]
-        if self.dry_run or not shutil.which("ncu"):
-            note = "dry run" if self.dry_run else "ncu not found"
-            return Step("ncu", profile + (["--dry-run"] if self.dry_run else []), BUDGETS["ncu"],
-                        note=f"{note}: the target without ncu")
-        capture = ["ncu", "--clock-control", "none", "--target-processes", "all", "--kernel-name", NCU_KERNELS,
-                   "--export", str(report), "--force-overwrite"]
-        sections = [arg for name in NCU_SECTIONS for arg in ("--section", name)]
-        details = ["ncu", "--import", f"{report}.ncu-rep", "--csv", "--page", "details"]
-        # If this ncu does not know a section, its default set still gives durations, registers and occupancy.
-        script = (f"{shlex.join(capture + sections + profile)} || {{ echo 'retrying with the default sections'; "
-                  f"{shlex.join(capture + profile)}; }}; status=$?; "
-                  f"{shlex.join(details)} > {shlex.quote(str(self.logs / 'ncu.csv'))}; exit $status")
-        return Step("ncu", ["bash", "-c", script], BUDGETS["ncu"], note="details in ncu.csv")
+                           *target], BUDGETS["sanitizer"], env, kind="sanitizer")
 
     # --------------------------------------------------------------------------------------------- the session
     def run_all(self) -> int:
@@ -259,267 +234,76 @@ class Session:
                  f"{self.args.total_seconds} s, work folder {self.work}, out {self.out}")
         self.run(self.env_step())
 
-        # Triton needs no build: its correctness checks and tests run while nvcc builds the CUDA kernels.
+        # Triton needs no build: its tests run while nvcc builds the CUDA kernels.
         self.lanes([self.build_step()],
-                   [self.checks("triton-smoke", BUDGETS["triton-smoke"], "run", "--smoke", "triton"),
-                    self.pytest_step("triton-pytest", BUDGETS["triton-pytest"],
-                                     ["tests/ops/test_triton_recurrence.py", "tests/modules/test_lstm.py"], "triton")])
-        built = self._status("build") == "ok"
-
-        if built:
-            # (The dry run times one direction: the flow is the same, and the interpreter is slow.)
-            directions = "bi" if self.dry_run else "bi,uni"
-            baseline = self.run(self.checks("baseline", BUDGETS["baseline"], "run", "--smoke", "cuda",
-                                            "--bench", "triton,cuda", "--directions", directions))
-        else:
-            baseline = self.skip("baseline", BUDGETS["baseline"], "no build")
+                   [self.tests_step("triton-tests", BUDGETS["triton-tests"], TRITON_TESTS, "triton")])
+        built = any(outcome.name == "build" and outcome.status == "ok" for outcome in self.outcomes)
         variants = self.args.variants.split(",") if self.args.variants else list(kernel_variants())
-        for variant in variants:
-            if not built:
-                self.skip(f"variant-{variant}", BUDGETS["variant"], "no build")
-                continue
-            self.run(self.checks(f"variant-{variant}", BUDGETS["variant"], "run", "--smoke", "cuda", "--bench",
-                                 "cuda", "--directions", "bi", env={VARIANT_ENV: variant}))
+        cuda = self.cuda_backend
 
-        # Timing-sensitive steps run alone; the correctness checks after them share the machine.
-        self.run(self.ncu_step())
-        self.run(self.checks("triton-sweep", BUDGETS["triton-sweep"], "sweep", "--precisions", "tf32,bf16",
-                             env={"RNN_FAST_TRITON_TILE": ""}))
+        # Timed steps run alone, one after the other.
+        timed = [self.bench_step("bench", BUDGETS["bench"], "")]
+        timed += [self.bench_step(f"bench-{variant}", BUDGETS["bench-variant"], f"{cuda} or cudnn",
+                                  env={VARIANT_ENV: variant, "RNN_FAST_BENCH_ROUNDS": VARIANT_ROUNDS})
+                  for variant in variants]
+        self.run_built(timed, built)
 
-        checks = [self.pytest_step("cuda-pytest", BUDGETS["cuda-pytest"],
-                                   ["tests/ops/test_cuda_recurrence.py", "tests/ops/test_gemm_precision.py",
-                                    "tests/modules/test_lstm.py"], "not triton")]
-        # Without the sanitizer (the dry run) every tool and variant would run the same program: once per backend.
+        checks = [self.tests_step("cuda-tests", BUDGETS["cuda-tests"], CUDA_TESTS, cuda)]
+        checks += [self.tests_step(f"cuda-tests-{variant}", BUDGETS["cuda-tests-variant"], VARIANT_TESTS, cuda,
+                                   env={VARIANT_ENV: variant}) for variant in variants]
+        # Without the sanitizer (the dry run) every tool and variant would run the same tests: once per backend.
         tools = ("memcheck",) if self.dry_run else SANITIZER_TOOLS
-        checks += [self.sanitizer_step(tool, backend) for backend in ("cuda", "triton") for tool in tools]
+        checks += [self.sanitizer_step(tool, backend) for backend in OP_TESTS for tool in tools]
         if not self.dry_run:
             # The variants: every tool on the first (the cluster exchange, where a race would be), memcheck on all.
             checks += [self.sanitizer_step(tool, "cuda", variants[0]) for tool in tools[1:] if variants]
             checks += [self.sanitizer_step("memcheck", "cuda", variant) for variant in variants]
-        if built:
-            self.pool(checks, workers=2 if self.dry_run else 6)
-        else:
-            for step in checks:
-                if "triton" in step.name:
-                    self.run(step)
-                else:
-                    self.skip(step.name, step.budget, "no build")
+        if not built:
+            for step in [step for step in checks if "triton" not in step.name]:
+                self.skip(step, "no build")
+            checks = [step for step in checks if "triton" in step.name]
+        self.pool(checks, workers=2 if self.dry_run else 6)
 
+        # Last, as the least needed: the tiles the autotuner would pick, and what the others cost.
+        self.run_built([self.bench_step("bench-triton-autotuned", BUDGETS["bench-triton-autotuned"],
+                                        "triton or cudnn", env={"RNN_FAST_TRITON_TILE": ""},
+                                        note="no tile pinned: the autotuner's")], built)
         return self.finish()
 
-    def _status(self, name: str) -> Optional[str]:
-        return next((outcome.status for outcome in self.outcomes if outcome.name == name), None)
+    def run_built(self, steps: List[Step], built: bool) -> None:
+        """Runs ``steps`` one after the other, or skips them when the build failed."""
+        for step in steps:
+            if built:
+                self.run(step)
+            else:
+                self.skip(step, "no build")
 
-    # ----------------------------------------------------------------------------------------------- reporting
     def finish(self) -> int:
-        environment = self._environment()
-        results = self.results(environment)
-        summary = render_summary(results, self.outcomes, self.logs)
-        date = environment.get("date") or datetime.date.today().isoformat()
-        slug = re.sub(r"[^a-z0-9]+", "-", str(environment.get("device", "unknown")).lower()).strip("-")
-        results_path = self.out / f"{slug}-session-{date}.json"
-        results_path.write_text(json.dumps(results, indent=1, default=str) + "\n")
-        (self.out / "summary.md").write_text(summary)
-        failures = []
-        for outcome in self.outcomes:
-            if outcome.status in ("failed", "timeout") and outcome.log and outcome.log.exists():
-                tail = outcome.log.read_text(errors="replace")[-6000:]
-                failures.append(f"===== {outcome.name}: {outcome.status} (rc {outcome.returncode})\n{tail}\n")
-        (self.out / "failures.log").write_text("".join(failures) or "no step failed\n")
-        self.log(f"wrote {results_path.name}, summary.md, failures.log; packing the archive")
-        packed = [path for path in sorted(self.work.rglob("*")) if path.is_file()
-                  and "triton-cache" not in path.relative_to(self.work).parts]
-        for path in packed:
-            if path.stat().st_size > ARCHIVE_FILE_LIMIT:
-                self.log(f"left out of the archive (over {ARCHIVE_FILE_LIMIT >> 20} MiB): {path.name}, "
-                         f"{path.stat().st_size >> 20} MiB")
+        """The results file, summary.md and failures.log in ``$OUT``, then session.log and the archive of every
+        step's files; the summary also goes to stdout, which is what the device tool's output tail shows."""
+        command = shlex.join(["tools/gpu_session.sh", *sys.argv[1:]])
+        summary, written = write_report(self.outcomes, self.work, self.out, command, self.dry_run,
+                                        self.args.triton_tile)
+        archived, too_large = archive_contents(self.work)
+        for path in too_large:
+            self.log(f"left out of the archive (over {ARCHIVE_FILE_LIMIT >> 20} MiB): {path.relative_to(self.work)}")
+        self.log(f"wrote {', '.join(written)}; packing the archive")
         self.session_log.close()
         shutil.copy(self.logs / "session.log", self.out / "session.log")
-        with tarfile.open(self.out / "session-archive.tar.gz", "w:gz") as archive:
-            for path in packed:
-                if path.stat().st_size <= ARCHIVE_FILE_LIMIT:
-                    archive.add(path, arcname=str(path.relative_to(self.work)))
+        pack_archive(self.work, archived, self.out / "session-archive.tar.gz")
         print(summary, flush=True)
         return 0 if all(outcome.status == "ok" for outcome in self.outcomes) else 1
-
-    def _environment(self) -> dict:
-        for name in ("baseline", "env", "triton-smoke"):
-            record = next((o.record for o in self.outcomes if o.name == name and o.record), None)
-            if record:
-                return record.get("environment", record)
-        return {}
-
-    def results(self, environment: dict) -> dict:
-        """The benchmarks/results/ record: environment first (device, versions, date, command), then the
-        session's findings."""
-        runs = [o.record for o in self.outcomes if o.record and "smoke" in o.record]
-        env = {key: environment.get(key) for key in ("device", "torch", "triton", "cuda", "date")}
-        env["command"] = shlex.join(["tools/gpu_session.sh", *sys.argv[1:]])
-        sweep = next((o.record for o in self.outcomes if o.name == "triton-sweep" and o.record), None)
-        return {**env, "environment": environment, "dry_run": self.dry_run,
-                "config": runs[0]["shape"] if runs else None, "triton_tile_pin": self.args.triton_tile,
-                "steps": [{"name": o.name, "status": o.status, "seconds": round(o.seconds, 1), "budget": o.budget,
-                           "returncode": o.returncode, "note": o.note} for o in self.outcomes],
-                "smoke": [record for run in runs for record in run["smoke"]],
-                "benchmarks": [record for run in runs for record in run["benchmarks"]],
-                "triton_tiles": next((run["triton_tiles"] for run in runs if run.get("triton_tiles")), None),
-                "variants": variant_verdicts(runs),
-                "sanitizers": {o.name: sanitizer_errors(o) for o in self.outcomes if o.name.startswith("sanitize")},
-                "pytest": {o.name: pytest_counts(o) for o in self.outcomes if o.name.endswith("pytest")},
-                "ncu": ncu_rows(self.logs / "ncu.csv"), "triton_sweep": sweep}
-
-
-def variant_verdicts(runs: List[dict]) -> List[dict]:
-    """Per CUDA variant (baseline included): correct in which precisions, and fwd+bwd ratios vs cuDNN."""
-    verdicts = []
-    for run in runs:
-        cuda_smoke = [record for record in run["smoke"] if record["backend"] == "cuda"
-                      and record["case"].startswith("L2")]
-        if not cuda_smoke:
-            continue
-        ratios = {f"{'bi' if r['bidirectional'] else 'uni'}-{r['precision']}": round(r["speedup_vs_cudnn"], 3)
-                  for r in run["benchmarks"] if r.get("kind") == "stack" and r.get("backend") == "cuda"
-                  and r.get("pass") == "forward+backward"}
-        unsupported = {r["precision"] for r in cuda_smoke if str(r["status"]).startswith("unsupported")}
-        failing = {r["precision"] for r in cuda_smoke if not r["ok"]} - unsupported
-        steps = {f"{r['precision']}-{r['op']}": round(r["us_per_step"], 2) for r in run["benchmarks"]
-                 if r.get("kind") == "recurrence" and r.get("backend") == "cuda" and "us_per_step" in r}
-        verdicts.append({"variant": run["variant"],
-                         "correct": sorted({r["precision"] for r in cuda_smoke} - failing - unsupported),
-                         "incorrect": sorted(failing), "unsupported": sorted(unsupported),
-                         "fwd_bwd_speedup_vs_cudnn": ratios, "recurrence_us_per_step": steps})
-    return verdicts
-
-
-def sanitizer_errors(outcome: Outcome) -> dict:
-    text = outcome.log.read_text(errors="replace") if outcome.log and outcome.log.exists() else ""
-    found = re.findall(r"ERROR SUMMARY: (\d+) error", text)
-    return {"status": outcome.status, "errors": int(found[-1]) if found else None, "note": outcome.note}
-
-
-def pytest_counts(outcome: Outcome) -> dict:
-    """From the junit file; failing that (a cut run writes none), from pytest's last line."""
-    counts = {"status": outcome.status}
-    junit = outcome.log.with_suffix(".xml") if outcome.log else None
-    if junit and junit.exists():
-        try:
-            suite = ElementTree.parse(junit).getroot()
-            suite = suite.find("testsuite") if suite.tag == "testsuites" else suite
-            counts.update({key: int(suite.get(key, 0)) for key in ("tests", "failures", "errors", "skipped")})
-            counts["failed_tests"] = [f"{case.get('classname')}::{case.get('name')}" for case in suite.iter("testcase")
-                                      if case.find("failure") is not None or case.find("error") is not None][:30]
-            return counts
-        except ElementTree.ParseError:
-            pass
-    text = outcome.log.read_text(errors="replace") if outcome.log and outcome.log.exists() else ""
-    counts.update({word: int(number) for number, word in re.findall(r"(\d+) (passed|failed|skipped|error)", text)})
-    return counts
-
-
-def ncu_rows(path: Path) -> List[dict]:
-    """Per profiled kernel: its name and a few metrics of ncu's details page."""
-    if not path.exists():
-        return []
-    import csv
-
-    wanted = {"Duration", "Registers Per Thread", "Achieved Occupancy", "Compute (SM) Throughput",
-              "Memory Throughput", "DRAM Throughput", "Local Memory Spilling Requests", "Block Size", "Grid Size",
-              "Dynamic Shared Memory Per Block"}
-    kernels: Dict[tuple, dict] = {}
-    lines = [line for line in path.read_text(errors="replace").splitlines() if line.startswith('"')]
-    for row in csv.DictReader(lines):
-        name = row.get("Metric Name")
-        if name in wanted:
-            key = (row.get("ID"), row.get("Kernel Name", "")[:80])
-            kernels.setdefault(key, {"id": key[0], "kernel": key[1]})[name] = \
-                f"{row.get('Metric Value')} {row.get('Metric Unit', '')}".strip()
-    return list(kernels.values())
-
-
-def _fmt(value: Optional[float], digits: int = 2) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
-
-
-def render_summary(results: dict, outcomes: List[Outcome], logs: Path) -> str:
-    lines = [f"# rnn_fast GPU session{' (DRY RUN on the CPU: no GPU figure here)' if results['dry_run'] else ''}",
-             "", f"device {results.get('device')}, torch {results.get('torch')}, triton {results.get('triton')}, "
-             f"CUDA {results.get('cuda')}, {results.get('date')}; Triton tile pinned to {results['triton_tile_pin']}",
-             f"command: `{results['command']}`", "", "## Steps", "",
-             "| step | status | seconds | budget | note |", "|---|---|---:|---:|---|"]
-    lines += [f"| {o.name} | {o.status} | {o.seconds:.0f} | {o.budget:.0f} | {o.note} |" for o in outcomes]
-    shape = results.get("config") or {}
-    lines += ["", "## Correctness (" + ", ".join(f"{key} {shape[key]}" for key in
-                                                 ("batch", "seq_len", "input_size", "hidden", "layers") if key in shape)
-              + ")", "",
-              "Relative error (Frobenius) of the worst tensor against float64, nn.LSTM's own error on that tensor in "
-              "brackets. Pass: every tensor within 2x nn.LSTM's own error, or within 2e-5.", "",
-              "| backend | variant | case | precision | pass | worst tensor | ours [nn.LSTM] | status |",
-              "|---|---|---|---|---|---|---|---|"]
-    for r in results["smoke"]:
-        error = (f"{r['worst_error']:.2e} [{r['torch_error_same_tensor']:.2e}]" if "worst_error" in r else "")
-        lines.append(f"| {r['backend']} | {r.get('variant', '')} | {r['case']} | {r.get('precision', '')} | "
-                     f"{'yes' if r['ok'] else '**NO**'} | {r.get('worst_tensor', '')} | {error} | "
-                     f"{str(r['status'])[:160]} |")
-    stacks = [r for r in results["benchmarks"] if r.get("kind") == "stack" and "ours" in r]
-    lines += ["", "## Speed against cuDNN (same process, CUDA events, median of rounds)", "",
-              "| backend | variant | dirs | precision | pass | cuDNN ms | ours ms [p20, p80] | speedup |",
-              "|---|---|---|---|---|---:|---:|---:|"]
-    for r in stacks:
-        ours = r["ours"]
-        lines.append(f"| {r['backend']} | {r['variant']} | {'bi' if r['bidirectional'] else 'uni'} | "
-                     f"{r['precision']} | {r['pass']} | {_fmt(r['cudnn']['median_ms'])} | "
-                     f"{_fmt(ours['median_ms'])} [{_fmt(ours['p20_ms'])}, {_fmt(ours['p80_ms'])}] | "
-                     f"**{r['speedup_vs_cudnn']:.2f}x** |")
-    recurrence = [r for r in results["benchmarks"] if r.get("kind") == "recurrence" and "us_per_step" in r]
-    lines += ["", "## Recurrence ops alone (both directions in one launch, µs per step)", "",
-              "| backend | variant | precision | op | µs / step | ms |", "|---|---|---|---|---:|---:|"]
-    lines += [f"| {r['backend']} | {r['variant']} | {r['precision']} | {r['op']} | {r['us_per_step']:.2f} | "
-              f"{r['median_ms']:.2f} |" for r in recurrence]
-    errors = [r for r in results["benchmarks"] if "error" in r]
-    lines += [f"- benchmark error: {r.get('backend', '')} {r.get('precision', '')} {r.get('pass', '')}: "
-              f"{r['error'][:200]}" for r in errors]
-    lines += ["", "## CUDA kernel variants", "",
-              "Correct in: every case (uni, bi, and in fp32 packed) passed in that precision. Timed only where "
-              "correct.",
-              "", "| variant | correct in | incorrect in | unsupported | fwd+bwd speedup vs cuDNN "
-              "| recurrence µs / step |",
-              "|---|---|---|---|---|---|"]
-    lines += [f"| {v['variant']} | {', '.join(v['correct']) or '-'} | {', '.join(v['incorrect']) or '-'} | "
-              f"{', '.join(v['unsupported']) or '-'} | "
-              f"{', '.join(f'{k}: {x:.2f}x' for k, x in v['fwd_bwd_speedup_vs_cudnn'].items()) or '-'} | "
-              f"{', '.join(f'{k}: {x:.2f}' for k, x in v['recurrence_us_per_step'].items()) or '-'} |"
-              for v in results["variants"]]
-    lines += ["", "## Triton tiles", "", f"```\n{json.dumps(results['triton_tiles'], indent=1)}\n```"]
-    sweep = results.get("triton_sweep") or {}
-    lines += [f"- sweep {s['kernel']} {s['precision']} D={s['directions']}: "
-              + ", ".join(f"{tile} {_fmt(ms, 3)} ms" for tile, ms in s["ms_by_tile"].items())
-              for s in sweep.get("sweeps", [])]
-    lines += ["", "## compute-sanitizer", "", "| run | status | errors | note |", "|---|---|---:|---|"]
-    lines += [f"| {name} | {s['status']} | {'-' if s['errors'] is None else s['errors']} | {s['note']} |"
-              for name, s in results["sanitizers"].items()]
-    lines += ["", "## pytest", ""]
-    for name, counts in results["pytest"].items():
-        lines.append(f"- {name}: " + ", ".join(f"{key} {value}" for key, value in counts.items()
-                                               if key != "failed_tests"))
-        lines += [f"  - FAILED {test}" for test in counts.get("failed_tests", [])]
-    lines += ["", "## ncu (recurrence kernels)", ""]
-    for row in results["ncu"]:
-        lines.append("- " + ", ".join(f"{key}: {value}" for key, value in row.items()))
-    if not results["ncu"]:
-        lines.append("- no ncu data")
-    lines += ["", f"Logs of every step: session-archive.tar.gz (logs/); this summary, the results JSON, "
-              f"session.log and failures.log beside it.", ""]
-    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, no GPU tools: the flow only")
+    parser.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes, no GPU tools: the flow only")
     parser.add_argument("--out", default=os.environ.get("OUT"), help="where the (at most 8) files go; default $OUT")
     parser.add_argument("--work", help="scratch folder for logs and caches (default: a new temporary folder)")
     parser.add_argument("--total-seconds", type=float, default=TOTAL_SECONDS)
-    parser.add_argument("--triton-tile", default=DEFAULT_TILE, help="RNN_FAST_TRITON_TILE for every step but the sweep")
-    parser.add_argument("--variants", help="comma-separated CUDA variants to run (default: all the backend has)")
+    parser.add_argument("--triton-tile", default=DEFAULT_TILE, help="RNN_FAST_TRITON_TILE for every step but the "
+                                                                    "autotuned benchmark")
+    parser.add_argument("--variants", help="comma-separated CUDA variants to run (default: all the header names)")
     args = parser.parse_args(argv)
     if not args.out:
         parser.error("--out is required when $OUT is not set")

@@ -3,7 +3,7 @@
 It is built on nn.LSTM's own base class and methods, so the constructor, parameter names, initialisation,
 ``state_dict``, input checks and error messages are nn.LSTM's. It derives from ``nn.RNNBase`` rather than
 ``nn.LSTM``: torch.compile refuses to trace any instance of ``nn.LSTM``, subclasses included
-(tests/modules/test_interop.py pins this), so ``isinstance(m, nn.LSTM)`` is False and :func:`to_torch` converts
+(tests/library/modules/test_interop.py pins this), so ``isinstance(m, nn.LSTM)`` is False and :func:`to_torch` converts
 for code that dispatches on nn.LSTM (dynamic quantization, for one). Only ``forward`` differs: one batched GEMM per
 layer for the input projection, then the backend's recurrence op (docs/contract.md). Everything a fused backend
 cannot do goes to nn.LSTM's own implementation, with a one-time warning; so do ONNX export and TorchScript, which
@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from ..ops.lstm import BACKENDS, BackendChoice, resolve_backend, unavailable_reason
-from ..ops.lstm.common import layer_parameters
+from ..ops.lstm.layer import layer_parameters
 
 _warned = set()
 

@@ -34,7 +34,7 @@ from rnn_fast.nsynth.plots import FIGURES
 from rnn_fast.nsynth.recipes import RECIPES, Recipe
 from rnn_fast.nsynth.training import engine
 from rnn_fast.nsynth.training.checkpoint import load_checkpoint, load_classifier
-from rnn_fast.ops.lstm.fused import MAX_HIDDEN
+from rnn_fast.ops.lstm.triton import MAX_HIDDEN
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "examples"

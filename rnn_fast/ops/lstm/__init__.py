@@ -10,9 +10,8 @@ from typing import Dict, List, NamedTuple, Optional, Protocol, Tuple, runtime_ch
 
 import torch
 
-# backend name -> module in this package
-_MODULES = {"naive": "naive", "cpu": "cpu", "triton": "fused", "cuda": "cuda"}
-FUSED_BACKENDS = tuple(_MODULES)
+# Each backend is the module of its name in this package.
+FUSED_BACKENDS = ("naive", "cpu", "triton", "cuda")
 BACKENDS = ("auto", "torch") + FUSED_BACKENDS
 
 # Fused backends that "auto" may pick, fastest first, per device type. On CUDA it stays on cuDNN until a
@@ -99,7 +98,7 @@ def load_backend(name: str) -> Optional[RecurrenceBackend]:
     """The backend's module, or None when it cannot even be imported (the reason is kept)."""
     if name not in _loaded and name not in _import_errors:
         try:
-            module = importlib.import_module(f"{__name__}.{_MODULES[name]}")
+            module = importlib.import_module(f"{__name__}.{name}")
         except ImportError as error:
             _import_errors[name] = str(error)
         else:

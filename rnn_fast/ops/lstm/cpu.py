@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from .common import register_autograd_function, register_recurrence_autograd
+from .autograd import register_autograd_function, register_packed_weight_grad_fake, register_recurrence_autograd
 from .extension import forward_function, inference_op, packed_backward_op, packed_forward_op, packed_inference_op
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
@@ -26,11 +26,7 @@ packed_weight_grad_op = torch.ops.rnn_fast.cpu_packed_recurrent_weight_grad.defa
 stack_inference_op = torch.ops.rnn_fast.cpu_lstm_inference.default
 
 
-@torch.library.register_fake(packed_weight_grad_op)
-def _packed_weight_grad_fake(grad_xw, y, h0, batch_sizes):
-    return grad_xw.new_empty(grad_xw.shape[0], grad_xw.shape[-1], y.shape[-1])
-
-
+register_packed_weight_grad_fake(packed_weight_grad_op)
 packed_forward_function = register_recurrence_autograd(packed_forward_op, packed_backward_op, packed_weight_grad_op)
 
 

@@ -19,7 +19,7 @@ from typing import Optional, Tuple
 import torch
 
 from .extension import REBUILD_COMMAND, forward_function
-from .common import project_parts
+from .layer import project_parts
 
 _FORWARD_OP_NAME = "rnn_fast::lstm_recurrence_forward"
 

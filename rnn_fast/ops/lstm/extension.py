@@ -6,7 +6,8 @@ kernels (padded layout). This module gives the ops their fake-tensor and autogra
 """
 import torch
 
-from .common import register_inference_fake, register_recurrence_autograd, register_recurrence_fake, state_dtype
+from .autograd import register_inference_fake, register_recurrence_autograd, register_recurrence_fake
+from .precision import state_dtype
 
 REBUILD_COMMAND = "pip install --no-build-isolation -e ."
 

@@ -32,8 +32,9 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from rnn_fast.ops.lstm.common import (cudnn_fp32_precision, project_parts, register_inference_fake,
-                                     register_recurrence_autograd, register_recurrence_fake, state_dtype)
+from .autograd import register_inference_fake, register_recurrence_autograd, register_recurrence_fake
+from .layer import project_parts
+from .precision import cudnn_fp32_precision, state_dtype
 
 try:
     import triton
@@ -324,7 +325,7 @@ if _TRITON_IMPORT_ERROR is None:
         # the grid's second axis) is an argument only for the autotune key, in both kernels.
         i_b = tl.program_id(0).to(tl.int64)
         i_d = tl.program_id(1).to(tl.int64)
-        # common.state_dtype: fp64 stays fp64, everything else runs in fp32.
+        # precision.state_dtype: fp64 stays fp64, everything else runs in fp32.
         state_ty = tl.float64 if p_xw.dtype.element_ty == tl.float64 else tl.float32
         operand_ty = p_w.dtype.element_ty
         o_h, i_rows, m_b, m_hb, o_hb, o_gb, o_state = _program_tile(i_b, i_d, B, H, BLOCK_H, BLOCK_B)
@@ -563,6 +564,10 @@ if _TRITON_IMPORT_ERROR is None:
                                                         torch.ops.rnn_fast.triton_lstm_recurrence_backward.default)
 
 
+def _kernels():
+    return (("forward", _lstm_forward_kernel), ("backward", _lstm_backward_kernel))
+
+
 def tile_choices() -> Dict[str, Dict[str, str]]:
     """The tile each kernel ran with, as ``"ROWSxWARPS"``: per autotune key (``AUTOTUNE_KEY`` values, then the
     tensors' dtypes) when it autotunes, else its one tile (pinned, or the interpreter's) under ``"every key"``."""
@@ -570,7 +575,18 @@ def tile_choices() -> Dict[str, Dict[str, str]]:
         return {}
     return {name: ({"every key": _tile_name(kernel.configs[0])} if len(kernel.configs) == 1
                    else {repr(key): _tile_name(config) for key, config in kernel.cache.items()})
-            for name, kernel in (("forward", _lstm_forward_kernel), ("backward", _lstm_backward_kernel))}
+            for name, kernel in _kernels()}
+
+
+def latest_tile_timings() -> Dict[str, Dict[str, float]]:
+    """Per kernel, the autotuner's latest comparison of tiles: median ms per ``"ROWSxWARPS"``, the fastest being the
+    one it kept. A kernel that compared none (a pinned tile, the interpreter) is left out."""
+    if _TRITON_IMPORT_ERROR is not None:
+        return {}
+    # do_bench gives a number or, with quantiles, a list whose first element is the median (it varies by version).
+    return {name: {_tile_name(config): timing[0] if isinstance(timing, (list, tuple)) else timing
+                   for config, timing in kernel.configs_timings.items()}
+            for name, kernel in _kernels() if getattr(kernel, "configs_timings", None)}
 
 
 def _tile_name(config) -> str:

@@ -12,7 +12,7 @@ from torch.nn.utils.rnn import pack_sequence
 
 import rnn_fast
 from rnn_fast.ops.lstm import FUSED_BACKENDS
-from rnn_fast.testing import TOLERANCES, assert_lstm_matches, runnable_backends
+from rnn_fast.testing import TOLERANCES, assert_lstm_matches, cudnn_tf32, runnable_backends
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -89,7 +89,7 @@ def test_matches_nn_lstm(backend, case, dtype, atol, rtol):
     reference, candidate = _make_pair(case, dtype, backend)
     input, hx = _make_input(case, dtype, generator)
     # IEEE float32 on both sides: these tolerances are not TF32's.
-    with torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, allow_tf32=False):
+    with cudnn_tf32(False):
         assert_lstm_matches(reference, candidate, input, hx, atol=atol, rtol=rtol)
 
 
@@ -127,7 +127,7 @@ def test_dropout_between_layers_in_training(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_torch_compile_fullgraph(backend):
     if backend == "triton":
-        pytest.skip("covered by tests/ops/test_triton_recurrence.py")
+        pytest.skip("covered by tests/library/ops/test_triton_recurrence.py")
     model = rnn_fast.LSTM(5, 4, num_layers=2, bidirectional=True, batch_first=True, backend=backend,
                           device=DEVICE, dtype=torch.float64)
     reference = nn.LSTM(5, 4, num_layers=2, bidirectional=True, batch_first=True, device=DEVICE,

@@ -9,11 +9,11 @@ padded hidden sizes, and lengths in both directions.
 import pytest
 import torch
 
-from rnn_fast.ops.lstm import naive, unavailable_reason
+from rnn_fast.ops.lstm import load_backend, naive, unavailable_reason
 from recurrence_cases import (BACKWARD_NAMES, DEVICE, DTYPES, FORWARD_NAMES, HALF_DTYPES, TF32_TOLERANCE, Shape,
                               assert_all_close, assert_half_precision_within_twice_torch,
-                              assert_layer_matches_nn_lstm, contract_inputs, output_grads)
-from rnn_fast.testing import TOLERANCES
+                              assert_layer_matches_nn_lstm, assert_ops_match_naive_in, contract_inputs, output_grads)
+from rnn_fast.testing import PRECISIONS, TOLERANCES, cudnn_tf32
 
 pytestmark = pytest.mark.skipif(unavailable_reason("cuda") is not None, reason=str(unavailable_reason("cuda")))
 
@@ -57,7 +57,7 @@ def test_tf32_close_to_float64(shape):
     grads = output_grads(shape, torch.float64, seed=12)
     gates, cell = expected[3:]
     expected_grads = naive.lstm_recurrence_backward(*grads, w_hh, c0, gates, cell, lengths)
-    with torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, allow_tf32=True):
+    with cudnn_tf32(True):
         forward = _forward(*(t.float() for t in (xw, w_hh, h0, c0)), lengths)
         backward = _backward(*(t.float() for t in (*grads, w_hh, c0, gates, cell)), lengths)
     assert_all_close([t.double() for t in forward], expected, FORWARD_NAMES, TF32_TOLERANCE, TF32_TOLERANCE)
@@ -90,6 +90,13 @@ def test_layer_matches_nn_lstm(shape, dtype, atol, rtol):
 @pytest.mark.parametrize("shape", SHAPES)
 def test_half_precision_error_within_twice_torch(shape, dtype):
     assert_half_precision_within_twice_torch("cuda", shape, dtype)
+
+
+@pytest.mark.parametrize("precision", list(PRECISIONS))
+def test_ops_in_every_precision_match_naive(precision):
+    """Forward, backward and inference on ragged batch tiles at the classifier's H in IEEE fp32, TF32 and bf16: the
+    GPU session's compute-sanitizer target, under each kernel variant too."""
+    assert_ops_match_naive_in(load_backend("cuda"), precision)
 
 
 @pytest.mark.parametrize("op", ["lstm_recurrence_forward", "lstm_recurrence_backward"])
@@ -151,7 +158,7 @@ def _run_ops(monkeypatch, variants, dtype, tf32, inputs, grads):
     """Forward, then backward from the forward's own saved state, under `variants`."""
     monkeypatch.setenv("RNN_FAST_CUDA_VARIANTS", variants)
     xw, w_hh, h0, c0, lengths = inputs
-    with torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, allow_tf32=tf32):
+    with cudnn_tf32(tf32):
         forward = _forward(*(t.to(dtype) for t in (xw, w_hh, h0, c0)), lengths)
         backward = _backward(*(g.to(dtype) for g in grads), w_hh.to(dtype), c0.to(dtype), *forward[3:], lengths)
     return forward, backward

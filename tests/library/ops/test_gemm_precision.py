@@ -1,12 +1,15 @@
 """The driver's GEMMs (input projection, its input and weight gradients, ``grad_w_hh``) follow cuDNN's RNN precision
-on CUDA fp32, as nn.LSTM's cuDNN path does (rnn_fast/ops/lstm/common.py). The choice and the wiring are checked on
+on CUDA fp32, as nn.LSTM's cuDNN path does (rnn_fast/ops/lstm/precision.py). The choice and the wiring are checked on
 the CPU: which precision is chosen, that cuBLAS's setting is what every GEMM sees (forward and backward) and is
 restored afterwards, and that the projection's own backward gives autograd's gradients."""
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from rnn_fast.ops.lstm import common
+from rnn_fast.ops.lstm import precision as lstm_precision
+from rnn_fast.ops.lstm.precision import cudnn_fp32_precision, cudnn_rnn_allows_tf32, matmul_precision
+from rnn_fast.ops.lstm.layer import project_parts
+from rnn_fast.ops.lstm.steps import recurrent_weight_grad
 
 GEMMS = {torch.ops.aten.mm, torch.ops.aten.bmm, torch.ops.aten.addmm, torch.ops.aten.addmm_, torch.ops.aten.baddbmm}
 CUDA = torch.device("cuda")
@@ -42,12 +45,12 @@ def test_tf32_follows_cudnn_rnn_setting():
     APIs are not mixed: torch refuses to read the legacy flag back once the RNN and convolution settings differ."""
     for legacy in (True, False):
         with torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, allow_tf32=legacy):
-            assert common.cudnn_rnn_allows_tf32() is legacy
+            assert cudnn_rnn_allows_tf32() is legacy
     previous = torch.backends.cudnn.rnn.fp32_precision
     try:
         for precision in ("tf32", "ieee"):
             torch.backends.cudnn.rnn.fp32_precision = precision
-            assert common.cudnn_rnn_allows_tf32() is (precision == "tf32")
+            assert cudnn_rnn_allows_tf32() is (precision == "tf32")
     finally:
         torch.backends.cudnn.rnn.fp32_precision = previous
 
@@ -55,21 +58,21 @@ def test_tf32_follows_cudnn_rnn_setting():
 @pytest.mark.parametrize("rnn_precision", ["tf32", "ieee"])
 def test_cuda_float32_takes_cudnns_precision(cudnn_rnn_precision, rnn_precision):
     cudnn_rnn_precision(rnn_precision)
-    assert common.cudnn_fp32_precision(CUDA, torch.float32) == rnn_precision
+    assert cudnn_fp32_precision(CUDA, torch.float32) == rnn_precision
     for device, dtype in ((CUDA, torch.bfloat16), (CUDA, torch.float64), (torch.device("cpu"), torch.float32)):
-        assert common.cudnn_fp32_precision(device, dtype) is None
+        assert cudnn_fp32_precision(device, dtype) is None
 
 
 def test_matmul_precision_is_set_then_restored():
     matmul = torch.backends.cuda.matmul
     before = matmul.fp32_precision
     for precision in ("tf32", "ieee"):
-        with common.matmul_precision(precision):
+        with matmul_precision(precision):
             assert matmul.fp32_precision == precision
         assert matmul.fp32_precision == before
-    with common.matmul_precision(None):
+    with matmul_precision(None):
         assert matmul.fp32_precision == before
-    with pytest.raises(ZeroDivisionError), common.matmul_precision("tf32"):
+    with pytest.raises(ZeroDivisionError), matmul_precision("tf32"):
         1 / 0
     assert matmul.fp32_precision == before
 
@@ -86,14 +89,14 @@ def _projection_inputs(dtype):
 def test_every_driver_gemm_runs_in_cudnns_precision(monkeypatch, rnn_precision):
     """Pretending the CPU is CUDA fp32 (only the choice is patched): the projection, both of its backward GEMMs and
     ``grad_w_hh`` all run under cuDNN's precision, and cuBLAS's setting is back afterwards."""
-    monkeypatch.setattr(common, "cudnn_fp32_precision", lambda device, dtype: rnn_precision)
+    monkeypatch.setattr(lstm_precision, "cudnn_fp32_precision", lambda device, dtype: rnn_precision)
     before = torch.backends.cuda.matmul.fp32_precision
     parts, w_ih, bias = _projection_inputs(torch.float32)
     with GemmPrecisions() as gemms:
-        xw = common.project_parts(parts, w_ih, bias)
+        xw = project_parts(parts, w_ih, bias)
         xw.backward(torch.randn_like(xw))
         y, h0 = torch.randn(2, 5, 3, 3), torch.randn(2, 3, 3)
-        common.recurrent_weight_grad(torch.randn(2, 5, 3, 12), y, h0, torch.tensor([5, 2, 4]))
+        recurrent_weight_grad(torch.randn(2, 5, 3, 12), y, h0, torch.tensor([5, 2, 4]))
     names = [name for name, _precision in gemms.seen]
     # Forward baddbmm; backward mm + addmm_ (input gradient over two directions) and bmm (weight gradient);
     # grad_w_hh: mm + addmm_ per direction.
@@ -105,13 +108,13 @@ def test_every_driver_gemm_runs_in_cudnns_precision(monkeypatch, rnn_precision):
 def test_projection_backward_is_autograds(monkeypatch):
     """The projection's own backward (used on CUDA fp32) against autograd through the plain GEMM, in float64."""
     expected_inputs = _projection_inputs(torch.float64)
-    expected = common.project_parts(*expected_inputs)
+    expected = project_parts(*expected_inputs)
     grad = torch.randn_like(expected)
     expected_grads = torch.autograd.grad(expected, expected_inputs, grad)
 
-    monkeypatch.setattr(common, "cudnn_fp32_precision", lambda device, dtype: "ieee")
+    monkeypatch.setattr(lstm_precision, "cudnn_fp32_precision", lambda device, dtype: "ieee")
     inputs = _projection_inputs(torch.float64)
-    actual = common.project_parts(*inputs)
+    actual = project_parts(*inputs)
     (projection, _), = actual.grad_fn.next_functions  # under the view to [D, T, B, 4H]
     assert "ProjectionInPrecision" in type(projection).__name__
     torch.testing.assert_close(actual, expected, atol=1e-12, rtol=1e-12)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import rnn_fast
-from rnn_fast.ops.lstm import naive, unavailable_reason
+from rnn_fast.ops.lstm import naive, reference, unavailable_reason
 from rnn_fast.testing import TOLERANCES
 
 pytestmark = pytest.mark.skipif(unavailable_reason("cpu") is not None,
@@ -225,7 +225,7 @@ def test_inference_and_packed_opcheck(num_directions):
     torch.library.opcheck(torch.ops.rnn_fast.cpu_packed_recurrent_weight_grad.default,
                           (grad_xw, y, h0.detach(), batch_sizes))
     torch.testing.assert_close(cpu.packed_weight_grad_op(grad_xw, y, h0.detach(), batch_sizes),
-                               naive.packed_recurrent_weight_grad(grad_xw, y, h0.detach(), batch_sizes))
+                               reference.packed_recurrent_weight_grad(grad_xw, y, h0.detach(), batch_sizes))
 
 
 def _bad_forward_args(change):

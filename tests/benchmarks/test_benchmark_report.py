@@ -1,5 +1,5 @@
 """benchmarks/epoch.py on a tiny CPU epoch writes the results schema, and benchmarks/report.py turns it into the
-README table and bar chart."""
+README table and bar chart. Both run as the README runs them, as scripts."""
 import json
 import subprocess
 import sys
@@ -9,9 +9,7 @@ import pytest
 
 import rnn_fast
 
-BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
-sys.path.insert(0, str(BENCHMARKS))
-import report  # noqa: E402
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
 # One LSTM with every CPU backend, and the CNN: each combination costs a fresh process.
 MODELS = ["lstm", "cnn"]
@@ -54,11 +52,17 @@ def test_epoch_results_schema(results_file):
                 seconds[record["model"], "torch"] / record["seconds_per_epoch"])
 
 
-def test_report_writes_table_and_chart(results_file, tmp_path, capsys):
+def run_report(*arguments) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(BENCHMARKS / "report.py"), *map(str, arguments)], capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_report_writes_table_and_chart(results_file, tmp_path):
     md, png = tmp_path / "table.md", tmp_path / "chart.png"
-    assert report.main([str(results_file), "--md", str(md), "--png", str(png)]) == 0
+    completed = run_report(results_file, "--md", md, "--png", png)
+    assert completed.returncode == 0, completed.stderr
     table = md.read_text()
-    assert table in capsys.readouterr().out
+    assert table in completed.stdout
     results = json.loads(results_file.read_text())
     rows = [line for line in table.splitlines() if line.startswith("| ")]
     assert len(rows) == 1 + len(results["epoch"])
@@ -72,5 +76,6 @@ def test_report_writes_table_and_chart(results_file, tmp_path, capsys):
 def test_report_rejects_other_results(tmp_path):
     kernel_results = tmp_path / "cpu-kernels.json"
     kernel_results.write_text(json.dumps({"device": "cpu", "kernels": []}))
-    with pytest.raises(ValueError, match="not a benchmarks/epoch.py results file"):
-        report.load_epoch_results(kernel_results)
+    completed = run_report(kernel_results)
+    assert completed.returncode != 0
+    assert "ValueError" in completed.stderr and "not a benchmarks/epoch.py results file" in completed.stderr

@@ -1,13 +1,13 @@
-"""Compiles the Triton LSTM kernels of rnn_fast/ops/lstm/fused.py ahead of time for NVIDIA targets, with no GPU:
+"""Compiles the Triton LSTM kernels of rnn_fast/ops/lstm/triton.py ahead of time for NVIDIA targets, with no GPU:
 Triton lowers them to PTX and its bundled ptxas assembles a cubin, whose resource usage cuobjdump reports.
 
 The interpreter (how CI runs the kernels) never lowers them, so this is what catches code that only the compiler
 rejects. It runs in its own process because ``TRITON_INTERPRET=1`` (set by the test session) replaces ``@triton.jit``
 at import.
 
-    python tests/ops/triton_compile.py          # the resource table of the test's cases (sm_90, one tile)
-    python tests/ops/triton_compile.py --all    # every tile the autotuner may pick at H=128, sm_90 and sm_80
-    python tests/ops/triton_compile.py --all --sm90 [--lengths]   # only sm_90 [only with per-row lengths]
+    python tests/library/ops/triton_compile.py          # the resource table of the test's cases (sm_90, one tile)
+    python tests/library/ops/triton_compile.py --all    # every tile the autotuner may pick at H=128, sm_90 and sm_80
+    python tests/library/ops/triton_compile.py --all --sm90 [--lengths]   # only sm_90 [only with per-row lengths]
 
 It compiles with whichever triton it imports: put another version's folder first on PYTHONPATH to compile with that
 one (.ci/run does this for the GPU machine's Triton 3.6.0, see GPU_MACHINE_TRITON).
@@ -29,8 +29,8 @@ KERNELS = ("forward", "inference", "backward")
 # (label, input dtype, TF32 switch) as the backend's launchers see them.
 PRECISIONS = (("fp32", "float32", False), ("tf32", "float32", True), ("fp16", "float16", False),
               ("bf16", "bfloat16", False), ("fp64", "float64", False))
-# The autotuner's candidates that its pruning keeps at H=128 (fused.TILE_CANDIDATES, fused.tile_fits), and the
-# one CI compiles.
+# The autotuner's candidates that its pruning keeps at H=128 (TILE_CANDIDATES and tile_fits of
+# rnn_fast/ops/lstm/triton.py), and the one CI compiles.
 TILES = ((16, 4), (16, 8), (16, 16), (32, 8), (32, 16), (64, 16))
 CI_TILE = (32, 8)
 
@@ -63,30 +63,30 @@ def _compile_case(case: Case) -> Dict:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from rnn_fast.ops.lstm import fused
-    from rnn_fast.ops.lstm.common import state_dtype
+    from rnn_fast.ops.lstm import triton as triton_backend
+    from rnn_fast.ops.lstm.precision import state_dtype
 
     _, dtype_name, allow_tf32 = next(p for p in PRECISIONS if p[0] == case.precision)
     dtype = getattr(torch, dtype_name)
     state = state_dtype(dtype)
-    # The forward multiplies TF32 as fp16 weights with row scales (fused.py's module doc).
+    # The forward multiplies TF32 as fp16 weights with row scales (rnn_fast/ops/lstm/triton.py's module doc).
     forward_weights = torch.float16 if allow_tf32 else dtype
     weights = dtype if case.kernel == "backward" else forward_weights
-    plan = fused.kernel_plan(HIDDEN, weights, torch.device("cpu"))
+    plan = triton_backend.kernel_plan(HIDDEN, weights, torch.device("cpu"))
     if case.kernel != "backward":
-        kernel = fused._lstm_forward_kernel
+        kernel = triton_backend._lstm_forward_kernel
         saved = state if case.kernel == "forward" else None
         pointers = {"p_xw": dtype, "p_w": weights, "p_w_scale": torch.float32 if allow_tf32 else None,
                     "p_h0": dtype, "p_c0": dtype, "p_lengths": torch.int64, "p_y": dtype, "p_h_n": dtype,
                     "p_c_n": dtype, "p_gates": saved, "p_cell": saved}
         constants = {"HAS_LENGTHS": case.lengths, "HAS_W_SCALE": allow_tf32, "STORE_SAVED": saved is not None}
     else:
-        kernel = fused._lstm_backward_kernel
+        kernel = triton_backend._lstm_backward_kernel
         pointers = {"p_grad_y": dtype, "p_grad_h_n": dtype, "p_grad_c_n": dtype, "p_w": dtype, "p_c0": dtype,
                     "p_gates": state, "p_cell": state, "p_lengths": torch.int64, "p_grad_xw": dtype,
                     "p_grad_h0": dtype, "p_grad_c0": dtype}
         constants = {"HAS_LENGTHS": case.lengths,
-                     "INPUT_PRECISION": fused._backward_precision(dtype, allow_tf32)}
+                     "INPUT_PRECISION": triton_backend._backward_precision(dtype, allow_tf32)}
     constants.update(BLOCK_H=plan.block_h, BLOCK_K=plan.block_k, BLOCK_B=case.block_b, RESIDENT=plan.resident)
     while not isinstance(kernel, triton.runtime.jit.JITFunction):  # under @autotune and @heuristics
         kernel = kernel.fn

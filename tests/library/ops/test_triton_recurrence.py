@@ -1,4 +1,4 @@
-"""The Triton recurrence (``rnn_fast.ops.lstm.fused``) against the naive reference and ``torch.nn.LSTM``.
+"""The Triton recurrence (``rnn_fast.ops.lstm.triton``) against the naive reference and ``torch.nn.LSTM``.
 
 Without CUDA the kernels run in the Triton interpreter (tests/conftest.py sets TRITON_INTERPRET=1), one program at
 a time in Python, so the shapes here are small and few. On CUDA the same checks also run at larger shapes, plus
@@ -15,13 +15,14 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
 import rnn_fast
-from rnn_fast.ops.lstm import fused, naive
-from rnn_fast.testing import assert_lstm_matches
+from rnn_fast.ops.lstm import naive, triton as triton_backend
+from rnn_fast.testing import PRECISIONS, assert_lstm_matches
 from recurrence_cases import (BACKWARD_NAMES, DEVICE, DTYPES, FORWARD_NAMES, HALF_DTYPES, TF32_TOLERANCE, Shape,
                               assert_all_close, assert_half_precision_within_twice_torch,
-                              assert_layer_matches_nn_lstm, contract_inputs, output_grads)
+                              assert_layer_matches_nn_lstm, assert_ops_match_naive_in, contract_inputs, output_grads)
 
-pytestmark = pytest.mark.skipif(fused.unavailable_reason() is not None, reason=str(fused.unavailable_reason()))
+pytestmark = pytest.mark.skipif(triton_backend.unavailable_reason() is not None,
+                                reason=str(triton_backend.unavailable_reason()))
 
 ON_CUDA = DEVICE.type == "cuda"
 
@@ -33,7 +34,8 @@ SHAPES = [pytest.param(shape, id=str(shape)) for shape in SMALL_SHAPES + (CUDA_S
 
 # Both places the weights can live: where kernel_plan puts them, and streamed in 16-wide chunks (several per step
 # whenever H > 16), which small shapes would otherwise never reach.
-WEIGHTS = {"planned": lambda plan: plan, "streamed": lambda plan: fused.KernelPlan(plan.block_h, 16, resident=False)}
+WEIGHTS = {"planned": lambda plan: plan,
+           "streamed": lambda plan: triton_backend.KernelPlan(plan.block_h, 16, resident=False)}
 
 
 @pytest.mark.parametrize("weights", list(WEIGHTS))
@@ -42,13 +44,13 @@ WEIGHTS = {"planned": lambda plan: plan, "streamed": lambda plan: fused.KernelPl
 def test_kernels_match_naive(shape, dtype, atol, rtol, weights):
     """Every output of the forward and backward kernels, including the saved gates and cells."""
     xw, w_hh, h0, c0, lengths = contract_inputs(shape, dtype, seed=shape.hidden)
-    plan = WEIGHTS[weights](fused.kernel_plan(shape.hidden, dtype, DEVICE))
-    forward = fused.launch_forward(xw, w_hh, h0, c0, lengths, False, plan)
+    plan = WEIGHTS[weights](triton_backend.kernel_plan(shape.hidden, dtype, DEVICE))
+    forward = triton_backend.launch_forward(xw, w_hh, h0, c0, lengths, False, plan)
     assert_all_close(forward, naive.lstm_recurrence_forward(xw, w_hh, h0, c0, lengths), FORWARD_NAMES, atol, rtol)
 
     grads = output_grads(shape, dtype, seed=shape.batch)
     gates, cell = forward[3:]
-    assert_all_close(fused.launch_backward(*grads, w_hh, c0, gates, cell, lengths, False, plan),
+    assert_all_close(triton_backend.launch_backward(*grads, w_hh, c0, gates, cell, lengths, False, plan),
                       naive.lstm_recurrence_backward(*grads, w_hh, c0, gates, cell, lengths),
                       BACKWARD_NAMES, atol, rtol)
 
@@ -59,16 +61,16 @@ def test_layer_matches_nn_lstm(shape, dtype, atol, rtol):
     assert_layer_matches_nn_lstm("triton", shape, dtype, atol, rtol)
 
 
-@pytest.mark.parametrize("op", [fused.FORWARD_OP, fused.BACKWARD_OP], ids=["forward", "backward"])
+@pytest.mark.parametrize("op", [triton_backend.FORWARD_OP, triton_backend.BACKWARD_OP], ids=["forward", "backward"])
 def test_opcheck(op):
     """Schema, fake tensors and autograd registration. The interpreter cannot run the kernels on the tensor
     subclasses of AOT dispatch, so that check needs CUDA."""
     shape = Shape(2, 3, 2, 3, True)
     xw, w_hh, h0, c0, lengths = contract_inputs(shape, torch.float64, seed=3)
-    if op == fused.FORWARD_OP:
+    if op == triton_backend.FORWARD_OP:
         args = (xw.requires_grad_(), w_hh.requires_grad_(), h0.requires_grad_(), c0.requires_grad_(), lengths, False)
     else:
-        _y, _h_n, _c_n, gates, cell = fused.launch_forward(xw, w_hh, h0, c0, lengths, False)
+        _y, _h_n, _c_n, gates, cell = triton_backend.launch_forward(xw, w_hh, h0, c0, lengths, False)
         args = (*output_grads(shape, torch.float64, seed=4), w_hh, c0, gates, cell, lengths, False)
     checks = ("test_schema", "test_autograd_registration", "test_faketensor")
     if ON_CUDA:
@@ -82,22 +84,29 @@ def test_tf32_close_to_float64(shape):
     backward's TF32 (IEEE in the interpreter)."""
     xw, w_hh, h0, c0, lengths = contract_inputs(shape, torch.float64, seed=11)
     expected = naive.lstm_recurrence_forward(xw, w_hh, h0, c0, lengths)
-    forward = fused.launch_forward(*(t.float() for t in (xw, w_hh, h0, c0)), lengths, True)
+    forward = triton_backend.launch_forward(*(t.float() for t in (xw, w_hh, h0, c0)), lengths, True)
     assert_all_close([t.double() for t in forward], expected, FORWARD_NAMES, TF32_TOLERANCE, TF32_TOLERANCE)
 
     grads = output_grads(shape, torch.float64, seed=12)
     gates, cell = expected[3:]
-    backward = fused.launch_backward(*(t.float() for t in (*grads, w_hh, c0, gates, cell)), lengths, True)
+    backward = triton_backend.launch_backward(*(t.float() for t in (*grads, w_hh, c0, gates, cell)), lengths, True)
     assert_all_close([t.double() for t in backward],
                       naive.lstm_recurrence_backward(*grads, w_hh, c0, gates, cell, lengths),
                       BACKWARD_NAMES, TF32_TOLERANCE, TF32_TOLERANCE)
+
+
+@pytest.mark.parametrize("precision", list(PRECISIONS))
+def test_ops_in_every_precision_match_naive(precision):
+    """Forward, backward and inference on ragged batch tiles in IEEE fp32, TF32 and bf16 (what the interpreter
+    runs of them): the GPU session's compute-sanitizer target."""
+    assert_ops_match_naive_in(triton_backend, precision)
 
 
 def test_tf32_weight_scaling_keeps_tf32_bits():
     """Rows from 1e-7 to 1e7, far outside fp16's range, keep TF32's 11 significant bits relative to their row."""
     rows = torch.randn(2, 64, 16, dtype=torch.float64) * torch.logspace(-7, 7, 64, dtype=torch.float64)[:, None]
     rows[0, 0] = 0
-    operand, scale = fused._forward_weights(rows.float(), allow_tf32=True)
+    operand, scale = triton_backend._forward_weights(rows.float(), allow_tf32=True)
     assert operand.dtype == torch.float16 and torch.isfinite(operand).all()
     error = (operand.double() * scale.double()[..., None] - rows.float().double()).abs()
     assert (error <= 2 ** -11 * rows.abs().amax(dim=-1, keepdim=True)).all()
@@ -146,10 +155,10 @@ def test_torch_compile_fullgraph():
 
 
 def test_unsupported_reasons():
-    assert fused.unsupported_reason(DEVICE, torch.float32, fused.MAX_HIDDEN) is None
-    assert "hidden_size" in fused.unsupported_reason(DEVICE, torch.float32, fused.MAX_HIDDEN + 1)
-    assert "support" in fused.unsupported_reason(DEVICE, torch.int32, 8)
-    assert (fused.unsupported_reason(DEVICE, torch.bfloat16, 8) is None) == ON_CUDA
+    assert triton_backend.unsupported_reason(DEVICE, torch.float32, triton_backend.MAX_HIDDEN) is None
+    assert "hidden_size" in triton_backend.unsupported_reason(DEVICE, torch.float32, triton_backend.MAX_HIDDEN + 1)
+    assert "support" in triton_backend.unsupported_reason(DEVICE, torch.int32, 8)
+    assert (triton_backend.unsupported_reason(DEVICE, torch.bfloat16, 8) is None) == ON_CUDA
 
 
 # Per-row length patterns of issue 11, over 40 rows: three 16-row programs in the interpreter, each with its own
@@ -195,17 +204,17 @@ def test_programs_skip_ended_rows(pattern, weights, dot_count):
     direction starts there, in both kernels (4 dots a step at this H, weights resident or in one chunk). The steps
     it skips still get the contract's zeros, and every output and gradient matches the naive reference."""
     xw, w_hh, h0, c0, lengths = _pattern_inputs(pattern)
-    plan = WEIGHTS[weights](fused.kernel_plan(PATTERN_SHAPE.hidden, xw.dtype, DEVICE))
-    block_b = fused.tile_choices()["forward"]["every key"].split("x")[0]
+    plan = WEIGHTS[weights](triton_backend.kernel_plan(PATTERN_SHAPE.hidden, xw.dtype, DEVICE))
+    block_b = triton_backend.tile_choices()["forward"]["every key"].split("x")[0]
     program_steps = lengths.split(int(block_b))
     expected_dots = 4 * PATTERN_SHAPE.directions * sum(int(rows.max()) for rows in program_steps)
     assert expected_dots < 4 * PATTERN_SHAPE.directions * len(program_steps) * PATTERN_SHAPE.seq_len
 
-    forward = fused.launch_forward(xw, w_hh, h0, c0, lengths, False, plan)
+    forward = triton_backend.launch_forward(xw, w_hh, h0, c0, lengths, False, plan)
     assert dot_count() == expected_dots
     assert_all_close(forward, naive.lstm_recurrence_forward(xw, w_hh, h0, c0, lengths), FORWARD_NAMES, 1e-9, 1e-9)
     grads = output_grads(PATTERN_SHAPE, xw.dtype, seed=33)
-    backward = fused.launch_backward(*grads, w_hh, c0, *forward[3:], lengths, False, plan)
+    backward = triton_backend.launch_backward(*grads, w_hh, c0, *forward[3:], lengths, False, plan)
     assert dot_count() == 2 * expected_dots
     assert_all_close(backward, naive.lstm_recurrence_backward(*grads, w_hh, c0, *forward[3:], lengths),
                       BACKWARD_NAMES, 1e-9, 1e-9)
@@ -234,10 +243,10 @@ def test_inference_forward_matches_and_saves_nothing(pattern, dtype, atol, rtol)
     lengths = lengths if pattern else None
     expected = naive.lstm_recurrence_forward(xw, w_hh, h0, c0, lengths)[:3]
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as profile:
-        actual = fused.lstm_recurrence_inference(xw, w_hh, h0, c0, lengths)
+        actual = triton_backend.lstm_recurrence_inference(xw, w_hh, h0, c0, lengths)
     assert_all_close(actual, expected, FORWARD_NAMES, atol, rtol)
     if not ON_CUDA:
-        (event,) = [event for event in profile.events() if event.name == fused.INFERENCE_OP]
+        (event,) = [event for event in profile.events() if event.name == triton_backend.INFERENCE_OP]
         assert event.cpu_memory_usage == sum(tensor.numel() * tensor.element_size() for tensor in actual)
 
 
@@ -250,15 +259,15 @@ def test_inference_opcheck():
 
 
 def test_pinned_tile_parses():
-    assert fused.pinned_tile("32x8") == (32, 8)
-    assert fused.pinned_tile(" 128X4 ") == (128, 4)
-    assert fused.pinned_tile("") is None
+    assert triton_backend.pinned_tile("32x8") == (32, 8)
+    assert triton_backend.pinned_tile(" 128X4 ") == (128, 4)
+    assert triton_backend.pinned_tile("") is None
 
 
 @pytest.mark.parametrize("value", ["32", "8x8", "48x8", "32x3", "32x64", "axb", "32x8x2", "-16x4"])
 def test_bad_pinned_tile_is_a_clear_error(value):
-    with pytest.raises(ValueError, match=rf"{fused.TILE_ENV}=.* is not a tile: expected ROWSxWARPS"):
-        fused.pinned_tile(value)
+    with pytest.raises(ValueError, match=rf"{triton_backend.TILE_ENV}=.* is not a tile: expected ROWSxWARPS"):
+        triton_backend.pinned_tile(value)
 
 
 def test_pinned_tile_is_the_only_config():
@@ -266,24 +275,24 @@ def test_pinned_tile_is_the_only_config():
     spans two 32-row programs still matches the naive reference. In a fresh process: the tile is read at import."""
     script = """
 import torch
-from rnn_fast.ops.lstm import fused, naive
+from rnn_fast.ops.lstm import naive, triton as triton_backend
 from recurrence_cases import Shape, assert_all_close, contract_inputs, FORWARD_NAMES
 pinned = {"every key": "32x8"}
-assert fused.tile_choices() == {"forward": pinned, "backward": pinned}, fused.tile_choices()
-for kernel in (fused._lstm_forward_kernel, fused._lstm_backward_kernel):
+assert triton_backend.tile_choices() == {"forward": pinned, "backward": pinned}, triton_backend.tile_choices()
+for kernel in (triton_backend._lstm_forward_kernel, triton_backend._lstm_backward_kernel):
     (config,) = kernel.configs
     assert (config.kwargs["BLOCK_B"], config.num_warps) == (32, 8)
 xw, w_hh, h0, c0, lengths = contract_inputs(Shape(2, 4, 40, 5, True), torch.float64, seed=36)
-assert_all_close(fused.launch_forward(xw, w_hh, h0, c0, lengths, False),
+assert_all_close(triton_backend.launch_forward(xw, w_hh, h0, c0, lengths, False),
                  naive.lstm_recurrence_forward(xw, w_hh, h0, c0, lengths), FORWARD_NAMES, 1e-9, 1e-9)
 """
-    env = {**os.environ, fused.TILE_ENV: "32x8",
+    env = {**os.environ, triton_backend.TILE_ENV: "32x8",
            "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
 
 
 def test_autotune_key_has_directions():
-    for kernel in (fused._lstm_forward_kernel, fused._lstm_backward_kernel):
-        assert list(kernel.keys) == list(fused.AUTOTUNE_KEY)
+    for kernel in (triton_backend._lstm_forward_kernel, triton_backend._lstm_backward_kernel):
+        assert list(kernel.keys) == list(triton_backend.AUTOTUNE_KEY)
         assert "D" in kernel.keys and "D" in kernel.arg_names

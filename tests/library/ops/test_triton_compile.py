@@ -42,9 +42,9 @@ def test_kernel_compiles_for_sm90(records, triton_name, case):
 
 def test_tiles_are_the_autotuners():
     """The table of triton_compile.py covers exactly the configurations the autotuner keeps at H=128."""
-    from rnn_fast.ops.lstm import fused
+    from rnn_fast.ops.lstm import triton as triton_backend
     from triton_compile import HIDDEN, TILES
 
-    block_h = fused.kernel_plan(HIDDEN, torch.float16, torch.device("cpu")).block_h
-    assert set(TILES) == {(block_b, warps) for block_b, warps in fused.TILE_CANDIDATES
-                          if fused.tile_fits(block_b, block_h, warps)}
+    block_h = triton_backend.kernel_plan(HIDDEN, torch.float16, torch.device("cpu")).block_h
+    assert set(TILES) == {(block_b, warps) for block_b, warps in triton_backend.TILE_CANDIDATES
+                          if triton_backend.tile_fits(block_b, block_h, warps)}

@@ -7,10 +7,12 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 import rnn_fast
-from rnn_fast.testing import TOLERANCES, assert_lstm_matches, run_lstm
+from rnn_fast.ops.lstm import naive
+from rnn_fast.testing import (PRECISIONS, TOLERANCES, assert_lstm_matches, cudnn_tf32, relative_errors,
+                              run_lstm)
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-TF32_TOLERANCE = 1e-3
+TF32_TOLERANCE = PRECISIONS["tf32"].tolerance
 FORWARD_NAMES = ("y", "h_n", "c_n", "gates", "cell")
 BACKWARD_NAMES = ("grad_xw", "grad_h0", "grad_c0")
 DTYPES = [pytest.param(dtype, tol, tol, id=str(dtype).split(".")[1]) for dtype, tol in TOLERANCES.items()]
@@ -112,3 +114,41 @@ def assert_half_precision_within_twice_torch(backend: str, shape: Shape, dtype: 
         our_error = (ours[name].double() - value).abs().max().item()
         assert our_error <= 2 * torch_error + 1e-6 * value.abs().max().item(), \
             f"{name}: error {our_error:.3g} vs torch's {torch_error:.3g}"
+
+
+# Three 16-row tiles (Triton's pinned and the CUDA kernels' smaller batch tile), the last one ragged, with lengths:
+# at the classifier's hidden size on a GPU, a small one in the Triton interpreter.
+RAGGED_TILES = Shape(2, 6, 37, 128 if DEVICE.type == "cuda" else 8, True)
+
+
+def assert_ops_match_naive_in(backend, precision: str):
+    """A backend's forward (``lstm_recurrence``), its autograd rule's backward and its inference forward, in one of
+    ``rnn_fast.testing.PRECISIONS``, against the naive reference run in float64 on the CPU from the same values:
+    every output and gradient within twice the precision's tolerance (relative, Frobenius). The reference stays
+    off the device, so that compute-sanitizer, which the GPU session runs this under, watches the ops under test."""
+    setting = PRECISIONS[precision]
+    reason = backend.unsupported_reason(DEVICE, setting.dtype, RAGGED_TILES.hidden)
+    if reason is not None:
+        pytest.skip(reason)
+    xw, w_hh, h0, c0, lengths = contract_inputs(RAGGED_TILES, setting.dtype, seed=51)
+    for leaf in (xw, w_hh, h0, c0):
+        leaf.requires_grad_()
+    grads = output_grads(RAGGED_TILES, setting.dtype, seed=52)
+    with cudnn_tf32(setting.tf32):
+        outputs = backend.lstm_recurrence(xw, w_hh, h0, c0, lengths)
+        grad_inputs = torch.autograd.grad(outputs[:3], (xw, h0, c0), grads)
+        with torch.no_grad():
+            inferred = backend.lstm_recurrence_inference(xw, w_hh, h0, c0, lengths)
+    host_xw, host_w_hh, host_h0, host_c0, *host_grads = (t.detach().double().cpu()
+                                                         for t in (xw, w_hh, h0, c0, *grads))
+    host_lengths = lengths.cpu()
+    expected = naive.lstm_recurrence_forward(host_xw, host_w_hh, host_h0, host_c0, host_lengths)
+    expected_grads = naive.lstm_recurrence_backward(*host_grads, host_w_hh, host_c0, *expected[3:], host_lengths)
+    inference_names = [f"{name}_inference" for name in FORWARD_NAMES[:3]]
+    actual = {**dict(zip(FORWARD_NAMES, outputs)), **dict(zip(BACKWARD_NAMES, grad_inputs)),
+              **dict(zip(inference_names, inferred))}
+    wanted = {**dict(zip(FORWARD_NAMES, expected)), **dict(zip(BACKWARD_NAMES, expected_grads)),
+              **dict(zip(inference_names, expected))}
+    errors = relative_errors({name: value.detach().cpu() for name, value in actual.items()}, wanted)
+    too_far = {name: f"{error:.2e}" for name, error in errors.items() if not error <= 2 * setting.tolerance}
+    assert not too_far, f"relative errors over {2 * setting.tolerance:g}: {too_far}"
