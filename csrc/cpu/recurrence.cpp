@@ -39,7 +39,7 @@
 
 #include <omp.h>
 
-#include "recurrence_checks.h"
+#include "../recurrence_checks.h"
 
 // The Fortran BLAS that ATen itself calls (MKL in the PyTorch wheels, exported by libtorch_cpu). Called
 // inside our parallel region, MKL runs single-threaded, which is what the row partition wants.
