@@ -48,7 +48,7 @@ def _openmp_flags():
 
 
 def extensions():
-    cpu_sources = sorted(glob.glob(os.path.join(CSRC, "*.cpp")))
+    cpu_sources = sorted(glob.glob(os.path.join(CSRC, "*.cpp")) + glob.glob(os.path.join(CSRC, "cpu", "*.cpp")))
     cxx_flags = ["-O3", "-std=c++17"] + _openmp_flags()
     link_flags = _openmp_flags()
     if not _cuda_build_wanted():

@@ -1,5 +1,5 @@
 // Op schemas of the LSTM recurrence contract (see README "The recurrence contract").
-// Declared once here; each backend adds a TORCH_LIBRARY_IMPL (lstm_cpu.cpp, cuda/lstm_cuda.cpp),
+// Declared once here; each backend adds a TORCH_LIBRARY_IMPL (cpu/registration.cpp, cuda/lstm_cuda.cpp),
 // and Python adds register_fake / register_autograd (rnn_fast/ops/lstm/extension.py).
 #include <Python.h>
 #include <torch/library.h>

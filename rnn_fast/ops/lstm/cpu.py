@@ -1,4 +1,4 @@
-"""``backend="cpu"``: the fused C++/OpenMP recurrence of csrc/lstm_cpu.cpp, float32 and float64.
+"""``backend="cpu"``: the fused C++/OpenMP recurrence of csrc/cpu/, float32 and float64.
 
 It runs PackedSequence data in the packed layout (docs/contract.md): every step computes only the rows that run
 it, and the input projection and weight gradients cover the real tokens only.

@@ -1,7 +1,7 @@
 """The compiled recurrence ops ``torch.ops.rnn_fast.lstm_recurrence_forward/backward/inference`` and their
 packed-layout versions ``lstm_packed_recurrence_*`` (csrc/).
 
-One op set serves every device: csrc/lstm_cpu.cpp registers its CPU kernels (both layouts), csrc/cuda/ its CUDA
+One op set serves every device: csrc/cpu/ registers its CPU kernels (both layouts), csrc/cuda/ its CUDA
 kernels (padded layout). This module gives the ops their fake-tensor and autograd rules, once, for all devices.
 """
 import torch

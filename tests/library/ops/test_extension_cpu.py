@@ -1,4 +1,4 @@
-"""The fused C++ CPU recurrence ops (csrc/lstm_cpu.cpp) against the naive reference of the contract."""
+"""The fused C++ CPU recurrence ops (csrc/cpu/) against the naive reference of the contract."""
 import importlib
 import sys
 
