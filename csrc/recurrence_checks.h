@@ -26,7 +26,7 @@ struct RecurrenceSizes {
   int64_t D, T, B, H;
 };
 
-// Saved gates and cells are kept in at least fp32, as common.state_dtype says on the Python side.
+// Saved gates and cells are kept in at least fp32, as rnn_fast.ops.lstm.precision.state_dtype says on the Python side.
 inline at::ScalarType state_type(at::ScalarType dtype) {
   return dtype == at::ScalarType::Double ? at::ScalarType::Double : at::ScalarType::Float;
 }

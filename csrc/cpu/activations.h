@@ -1,4 +1,4 @@
-// Activations, within about 2x torch's own float32 error against float64 (tests/ops/test_extension_cpu.py).
+// Activations, within about 2x torch's own float32 error against float64 (tests/library/ops/test_extension_cpu.py).
 // float32 builds both from one vectorisable e^y = 2^n e^r (|r| <= ln2/2, e^r - 1 from its Taylor series to r^7,
 // truncation below 1e-8): e^y + 1 = 2^n (e^r - 1) + (2^n + 1) is then exact but for one rounding, so
 // sigmoid = 1 / (1 + e^-x) keeps its relative accuracy down to e^-87, and tanh = 1 - 2 / (e^2|x| + 1) is accurate
