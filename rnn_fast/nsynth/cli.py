@@ -7,7 +7,7 @@ import shlex
 import sys
 import traceback
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 import torch
 from tqdm.auto import tqdm
@@ -57,13 +57,13 @@ every epoch; --resume continues from it).
 PREDICT_USAGE = """Instrument-family probabilities of audio files from a checkpoint of examples/train_nsynth.py.
 
   python examples/predict.py --checkpoint runs/nsynth-lstm/checkpoint.pt note.wav
-  python examples/predict.py --checkpoint runs/nsynth-lstm/checkpoint.pt take-44k-stereo.wav recordings/ --top 3
+  python examples/predict.py --checkpoint runs/nsynth-lstm/checkpoint.pt violin-44.1kHz-stereo.wav recordings/ --top 3
   python examples/predict.py --checkpoint runs/nsynth-lstm/checkpoint.pt 'samples/**/*.flac' --json > out.jsonl
 
 Files: WAV (any PCM width or float), FLAC, OGG and the other formats libsndfile reads, at any sample rate and with
 any number of channels: the channels are averaged to mono and the audio is resampled to 16 kHz (soxr). The model
-reads the first second; a shorter file is padded with silence, and says so in a warning on stderr and in its row's
-note. A directory stands for the audio files below it (.wav .wave .flac .ogg .oga .aif .aiff .mp3), a quoted glob
+reads the first second; a shorter file is padded with silence and flagged, by a warning on stderr and a note in its
+row. A directory stands for the audio files below it (.wav .wave .flac .ogg .oga .aif .aiff .mp3), a quoted glob
 pattern for its matches. Files go through the model --batch-size at a time, with a progress bar on stderr when
 there is more than one batch.
 
@@ -283,7 +283,7 @@ def _train(args: argparse.Namespace, argv: List[str], ctx: Distributed) -> Optio
 
 
 # ------------------------------------------------------------------------------------------------ prediction
-def parse_predict_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+def predict_parser() -> argparse.ArgumentParser:
     parser = _parser(PREDICT_USAGE)
     parser.add_argument("inputs", nargs="+", metavar="FILE|DIR|GLOB",
                         help="audio files, directories to search for them, or quoted glob patterns")
@@ -298,7 +298,7 @@ def parse_predict_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--backend", choices=rnn_fast.BACKENDS, default="auto", help="rnn_fast.LSTM backend")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--debug", action="store_true", help="print the traceback of every error")
-    return parser.parse_args(argv)
+    return parser
 
 
 def _positive_int(text: str) -> int:
@@ -311,7 +311,7 @@ def _positive_int(text: str) -> int:
 def predict_main(argv: Optional[List[str]] = None) -> int:
     """Prints the prediction of every file that the command line names; returns the exit status (0 when every
     file was predicted, else 1)."""
-    args = parse_predict_args(argv)
+    args = predict_parser().parse_args(argv)
     try:
         return _predict(args)
     except Exception as exc:  # a line a person can act on; --debug keeps the traceback
@@ -325,9 +325,12 @@ def _predict(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
     try:
         model, classes = load_classifier(args.checkpoint, device, args.backend)
-    except Exception as exc:
-        reason = exc.strerror.lower() if isinstance(exc, OSError) and exc.strerror else str(exc)
+    except OSError as exc:
+        reason = (exc.strerror or str(exc)).lower()
         raise RuntimeError(f"{args.checkpoint}: cannot load the checkpoint ({reason})") from exc
+    except Exception as exc:  # torch.load's and our own, about a file that is no checkpoint of ours
+        detail = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        raise RuntimeError(f"{args.checkpoint}: not a checkpoint of examples/train_nsynth.py ({detail})") from exc
     paths, failures = expand_inputs(args.inputs)
     for failure in failures:
         _report(failure, args.debug)
