@@ -28,6 +28,14 @@ def test_resampling_a_sine_gives_the_sine_at_16khz(rate, frequency):
     np.testing.assert_allclose(resampled[160:-160], expected[160:-160], atol=1e-4)
 
 
+def test_a_longer_file_is_resampled_as_a_whole_up_to_the_clips_last_sample(tmp_path):
+    """The reader reads a little past the clip: a file cut at one second would ring at its end in the resampler."""
+    seconds = np.arange(2 * 44100) / 44100
+    soundfile.write(tmp_path / "sine.wav", 0.5 * np.sin(2 * np.pi * 1000 * seconds), 44100, subtype="FLOAT")
+    expected = 0.5 * np.sin(2 * np.pi * 1000 * np.arange(CLIP_SAMPLES) / SAMPLE_RATE)
+    np.testing.assert_allclose(read_clip(tmp_path / "sine.wav").samples[160:], expected[160:], atol=1e-4)
+
+
 def test_16khz_audio_is_not_resampled():
     samples = np.random.default_rng(0).uniform(-1, 1, 1000).astype(np.float32)
     assert resample(samples, SAMPLE_RATE) is samples
