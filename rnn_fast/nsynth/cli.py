@@ -18,7 +18,7 @@ from .atomic import write_json
 from .data import CLASSES, FRAME_SIZE, SOURCES, SPLITS, BatchLoader, ensure_builtin_dataset, load_split, prepare
 from .models import MODEL_NAMES, build_model
 from .plots import write_figures, write_report
-from .predict import Failure, expand_inputs, format_table, predict_batches
+from .predict import Failure, expand_inputs, format_table, one_line, predict_batches
 from .recipes import RECIPES, Recipe
 from .training.checkpoint import load_checkpoint, load_classifier, restore_checkpoint
 from .training.distributed import Distributed, all_gather_objects, distributed_session, wrap_model
@@ -317,8 +317,13 @@ def predict_main(argv: Optional[List[str]] = None) -> int:
     except Exception as exc:  # a line a person can act on; --debug keeps the traceback
         if args.debug:
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        message = str(exc) if isinstance(exc, CheckpointError) else f"{one_line(exc)} (--debug shows the traceback)"
+        print(f"error: {message}", file=sys.stderr)
         return 1
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be loaded; the message says all there is to say."""
 
 
 def _predict(args: argparse.Namespace) -> int:
@@ -327,10 +332,10 @@ def _predict(args: argparse.Namespace) -> int:
         model, classes = load_classifier(args.checkpoint, device, args.backend)
     except OSError as exc:
         reason = (exc.strerror or str(exc)).lower()
-        raise RuntimeError(f"{args.checkpoint}: cannot load the checkpoint ({reason})") from exc
+        raise CheckpointError(f"{args.checkpoint}: cannot load the checkpoint ({reason})") from exc
     except Exception as exc:  # torch.load's and our own, about a file that is no checkpoint of ours
-        detail = f"{type(exc).__name__}: {exc}".splitlines()[0]
-        raise RuntimeError(f"{args.checkpoint}: not a checkpoint of examples/train_nsynth.py ({detail})") from exc
+        reason = f"not a checkpoint of examples/train_nsynth.py ({one_line(exc)})"
+        raise CheckpointError(f"{args.checkpoint}: {reason}") from exc
     paths, failures = expand_inputs(args.inputs)
     for failure in failures:
         _report(failure, args.debug)

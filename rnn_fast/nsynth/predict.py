@@ -99,6 +99,13 @@ def _read(path: Path) -> Union[Clip, Failure]:
         return read_clip(path)
     except AudioFileError as exc:
         return Failure(str(path), exc.reason, exc)
+    except Exception as exc:  # one file that breaks the reader in a way nobody foresaw must not stop the others
+        return Failure(str(path), f"unexpected error while reading ({one_line(exc)})", exc)
+
+
+def one_line(exc: BaseException) -> str:
+    """The exception's type and the first line of its message."""
+    return f"{type(exc).__name__}: {exc}".splitlines()[0]
 
 
 def _probabilities(model: nn.Module, clips: List[Clip], device: torch.device) -> List[List[float]]:

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from rnn_fast.nsynth import cli
+from rnn_fast.nsynth import predict as predict_module
 from rnn_fast.nsynth.data import CLASSES
 from rnn_fast.nsynth.predict import AUDIO_SUFFIXES, expand_inputs, predict_batches
 from rnn_fast.nsynth.training.checkpoint import load_classifier
@@ -114,6 +115,29 @@ def test_the_script_reports_bad_inputs_without_a_traceback(tmp_path):
     header, *rows = result.stdout.splitlines()
     assert header.split() == ["file", "prediction", *CLASSES]
     assert [row.split()[0] for row in rows] == list(map(str, good))
+
+
+def test_a_file_that_breaks_the_reader_unforeseen_is_one_line_too(tmp_path, monkeypatch):
+    read_clip = predict_module.read_clip
+
+    def broken_on_one_file(path):
+        return 1 / 0 if path.name == "breaks.wav" else read_clip(path)
+
+    monkeypatch.setattr(predict_module, "read_clip", broken_on_one_file)
+    paths = [write_note(tmp_path / name) for name in ("before.wav", "breaks.wav", "after.wav")]
+    status, stdout, stderr = predict("--json", *paths)
+    assert status == 1
+    assert stderr == f"error: {paths[1]}: unexpected error while reading (ZeroDivisionError: division by zero)\n"
+    assert [record["path"] for record in records(stdout)] == [str(paths[0]), str(paths[2])]
+
+
+def test_an_unforeseen_error_outside_the_files_is_one_line_and_the_exit_status_1(tmp_path, monkeypatch):
+    monkeypatch.setattr(cli, "expand_inputs", lambda arguments: 1 / 0)
+    status, stdout, stderr = predict(write_note(tmp_path / "a.wav"))
+    assert (status, stdout) == (1, "")
+    assert stderr == "error: ZeroDivisionError: division by zero (--debug shows the traceback)\n"
+    with pytest.raises(ZeroDivisionError):
+        predict("--debug", tmp_path / "a.wav")
 
 
 def test_debug_adds_the_traceback(tmp_path):
