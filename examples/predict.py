@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Instrument-family probabilities of WAV files from a checkpoint of examples/train_nsynth.py:
+"""Instrument-family probabilities of audio files from a checkpoint of examples/train_nsynth.py:
 ``python examples/predict.py --help``.
 
 The application lives in ``rnn_fast.nsynth``; this is its command line (``rnn_fast.nsynth.cli.predict_main``).
@@ -7,4 +7,4 @@ The application lives in ``rnn_fast.nsynth``; this is its command line (``rnn_fa
 from rnn_fast.nsynth.cli import predict_main
 
 if __name__ == "__main__":
-    predict_main()
+    raise SystemExit(predict_main())

@@ -5,10 +5,12 @@ import dataclasses
 import json
 import shlex
 import sys
+import traceback
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 import torch
+from tqdm.auto import tqdm
 
 import rnn_fast
 
@@ -16,9 +18,9 @@ from .atomic import write_json
 from .data import CLASSES, FRAME_SIZE, SOURCES, SPLITS, BatchLoader, ensure_builtin_dataset, load_split, prepare
 from .models import MODEL_NAMES, build_model
 from .plots import write_figures, write_report
-from .predict import format_table, predict_files
+from .predict import Failure, expand_inputs, format_table, one_line, predict_batches
 from .recipes import RECIPES, Recipe
-from .training.checkpoint import load_checkpoint, restore_checkpoint
+from .training.checkpoint import load_checkpoint, load_classifier, restore_checkpoint
 from .training.distributed import Distributed, all_gather_objects, distributed_session, wrap_model
 from .training.engine import FitSettings, evaluate, fit
 from .training.metrics import metrics_summary
@@ -52,13 +54,26 @@ instrument families (synth_lead has no valid/test examples and is dropped).
 Outputs in --out: metrics.json, the figures (*.png), report.md and checkpoint.pt (rewritten atomically after
 every epoch; --resume continues from it).
 """
-PREDICT_USAGE = """Instrument-family probabilities of WAV files from a checkpoint of examples/train_nsynth.py.
+PREDICT_USAGE = """Instrument-family probabilities of audio files from a checkpoint of examples/train_nsynth.py.
 
-  python examples/predict.py --checkpoint runs/nsynth-lstm/checkpoint.pt note.wav [more.wav ...] [--json]
+  python examples/predict.py --checkpoint runs/nsynth-lstm/checkpoint.pt note.wav
+  python examples/predict.py --checkpoint runs/nsynth-lstm/checkpoint.pt violin-44.1kHz-stereo.wav recordings/ --top 3
+  python examples/predict.py --checkpoint runs/nsynth-lstm/checkpoint.pt 'samples/**/*.flac' --json > out.jsonl
 
-Each WAV must be 16-bit PCM mono at 16 kHz (NSynth's format). The model reads the first second; a shorter
-file is padded with silence. Prints one row per file (predicted family and every family's probability), or
-with --json an object ``{file: {"prediction": family, "probabilities": {family: p}}}``.
+Files: WAV (any PCM width or float), FLAC, OGG and the other formats libsndfile reads, at any sample rate and with
+any number of channels: the channels are averaged to mono and the audio is resampled to 16 kHz (soxr). The model
+reads the first second; a shorter file is padded with silence and flagged, by a warning on stderr and a note in its
+row. A directory stands for the audio files below it (.wav .wave .flac .ogg .oga .aif .aiff .mp3), a quoted glob
+pattern for its matches. Files go through the model --batch-size at a time, with a progress bar on stderr when
+there is more than one batch.
+
+Output: a table with a row per file (the predicted family and every family's probability, or the --top K most
+probable), or with --json one JSON object per line and file: {"path", "prediction", "probabilities": {family: p},
+"seconds" (the file's length), "warning" (null or why to doubt the prediction)}.
+
+Errors: a file or argument that gives no prediction is one line on stderr, "error: FILE: reason", and the other
+files are still predicted. Exit status: 0 when every file was predicted, 1 when any was not or the checkpoint could
+not be loaded, 2 for a usage error. --debug adds the tracebacks.
 """
 TRAIN_SCRIPT = "examples/train_nsynth.py"  # the command report.md says ran
 
@@ -268,19 +283,82 @@ def _train(args: argparse.Namespace, argv: List[str], ctx: Distributed) -> Optio
 
 
 # ------------------------------------------------------------------------------------------------ prediction
-def predict_main(argv: Optional[List[str]] = None) -> Dict[str, Dict[str, float]]:
-    """Prints the probabilities of every WAV named on the command line; returns ``{file: {family: p}}``."""
+def predict_parser() -> argparse.ArgumentParser:
     parser = _parser(PREDICT_USAGE)
-    parser.add_argument("wavs", nargs="+", type=Path, help="16 kHz mono 16-bit WAV files")
-    parser.add_argument("--checkpoint", type=Path, default=Path("runs/nsynth-lstm/checkpoint.pt"))
-    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("inputs", nargs="+", metavar="FILE|DIR|GLOB",
+                        help="audio files, directories to search for them, or quoted glob patterns")
+    parser.add_argument("--checkpoint", type=Path, default=Path("runs/nsynth-lstm/checkpoint.pt"),
+                        help="checkpoint.pt of a run of examples/train_nsynth.py (default: %(default)s)")
+    parser.add_argument("--json", action="store_true", help="one JSON object per line and file instead of a table")
+    parser.add_argument("--top", type=_positive_int, metavar="K",
+                        help="only the K most probable families, most probable first (default: every family)")
+    parser.add_argument("--batch-size", type=_positive_int, default=256,
+                        help="files read and run through the model at a time (default: %(default)s)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: %(default)s)")
     parser.add_argument("--backend", choices=rnn_fast.BACKENDS, default="auto", help="rnn_fast.LSTM backend")
-    args = parser.parse_args(argv)
-    results = predict_files(args.checkpoint, args.wavs, torch.device(args.device), args.backend)
-    if args.json:
-        print(json.dumps({name: {"prediction": max(p, key=p.get), "probabilities": p}
-                          for name, p in results.items()}, indent=2))
-    else:
-        print(format_table(results))
-    return results
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--debug", action="store_true", help="print the traceback of every error")
+    return parser
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def predict_main(argv: Optional[List[str]] = None) -> int:
+    """Prints the prediction of every file that the command line names; returns the exit status (0 when every
+    file was predicted, else 1)."""
+    args = predict_parser().parse_args(argv)
+    try:
+        return _predict(args)
+    except Exception as exc:  # a line a person can act on; --debug keeps the traceback
+        if args.debug:
+            raise
+        message = str(exc) if isinstance(exc, CheckpointError) else f"{one_line(exc)} (--debug shows the traceback)"
+        print(f"error: {message}", file=sys.stderr)
+        return 1
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be loaded; the message says all there is to say."""
+
+
+def _predict(args: argparse.Namespace) -> int:
+    device = torch.device(args.device)
+    try:
+        model, classes = load_classifier(args.checkpoint, device, args.backend)
+    except OSError as exc:
+        reason = (exc.strerror or str(exc)).lower()
+        raise CheckpointError(f"{args.checkpoint}: cannot load the checkpoint ({reason})") from exc
+    except Exception as exc:  # torch.load's and our own, about a file that is no checkpoint of ours
+        reason = f"not a checkpoint of examples/train_nsynth.py ({one_line(exc)})"
+        raise CheckpointError(f"{args.checkpoint}: {reason}") from exc
+    paths, failures = expand_inputs(args.inputs)
+    for failure in failures:
+        _report(failure, args.debug)
+    predictions = []
+    with tqdm(total=len(paths), unit="file", file=sys.stderr, dynamic_ncols=True,
+              disable=args.no_progress or len(paths) <= args.batch_size) as bar:
+        for outcomes in predict_batches(model, classes, paths, device, args.batch_size):
+            for outcome in outcomes:
+                if isinstance(outcome, Failure):
+                    failures.append(outcome)
+                    _report(outcome, args.debug)
+                else:
+                    predictions.append(outcome)
+                    if outcome.warning:
+                        tqdm.write(f"warning: {outcome.path}: {outcome.warning}", file=sys.stderr)
+            bar.update(len(outcomes))
+    if predictions:
+        print("\n".join(json.dumps(prediction.record(args.top)) for prediction in predictions) if args.json
+              else format_table(predictions, args.top))
+    return 1 if failures else 0
+
+
+def _report(failure: Failure, debug: bool) -> None:
+    tqdm.write(f"error: {failure.path}: {failure.reason}", file=sys.stderr)
+    if debug and failure.error is not None:
+        traceback.print_exception(type(failure.error), failure.error, failure.error.__traceback__)

@@ -27,8 +27,8 @@ from sklearn.metrics import recall_score
 
 import rnn_fast
 from rnn_fast.nsynth import cli
-from rnn_fast.nsynth.data import (CLASSES, CLIP_SAMPLES, SAMPLE_RATE, WavError, generate_synthetic, load_split,
-                                  prepare, waveform_to_frames, write_wav)
+from rnn_fast.nsynth.data import (CLASSES, CLIP_SAMPLES, SAMPLE_RATE, generate_synthetic, load_split, prepare,
+                                  waveform_to_frames, write_wav)
 from rnn_fast.nsynth.models import build_model
 from rnn_fast.nsynth.plots import FIGURES
 from rnn_fast.nsynth.recipes import RECIPES, Recipe
@@ -278,12 +278,6 @@ def test_every_recipe_field_round_trips_through_its_flag():
         changed, name="robust")
 
 
-def test_predict_script_help():
-    completed = subprocess.run([sys.executable, str(EXAMPLES / "predict.py"), "--help"], env=subprocess_env(),
-                               capture_output=True, text=True, check=True)
-    assert "--checkpoint" in completed.stdout and "16-bit PCM mono at 16 kHz" in completed.stdout
-
-
 @pytest.mark.parametrize("model,size_flags", [("blstm", ["--hidden", "8"]), ("cnn", ["--cnn-width", "4"])])
 def test_other_models_train_end_to_end(model, size_flags, dataset, tmp_path):
     out = tmp_path / model
@@ -350,8 +344,9 @@ def test_predict_script_gives_the_models_probabilities(reference_run, dataset, t
     short = tmp_path / "short.wav"
     write_wav(short, np.asarray(test.audio[5, :9000]), SAMPLE_RATE)
 
-    results = cli.predict_main(["--checkpoint", str(out / "checkpoint.pt"), "--json", *map(str, wavs), str(short)])
-    printed = json.loads(capsys.readouterr().out)
+    status = cli.predict_main(["--checkpoint", str(out / "checkpoint.pt"), "--json", *map(str, wavs), str(short)])
+    printed = {record["path"]: record for record in map(json.loads, capsys.readouterr().out.splitlines())}
+    assert status == 0
 
     checkpoint = load_checkpoint(out / "checkpoint.pt")
     model = build_model(**checkpoint["config"]["model_config"])
@@ -366,19 +361,3 @@ def test_predict_script_gives_the_models_probabilities(reference_run, dataset, t
         assert list(entry["probabilities"]) == list(CLASSES)
         np.testing.assert_allclose(list(entry["probabilities"].values()), probabilities, rtol=1e-5, atol=1e-6)
         assert entry["prediction"] == CLASSES[int(probabilities.argmax())]
-        assert results[str(path)] == entry["probabilities"]
-
-
-def test_predict_script_table_and_rejected_sample_rate(reference_run, dataset, tmp_path, capsys):
-    out, _, _ = reference_run
-    wav = tmp_path / "note.wav"
-    write_wav(wav, np.zeros(CLIP_SAMPLES, np.int16), SAMPLE_RATE)
-    cli.predict_main(["--checkpoint", str(out / "checkpoint.pt"), str(wav)])
-    header, row = capsys.readouterr().out.splitlines()
-    assert header.split() == ["file", "prediction", *CLASSES]
-    assert row.split()[0] == str(wav) and len(row.split()) == 2 + len(CLASSES)
-
-    wrong_rate = tmp_path / "44k.wav"
-    write_wav(wrong_rate, np.zeros(44100, np.int16), 44100)
-    with pytest.raises(WavError, match="44100 Hz"):
-        cli.predict_main(["--checkpoint", str(out / "checkpoint.pt"), str(wrong_rate)])

@@ -41,8 +41,9 @@ def test_old_checkpoint_holds_no_pickled_classes():
 def test_old_checkpoint_predicts_what_it_predicted(tmp_path, capsys):
     expected = json.loads(OLD_CHECKPOINT.with_suffix(".json").read_text())["tone_probabilities"]
     wav = tone_wav(tmp_path / "tone.wav")
-    cli.predict_main(["--checkpoint", str(OLD_CHECKPOINT), "--json", str(wav)])
-    printed = json.loads(capsys.readouterr().out)[str(wav)]
+    assert cli.predict_main(["--checkpoint", str(OLD_CHECKPOINT), "--json", str(wav)]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["path"] == str(wav)
     assert list(printed["probabilities"]) == list(expected) == list(CLASSES)
     np.testing.assert_allclose(list(printed["probabilities"].values()), list(expected.values()), rtol=1e-5,
                                atol=1e-6)
