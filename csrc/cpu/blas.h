@@ -55,9 +55,10 @@ inline void blas_gemm(const char* transa, const char* transb, int m, int n, int 
 // least kMinCallsToPack calls packs.
 constexpr int64_t kMinCallsToPack = 16;
 
-// Packed weights per thread, kept across calls (about 1 MB written of the 9 MB MKL asks for a 512 x 128 w_hh): one
-// per weight a thread uses at once (slot), a few at most.
-constexpr int kPackedWeightSlots = 6;
+// Packed weights per thread, kept across calls (MKL asks for the matrix plus about 5.3 MB, of which it writes little):
+// one per weight a thread uses at once (slot): a thread that owns a share of the units packs w_hh as one block per
+// gate (4 slots), and the whole-stack inference its w_ih too, a block per gate and part of the input (8 more).
+constexpr int kPackedWeightSlots = 12;
 
 class PackedWeightBuffer {
  public:
@@ -120,18 +121,6 @@ class FixedWeightGemm {
   bool transposed_;
   float* packed_ = nullptr;
 };
-
-// The recurrence's per-step GEMMs of one direction: forward pre[rows, 4H] += h[rows, H] @ w_hh[4H, H]^T, backward
-// dh[rows, H] += grad_pre[rows, 4H] @ w_hh[4H, H], for a block of rows over `steps` steps.
-template <typename scalar_t>
-FixedWeightGemm<scalar_t> gates_gemm(const scalar_t* w_hh, int64_t H, int64_t steps, int64_t rows, int slot = 0) {
-  return FixedWeightGemm<scalar_t>(w_hh, 4 * H, H, H, true, steps, rows, slot);
-}
-
-template <typename scalar_t>
-FixedWeightGemm<scalar_t> hidden_grad_gemm(const scalar_t* w_hh, int64_t H, int64_t steps, int64_t rows) {
-  return FixedWeightGemm<scalar_t>(w_hh, H, 4 * H, H, false, steps, rows);
-}
 
 // Keeps MKL on the calling thread while it lives. Called outside a parallel region, MKL would split each small
 // per-step GEMM over its own threads: a fork and a join per step, which costs more than the GEMM, and far more

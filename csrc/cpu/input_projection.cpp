@@ -24,6 +24,7 @@ void check_projection(const at::Tensor& parts, const at::Tensor& w_ih) {
   TORCH_CHECK(parts.dim() == 4, "parts must have shape (P, T, B, K), got ", parts.sizes());
   TORCH_CHECK(w_ih.dim() == 3, "w_ih must have shape (D, 4H, P*K), got ", w_ih.sizes());
   const int64_t P = parts.size(0), K = parts.size(3), D = w_ih.size(0), G = w_ih.size(1);
+  TORCH_CHECK(G % 4 == 0, "w_ih must have shape (D, 4H, P*K): 4H rows, got ", G);
   const auto dtype = parts.scalar_type();
   check_supported_dtype(dtype);
   TORCH_CHECK(parts.device().is_cpu(), "parts must be a CPU tensor, got one on ", parts.device());
@@ -83,7 +84,7 @@ at::Tensor input_projection_cpu(const at::Tensor& parts, const at::Tensor& w_ih,
     const scalar_t* w = w_ih.data_ptr<scalar_t>();
     const scalar_t* b = bias.has_value() ? bias->data_ptr<scalar_t>() : nullptr;
     project_parts(parts_view<scalar_t>(parts), {b, b == nullptr ? nullptr : b + (D - 1) * G}, xw.data_ptr<scalar_t>(),
-                  T * B * G, D, G, true,
+                  T * B * G, D, GateColumns(0, G / 4, G / 4), true,
                   [&](int64_t d, int64_t p, const scalar_t* in, int64_t in_ld, scalar_t* out, int64_t out_ld,
                       int64_t rows) {
                     blas_gemm("T", "N", static_cast<int>(G), static_cast<int>(rows), static_cast<int>(K),

@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "blas.h"
+#include "work_partition.h"
 
 namespace rnn_fast::cpu {
 
@@ -64,21 +65,24 @@ std::vector<ProjectionBlock> projection_blocks(const PartsView<scalar_t>& parts,
 // in[rows, K] @ w_ih[d][:, p*K:(p+1)*K]^T to out. One block of rows is one GEMM that MKL may thread; several
 // blocks are shared among the threads, each GEMM on one thread; with may_thread false (inside a parallel region)
 // everything runs on the calling thread.
+// `columns`: the gate columns of xw to write (the whole-stack inference's crews each project their own; the ops
+// every column).
 template <typename scalar_t, typename PartGemm>
 void project_parts(const PartsView<scalar_t>& parts, std::array<const scalar_t*, 2> bias, scalar_t* xw,
-                   int64_t xw_direction_stride, int64_t D, int64_t G, bool may_thread, const PartGemm& part_gemm) {
+                   int64_t xw_direction_stride, int64_t D, const GateColumns& columns, bool may_thread,
+                   const PartGemm& part_gemm) {
+  const int64_t G = 4 * columns.hidden;
   const std::vector<ProjectionBlock> blocks = projection_blocks(parts, G);
   const int64_t num_tasks = D * static_cast<int64_t>(blocks.size());
   auto project = [&](int64_t task) {
     const int64_t d = task / static_cast<int64_t>(blocks.size());
     const ProjectionBlock& block = blocks[task % blocks.size()];
     scalar_t* out = xw + d * xw_direction_stride + block.output;
-    for (int64_t row = 0; row < block.rows; ++row) {
-      scalar_t* out_row = out + row * block.output_ld;
-      if (bias[d] == nullptr) {
-        std::fill(out_row, out_row + G, scalar_t(0));
-      } else {
-        std::copy(bias[d], bias[d] + G, out_row);
+    if (bias[d] == nullptr) {
+      columns.fill(out, block.rows, block.output_ld, scalar_t(0));
+    } else {
+      for (int64_t row = 0; row < block.rows; ++row) {
+        columns.copy(bias[d], out + row * block.output_ld, 1, 0);
       }
     }
     for (int64_t p = 0; p < parts.P; ++p) {
@@ -87,7 +91,7 @@ void project_parts(const PartsView<scalar_t>& parts, std::array<const scalar_t*,
     }
   };
   const int64_t threads = may_thread ? at::get_num_threads() : 1;
-  const bool small = D * parts.T * parts.B * parts.P * parts.K * G < kSequentialProjectionMacs;
+  const bool small = D * parts.T * parts.B * parts.P * parts.K * columns.count * 4 < kSequentialProjectionMacs;
   if (blocks.size() == 1 || small || threads == 1) {
     std::optional<SequentialBlas> sequential;
     if (small || !may_thread) {

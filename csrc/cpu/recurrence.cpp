@@ -36,7 +36,7 @@ RNN_FAST_INLINE void forward_cells(const ForwardStep<scalar_t>& s) {
     scalar_t* h = s.h + r * H;
     scalar_t* c = s.c + r * H;
 #pragma omp simd
-    for (int64_t j = 0; j < H; ++j) {
+    for (int64_t j = 0; j < s.units; ++j) {
       const scalar_t i = sigmoid_activation(gates[j]);
       const scalar_t f = sigmoid_activation(gates[H + j]);
       const scalar_t g = tanh_activation(gates[2 * H + j]);
@@ -57,6 +57,7 @@ RNN_FAST_INLINE void forward_cells(const ForwardStep<scalar_t>& s) {
   }
 }
 
+// Units [0, units) of a row from each pointer, which the caller offsets to the item's first unit (ForwardStep).
 template <typename scalar_t>
 struct BackwardStep {
   const scalar_t* grad_y;     // [rows, H]
@@ -70,6 +71,7 @@ struct BackwardStep {
   const int64_t* lengths;
   int64_t step, first_step, rows, hidden;  // first_step: the direction's first step (0 or T-1)
   bool reverse;
+  int64_t units;
 };
 
 template <typename scalar_t>
@@ -86,7 +88,7 @@ RNN_FAST_INLINE void backward_cells(const BackwardStep<scalar_t>& s) {
     scalar_t* dh = s.dh + r * H;
     scalar_t* dc = s.dc + r * H;
 #pragma omp simd
-    for (int64_t j = 0; j < H; ++j) {
+    for (int64_t j = 0; j < s.units; ++j) {
       const scalar_t i = gates[j], f = gates[H + j], g = gates[2 * H + j], o = gates[3 * H + j];
       const scalar_t tanh_c = tanh_activation(cell[j]);
       const scalar_t dh_t = grad_y[j] + dh[j];
@@ -113,14 +115,15 @@ RNN_FAST_TARGET_CLONES void backward_cells_vectorised(const BackwardStep<double>
 namespace {
 
 template <typename scalar_t>
-void run_forward(const StepLayout& layout, int64_t H, const ForwardTensors<scalar_t>& out) {
+void run_forward(const StepLayout& layout, int64_t H, const ForwardTensors<scalar_t>& out,
+                 const std::vector<WorkItem>& items) {
   const int64_t G = 4 * H;
-  for_each_row_block(layout, [&](RowBlock block) {
-    const auto accumulate_gates = gates_gemm(out.w_hh[block.direction], H, layout.T, block.end - block.begin);
-    scalar_t* scratch = out.gates != nullptr
-                            ? nullptr
-                            : thread_scratch<scalar_t>(std::min(kRowsPerSubBlock, block.end - block.begin) * G);
-    forward_steps(layout, H, out, block, accumulate_gates, scratch, 0, layout.T);
+  for_each_work_item(items, [&](const WorkItem& item) {
+    const auto accumulate_gates = recurrent_gemms(out.w_hh[item.direction], item, H, layout.T);
+    scalar_t* scratch = out.gates != nullptr ? nullptr
+                                             : thread_scratch<scalar_t>(std::min(kRowsPerSubBlock, item.rows()) * G);
+    forward_steps(layout, H, out, item, accumulate_gates, scratch, 0, layout.T);
+    settle_state(layout, H, out, item, layout.T);
   });
 }
 
@@ -136,12 +139,16 @@ struct BackwardTensors {
   scalar_t* dc;  // [D, B, H] running dL/dc, grad_c_n in, grad_c0 out
 };
 
+// The backward of one work item. Per step: the elementwise pass over its units of every row that runs, then (after
+// the crew's barrier: the GEMM reads every unit's gate gradients) dh[rows, its units] += grad_pre @ w_hh[:, its units].
 template <typename scalar_t>
 void run_backward(const StepLayout& layout, int64_t H, const BackwardTensors<scalar_t>& out) {
   const int64_t T = layout.T, B = layout.B, G = 4 * H;
-  for_each_row_block(layout, [&](RowBlock block) {
-    const int64_t d = block.direction;
-    const auto accumulate_hidden_grad = hidden_grad_gemm(out.w_hh + d * G * H, H, T, block.end - block.begin);
+  for_each_work_item(plan_work(layout, H), [&](const WorkItem& item) {
+    const int64_t d = item.direction, j0 = item.unit_begin;
+    const StepGemm<scalar_t> accumulate_hidden_grad(out.w_hh + d * G * H + j0, item.units(), G, H, false, T,
+                                                    std::min(kRowsPerSubBlock, item.rows()), 0, item.gemm);
+    const GateColumns columns(item, H);
     const int64_t first_step = d == 0 ? 0 : T - 1;
     // Steps in reverse processing order: direction 0 goes t = T-1 .. 0, direction 1 goes t = 0 .. T-1.
     for (int64_t s = 0; s < T; ++s) {
@@ -150,21 +157,26 @@ void run_backward(const StepLayout& layout, int64_t H, const BackwardTensors<sca
       // The previous processed step in the forward pass; a row that runs t ran it too, unless t is the row's
       // first step (backward_cells then reads c0).
       const int64_t prev_row = t == first_step ? -1 : layout.first_row(d, d == 0 ? t - 1 : t + 1);
-      for_each_run(layout, t, block.begin, block.end, [&](int64_t b, int64_t end, bool runs) {
+      for_each_run(layout, t, item.begin, item.end, [&](int64_t b, int64_t end, bool runs) {
         const int64_t rows = end - b, row = step_row + b, state_row = d * B + b;
         if (!runs) {
           // The state passes through a padded step untouched.
           if (layout.padded) {
-            zero_rows(out.grad_xw + row * G, rows, G);
+            columns.fill(out.grad_xw + row * G, rows, G, scalar_t(0));
           }
           return;
         }
         backward_cells_vectorised(BackwardStep<scalar_t>{
-            out.grad_y + row * H, out.gates + row * G, out.cell + row * H,
-            prev_row < 0 ? nullptr : out.cell + (prev_row + b) * H, out.c0 + state_row * H, out.grad_xw + row * G,
-            out.dh + state_row * H, out.dc + state_row * H, layout.lengths == nullptr ? nullptr : layout.lengths + b,
-            t, first_step, rows, H, d == 1});
-        accumulate_hidden_grad(out.grad_xw + row * G, G, out.dh + state_row * H, H, rows);
+            out.grad_y + row * H + j0, out.gates + row * G + j0, out.cell + row * H + j0,
+            prev_row < 0 ? nullptr : out.cell + (prev_row + b) * H + j0, out.c0 + state_row * H + j0,
+            out.grad_xw + row * G + j0, out.dh + state_row * H + j0, out.dc + state_row * H + j0,
+            layout.lengths == nullptr ? nullptr : layout.lengths + b, t, first_step, rows, H, d == 1, item.units()});
+      });
+      crew_barrier(item);
+      for_each_run(layout, t, item.begin, item.end, [&](int64_t b, int64_t end, bool runs) {
+        if (runs) {
+          accumulate_hidden_grad(out.grad_xw + (step_row + b) * G, G, out.dh + (d * B + b) * H + j0, H, end - b);
+        }
       });
     }
   });
@@ -194,12 +206,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_o
   }
   auto h_n = h0.clone();
   auto c_n = c0.clone();
+  const std::vector<WorkItem> items = plan_work(layout, H);
+  const at::Tensor h_other = has_crews(items) ? at::empty_like(h0) : at::Tensor();
   DISPATCH_FLOAT_AND_DOUBLE(xw.scalar_type(), "lstm_recurrence_forward", [&] {
     const scalar_t* w = w_hh.data_ptr<scalar_t>();
-    run_forward(layout, H, ForwardTensors<scalar_t>{
+    ForwardTensors<scalar_t> out{
         xw.data_ptr<scalar_t>(), {w, w + (layout.D - 1) * G * H}, y.data_ptr<scalar_t>(),
         layout.direction_rows * H, H, h_n.data_ptr<scalar_t>(), c_n.data_ptr<scalar_t>(),
-        save ? gates.data_ptr<scalar_t>() : nullptr, save ? cell.data_ptr<scalar_t>() : nullptr});
+        save ? gates.data_ptr<scalar_t>() : nullptr, save ? cell.data_ptr<scalar_t>() : nullptr};
+    out.h_other = h_other.defined() ? h_other.data_ptr<scalar_t>() : nullptr;
+    run_forward(layout, H, out, items);
   });
   return {y, h_n, c_n, gates, cell};
 }

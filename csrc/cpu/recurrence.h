@@ -12,24 +12,30 @@
 #include <array>
 #include <cstdint>
 #include <cstring>
+#include <optional>
 #include <tuple>
+#include <type_traits>
+#include <vector>
 
 #include "blas.h"
 #include "step_layout.h"
+#include "streamed_gemm.h"
 #include "work_partition.h"
 
 namespace rnn_fast::cpu {
 
 // Elementwise passes over a run of rows at one step, every row of which runs the step.
 
+// Units [0, units) of a row from each pointer, which the caller offsets to the item's first unit; rows are H (4H for
+// gates, whose gates lie H apart) or y_stride apart.
 template <typename scalar_t>
 struct ForwardStep {
   scalar_t* gates;  // [rows, 4H]: pre-activations in; activated gates out when saving
   scalar_t* cell;   // [rows, H], written when saving
   scalar_t* y;      // rows of H, y_stride apart
-  scalar_t* h;      // [rows, H] running state, updated in place
+  scalar_t* h;      // [rows, H] the new state, written (in place, or into the crew's other buffer)
   scalar_t* c;      // [rows, H] running state, updated in place
-  int64_t rows, hidden, y_stride;
+  int64_t rows, hidden, y_stride, units;
 };
 
 // The elementwise passes of the forward, compiled for each target (recurrence.cpp): training keeps the activated
@@ -54,6 +60,13 @@ struct ForwardTensors {
   scalar_t* c;      // [D, B, H] running state, c0 in, c_n out
   scalar_t* gates;  // nullptr for inference: pre-activations then live in a per-thread buffer
   scalar_t* cell;
+  // [D, B, H], for crews (work_partition.h): a step reads every unit of h while the crew writes the next h, so the
+  // state alternates between h (before even steps) and this buffer (before odd ones). nullptr without crews.
+  scalar_t* h_other = nullptr;
+
+  // The state before processing step s (h_read) and after it (h_write).
+  scalar_t* h_read(int64_t s) const { return h_other != nullptr && s % 2 == 1 ? h_other : h; }
+  scalar_t* h_write(int64_t s) const { return h_other != nullptr && s % 2 == 0 ? h_other : h; }
 
   scalar_t* y_row(const StepLayout& layout, int64_t direction, int64_t row) const {
     return y + direction * y_direction_stride + (row - direction * layout.direction_rows) * y_row_stride;
@@ -68,52 +81,144 @@ struct XwChunk {
   int64_t first_time = 0, rows = 0;
 };
 
-// Steps [first, last) of the direction's processing order, for one block of rows. Pre-activations come from
-// out.xw (copied into the saved gates, or into `scratch` for inference) or, when given, from `chunk`.
+// The forward's per-step GEMMs of one item, out[rows, owned columns] += in[rows, K] @ w[owned rows, K]^T with w's
+// rows ldw apart: w_hh (K = ldw = H) in the recurrence, a part of w_ih in the whole-stack inference's projection. One
+// GEMM over all 4H rows of w when the item owns every unit, else one per gate.
+// One weight block's per-step GEMM, out[rows, M] += in[rows, K] @ op(W) as FixedWeightGemm defines it: the streamed
+// kernel for float steps of few rows where the CPU has it, else BLAS.
 template <typename scalar_t>
-void forward_steps(const StepLayout& layout, int64_t H, const ForwardTensors<scalar_t>& out, RowBlock block,
-                   const FixedWeightGemm<scalar_t>& accumulate_gates, scalar_t* scratch, int64_t first, int64_t last,
+class StepGemm {
+ public:
+  StepGemm(const scalar_t* w, int64_t m, int64_t k, int64_t ldw, bool transposed, int64_t calls, int64_t rows,
+           int slot, const GemmChoice& choice) {
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      if (const StepKernel kernel = choice.for_rows(rows); kernel != StepKernel::kBlas) {
+        streamed_.emplace(w, m, k, ldw, transposed, slot, kernel);
+        return;
+      }
+    }
+    blas_.emplace(w, m, k, ldw, transposed, calls, rows, slot);
+  }
+
+  void operator()(const scalar_t* in, int64_t in_ld, scalar_t* out, int64_t out_ld, int64_t rows) const {
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      if (streamed_.has_value()) {
+        (*streamed_)(in, in_ld, out, out_ld, rows);
+        return;
+      }
+    }
+    (*blas_)(in, in_ld, out, out_ld, rows);
+  }
+
+ private:
+  std::optional<StreamedWeights> streamed_;
+  std::optional<FixedWeightGemm<scalar_t>> blas_;
+};
+
+template <typename scalar_t>
+class GateGemms {
+ public:
+  GateGemms(const scalar_t* w, int64_t k, int64_t ldw, const GateColumns& columns, int64_t calls, int64_t rows,
+            int first_slot, const GemmChoice& choice)
+      : columns_(columns) {
+    for (int64_t block = 0; block < columns.blocks(); ++block) {
+      gemms_.emplace_back(w + columns.block_offset(block) * ldw, columns.block_width(), k, ldw, true, calls, rows,
+                          first_slot + static_cast<int>(block), choice);
+    }
+  }
+
+  void operator()(const scalar_t* in, int64_t in_ld, scalar_t* out, int64_t out_ld, int64_t rows) const {
+    for (int64_t block = 0; block < columns_.blocks(); ++block) {
+      gemms_[block](in, in_ld, out + columns_.block_offset(block), out_ld, rows);
+    }
+  }
+
+ private:
+  GateColumns columns_;
+  std::vector<StepGemm<scalar_t>> gemms_;
+};
+
+template <typename scalar_t>
+GateGemms<scalar_t> recurrent_gemms(const scalar_t* w_hh, const WorkItem& item, int64_t H, int64_t steps,
+                                    int first_slot = 0) {
+  return GateGemms<scalar_t>(w_hh, H, H, GateColumns(item, H), steps, std::min(kRowsPerSubBlock, item.rows()),
+                             first_slot, item.gemm);
+}
+
+// Steps [first, last) of the direction's processing order, for one work item. Pre-activations come from out.xw
+// (copied into the saved gates, or into `scratch` for inference) or, when given, from `chunk`. An item that is one
+// of a crew waits for the crew after every step.
+template <typename scalar_t>
+void forward_steps(const StepLayout& layout, int64_t H, const ForwardTensors<scalar_t>& out, const WorkItem& item,
+                   const GateGemms<scalar_t>& accumulate_gates, scalar_t* scratch, int64_t first, int64_t last,
                    XwChunk<scalar_t> chunk = {}) {
   const int64_t T = layout.T, B = layout.B, G = 4 * H;
   const bool save = out.gates != nullptr;
-  const int64_t d = block.direction;
+  const int64_t d = item.direction, j0 = item.unit_begin, units = item.units();
+  const GateColumns columns(item, H);
   for (int64_t s = first; s < last; ++s) {
     const int64_t t = d == 0 ? s : T - 1 - s;
     const int64_t step_row = layout.first_row(d, t);
-    for_each_run(layout, t, block.begin, block.end, [&](int64_t b, int64_t end, bool runs) {
+    scalar_t* const h_read = out.h_read(s);
+    scalar_t* const h_write = out.h_write(s);
+    for_each_run(layout, t, item.begin, item.end, [&](int64_t b, int64_t end, bool runs) {
       const int64_t rows = end - b, row = step_row + b;
-      scalar_t* y = out.y_row(layout, d, row);
+      scalar_t* y = out.y_row(layout, d, row) + j0;
       if (!runs) {
         if (layout.padded) {
           for (int64_t r = 0; r < rows; ++r) {
-            zero_rows(y + r * out.y_row_stride, 1, H);
+            zero_rows(y + r * out.y_row_stride, 1, units);
           }
           if (save) {
-            zero_rows(out.gates + row * G, rows, G);
-            zero_rows(out.cell + row * H, rows, H);
+            columns.fill(out.gates + row * G, rows, G, scalar_t(0));
+            for (int64_t r = 0; r < rows; ++r) {
+              zero_rows(out.cell + (row + r) * H + j0, 1, units);
+            }
+          }
+        }
+        if (h_write != h_read) {
+          // The state passes through a step the row does not run.
+          for (int64_t r = 0; r < rows; ++r) {
+            const scalar_t* from = h_read + (d * B + b + r) * H + j0;
+            std::copy(from, from + units, h_write + (d * B + b + r) * H + j0);
           }
         }
         return;
       }
       scalar_t* pre;
       if (chunk.data != nullptr) {
-        pre = chunk.data + ((t - chunk.first_time) * chunk.rows + b - block.begin) * G;
+        pre = chunk.data + ((t - chunk.first_time) * chunk.rows + b - item.begin) * G;
       } else {
         // xw is read in one streaming copy, and the GEMM then accumulates onto it in cache: cheaper than
         // letting BLAS zero the block (beta = 0) and reading xw again in the elementwise pass.
         pre = save ? out.gates + row * G : scratch;
-        std::memcpy(pre, out.xw + row * G, rows * G * sizeof(scalar_t));
+        columns.copy(out.xw + row * G, pre, rows, G);
       }
-      scalar_t* h = out.h + (d * B + b) * H;
-      accumulate_gates(h, H, pre, G, rows);
-      const ForwardStep<scalar_t> cells{pre, save ? out.cell + row * H : nullptr, y, h, out.c + (d * B + b) * H,
-                                        rows, H, out.y_row_stride};
+      accumulate_gates(h_read + (d * B + b) * H, H, pre, G, rows);
+      const ForwardStep<scalar_t> cells{pre + j0, save ? out.cell + row * H + j0 : nullptr, y,
+                                        h_write + (d * B + b) * H + j0, out.c + (d * B + b) * H + j0,
+                                        rows, H, out.y_row_stride, units};
       if (save) {
         forward_cells_vectorised(cells);
       } else {
         inference_cells_vectorised(cells);
       }
     });
+    crew_barrier(item);
+  }
+}
+
+// After a crew's last step [.., last): the state in out.h, where h_n is read from.
+template <typename scalar_t>
+void settle_state(const StepLayout& layout, int64_t H, const ForwardTensors<scalar_t>& out, const WorkItem& item,
+                  int64_t last) {
+  const scalar_t* final_state = out.h_read(last);
+  if (final_state == out.h) {
+    return;
+  }
+  for (int64_t b = item.begin; b < item.end; ++b) {
+    const scalar_t* from = final_state + (item.direction * layout.B + b) * H + item.unit_begin;
+    std::copy(from, from + item.units(), out.h + (item.direction * layout.B + b) * H + item.unit_begin);
   }
 }
 

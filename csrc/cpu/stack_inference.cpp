@@ -43,6 +43,9 @@ namespace {
 constexpr int64_t kPipelineMaxRows = 16;   // batch rows up to which the layers of a stack run at once
 constexpr int64_t kPipelineSteps = 8;      // steps per chunk there: the lag between one layer and the next
 constexpr int64_t kChunkBytes = 1 << 20;   // otherwise, a block's chunk of xw: within L2 with the weights
+// Packed-weight slots: a work item's w_hh takes the first four (one per gate when it owns a share of the units),
+// its parts of w_ih the ones after.
+constexpr int kGateSlots = 4;
 
 template <typename scalar_t>
 struct StackLayer {
@@ -52,75 +55,87 @@ struct StackLayer {
   ForwardTensors<scalar_t> recurrence;        // xw unused: chunks of it come from project_chunk
 };
 
-// The input projection of one direction of a layer for one thread's block of rows, a GEMM per part of its input.
+// The input projection of one direction of a layer for one work item's rows and gate columns, GEMMs per part of its
+// input.
 template <typename scalar_t>
 struct ChunkProjection {
-  std::vector<FixedWeightGemm<scalar_t>> parts;
+  std::vector<GateGemms<scalar_t>> parts;
 
   // slot: the first of the parts' packed-weight slots.
-  ChunkProjection(const StackLayer<scalar_t>& layer, int64_t direction, int64_t G, int64_t calls, int64_t rows,
+  ChunkProjection(const StackLayer<scalar_t>& layer, const WorkItem& item, int64_t H, int64_t calls, int64_t rows,
                   int slot) {
     const int64_t P = layer.input.P, K = layer.input.K;
+    const GateColumns columns(item, H);
     for (int64_t p = 0; p < P; ++p) {
-      parts.emplace_back(layer.w_ih[direction] + p * K, G, K, P * K, true, calls, rows, slot + static_cast<int>(p));
+      parts.emplace_back(layer.w_ih[item.direction] + p * K, K, P * K, columns, calls, rows,
+                         slot + static_cast<int>(p * columns.blocks()), item.gemm);
     }
   }
 };
 
-// Projects the rows of `block` for the processing steps [first, last) of its direction into a chunk buffer.
+// Projects the rows and columns of `item` for the processing steps [first, last) of its direction into a chunk
+// buffer.
 template <typename scalar_t>
 XwChunk<scalar_t> project_chunk(const StackLayer<scalar_t>& layer, const ChunkProjection<scalar_t>& projection,
-                                const StepLayout& layout, RowBlock block, int64_t first, int64_t last,
-                                scalar_t* buffer, int64_t G) {
-  const int64_t d = block.direction, rows = block.end - block.begin;
+                                const StepLayout& layout, const WorkItem& item, int64_t first, int64_t last,
+                                scalar_t* buffer, int64_t H) {
+  const int64_t d = item.direction, rows = item.rows(), G = 4 * H;
   const int64_t first_time = d == 0 ? first : layout.T - last, last_time = d == 0 ? last : layout.T - first;
   const std::array<const scalar_t*, 2> bias{layer.bias[d].empty() ? nullptr : layer.bias[d].data(), nullptr};
+  const GateColumns columns(item, H);
   auto part_gemm = [&](int64_t, int64_t p, const scalar_t* in, int64_t in_ld, scalar_t* out, int64_t out_ld,
                        int64_t n) { projection.parts[p](in, in_ld, out, out_ld, n); };
   PartsView<scalar_t> view = layer.input;
   if (layout.padded) {
-    // Times [first_time, last_time) of the block's rows: one GEMM when they follow each other, else one per step.
-    view.data += first_time * view.step_stride + block.begin * view.row_stride;
+    // Times [first_time, last_time) of the item's rows: one GEMM when they follow each other, else one per step.
+    view.data += first_time * view.step_stride + item.begin * view.row_stride;
     view.T = last_time - first_time;
     view.B = rows;
-    project_parts(view, bias, buffer, 0, 1, G, false, part_gemm);
+    project_parts(view, bias, buffer, 0, 1, columns, false, part_gemm);
   } else {
-    // One GEMM per step over the block's rows that run it (a prefix: rows are sorted by length).
+    // One GEMM per step over the item's rows that run it (a prefix: rows are sorted by length).
     for (int64_t t = first_time; t < last_time; ++t) {
-      const int64_t running = std::min(block.end, layout.step_begin[t + 1] - layout.step_begin[t]) - block.begin;
+      const int64_t running = std::min(item.end, layout.step_begin[t + 1] - layout.step_begin[t]) - item.begin;
       if (running > 0) {
         PartsView<scalar_t> step = view;
-        step.data += (layout.step_begin[t] + block.begin) * view.row_stride;
+        step.data += (layout.step_begin[t] + item.begin) * view.row_stride;
         step.B = running;
-        project_parts(step, bias, buffer + (t - first_time) * rows * G, 0, 1, G, false, part_gemm);
+        project_parts(step, bias, buffer + (t - first_time) * rows * G, 0, 1, columns, false, part_gemm);
       }
     }
   }
   return {buffer, first_time, rows};
 }
 
-// One layer, its blocks of rows on the threads, each running chunk after chunk.
+// One layer, its work items on the threads, each running chunk after chunk. A crew shares its chunk buffer, each
+// thread projecting its own gate columns into it.
 template <typename scalar_t>
-void run_layer_in_chunks(const StackLayer<scalar_t>& layer, const StepLayout& layout, int64_t H) {
+void run_layer_in_chunks(const StackLayer<scalar_t>& layer, const StepLayout& layout, int64_t H,
+                         const std::vector<WorkItem>& items) {
   const int64_t G = 4 * H;
-  for_each_row_block(layout, [&](RowBlock block) {
-    const int64_t rows = block.end - block.begin;
-    const int64_t steps = std::max<int64_t>(1, kChunkBytes / (rows * G * static_cast<int64_t>(sizeof(scalar_t))));
-    const auto gemm = gates_gemm(layer.recurrence.w_hh[block.direction], H, layout.T, rows);
+  const int64_t rows = items.front().rows();
+  const int64_t steps = std::max<int64_t>(1, kChunkBytes / (rows * G * static_cast<int64_t>(sizeof(scalar_t))));
+  std::vector<scalar_t> crew_buffers(has_crews(items) ? layout.D * steps * rows * G : 0);
+  for_each_work_item(items, [&](const WorkItem& item) {
+    const auto gemm = recurrent_gemms(layer.recurrence.w_hh[item.direction], item, H, layout.T);
     // How many GEMMs the chunks' projections make, for deciding whether packing w_ih repays itself.
     const int64_t chunks = (layout.T + steps - 1) / steps;
     PartsView<scalar_t> chunk_view = layer.input;
     chunk_view.T = std::min(steps, layout.T);
-    chunk_view.B = rows;
-    const int64_t calls =
-        chunks * (layout.padded ? static_cast<int64_t>(projection_blocks(chunk_view, G).size()) : chunk_view.T);
-    const ChunkProjection<scalar_t> projection(layer, block.direction, G, calls, rows, 1);
-    scalar_t* buffer = thread_scratch<scalar_t>(steps * rows * G, 1);
+    chunk_view.B = item.rows();
+    const auto blocks = projection_blocks(chunk_view, G);
+    const int64_t calls = chunks * (layout.padded ? static_cast<int64_t>(blocks.size()) : chunk_view.T);
+    // Rows of one projection GEMM: a whole chunk when its steps follow each other, else a step or a batch row.
+    const int64_t gemm_rows = layout.padded ? blocks.front().rows : item.rows();
+    const ChunkProjection<scalar_t> projection(layer, item, H, calls, gemm_rows, kGateSlots);
+    scalar_t* buffer = item.crew > 1 ? crew_buffers.data() + item.direction * steps * rows * G
+                                     : thread_scratch<scalar_t>(steps * item.rows() * G, 1);
     for (int64_t first = 0; first < layout.T; first += steps) {
       const int64_t last = std::min(layout.T, first + steps);
-      forward_steps(layout, H, layer.recurrence, block, gemm, static_cast<scalar_t*>(nullptr), first, last,
-                    project_chunk(layer, projection, layout, block, first, last, buffer, G));
+      forward_steps(layout, H, layer.recurrence, item, gemm, static_cast<scalar_t*>(nullptr), first, last,
+                    project_chunk(layer, projection, layout, item, first, last, buffer, H));
     }
+    settle_state(layout, H, layer.recurrence, item, layout.T);
   });
 }
 
@@ -129,18 +144,19 @@ void run_layer_in_chunks(const StackLayer<scalar_t>& layer, const StepLayout& la
 template <typename scalar_t>
 void run_layers_at_once(const std::vector<StackLayer<scalar_t>>& layers, const StepLayout& layout, int64_t H) {
   const int64_t L = static_cast<int64_t>(layers.size()), G = 4 * H, B = layout.B;
+  const WorkItem all_rows{0, 0, B, 0, H, 1, gemm_choice()};
   std::unique_ptr<StepProgress[]> done(new StepProgress[L]);
 #pragma omp parallel num_threads(std::min<int64_t>(at::get_num_threads(), L))
   {
     const int64_t team = omp_get_num_threads(), rank = omp_get_thread_num();
     const SequentialBlas sequential;
     // Each of this thread's layers packs its w_hh and w_ih (one part: unidirectional) in slots of their own.
-    std::vector<FixedWeightGemm<scalar_t>> gemms;
+    std::vector<GateGemms<scalar_t>> gemms;
     std::vector<ChunkProjection<scalar_t>> projections;
     for (int64_t l = rank; l < L; l += team) {
       const int slot = 2 * static_cast<int>(gemms.size());
-      gemms.push_back(gates_gemm(layers[l].recurrence.w_hh[0], H, layout.T, B, slot));
-      projections.emplace_back(layers[l], 0, G, layout.T, B, slot + 1);
+      gemms.push_back(recurrent_gemms(layers[l].recurrence.w_hh[0], all_rows, H, layout.T, slot));
+      projections.emplace_back(layers[l], all_rows, H, layout.T, kPipelineSteps * B, slot + 1);
     }
     scalar_t* buffer = thread_scratch<scalar_t>(kPipelineSteps * B * G, 1);
     for (int64_t first = 0; first < layout.T; first += kPipelineSteps) {
@@ -149,10 +165,8 @@ void run_layers_at_once(const std::vector<StackLayer<scalar_t>>& layers, const S
         if (l > 0) {
           done[l - 1].wait_for(static_cast<int32_t>(last));
         }
-        const RowBlock all_rows{0, 0, B};
         forward_steps(layout, H, layers[l].recurrence, all_rows, gemms[own], static_cast<scalar_t*>(nullptr), first,
-                      last,
-                      project_chunk(layers[l], projections[own], layout, all_rows, first, last, buffer, G));
+                      last, project_chunk(layers[l], projections[own], layout, all_rows, first, last, buffer, H));
         done[l].publish(static_cast<int32_t>(last));
       }
     }
@@ -214,6 +228,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_inference_cpu(const at::Tens
   auto c_n = c0.clone();
   const bool at_once = D == 1 && L >= 2 && at::get_num_threads() >= 2 &&
                        B <= kPipelineMaxRows && layout.T >= 2 * kPipelineSteps;
+  const std::vector<WorkItem> items = plan_work(layout, H);
+  // The crews' other state buffer (ForwardTensors::h_other), for every layer.
+  const at::Tensor h_other = !at_once && has_crews(items) ? at::empty_like(h0) : at::Tensor();
   DISPATCH_FLOAT_AND_DOUBLE(dtype, "cpu_lstm_inference", [&] {
     std::vector<StackLayer<scalar_t>> layers(L);
     std::vector<at::Tensor> outputs;  // y [D, rows, H] of the layers below the last
@@ -246,11 +263,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_inference_cpu(const at::Tens
       layer.recurrence = ForwardTensors<scalar_t>{nullptr, w_hh, y, last ? H : rows * H, last ? D * H : H,
                                                   h_n.data_ptr<scalar_t>() + l * D * B * H,
                                                   c_n.data_ptr<scalar_t>() + l * D * B * H, nullptr, nullptr};
+      if (h_other.defined()) {
+        layer.recurrence.h_other = h_other.data_ptr<scalar_t>() + l * D * B * H;
+      }
       // The next layer's parts: this layer's y [D, T, B, H] (padded) or [D, 1, N, H] (packed).
       parts = layout.padded ? PartsView<scalar_t>{y, D, layout.T, B, H, rows * H, B * H, H}
                             : PartsView<scalar_t>{y, D, 1, rows, H, rows * H, 0, H};
       if (!at_once) {
-        run_layer_in_chunks(layer, layout, H);
+        run_layer_in_chunks(layer, layout, H, items);
         if (outputs.size() > 1) {
           outputs.front() = at::Tensor();  // the layer below this one's input: read by now
           outputs.erase(outputs.begin());

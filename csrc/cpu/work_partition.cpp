@@ -1,6 +1,10 @@
-// The row blocks of the work partition (work_partition.h).
+// The work partition's rule and items (work_partition.h).
+#include <c10/util/Exception.h>
+
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -8,9 +12,20 @@
 
 namespace rnn_fast::cpu {
 
-std::vector<RowBlock> row_blocks(const StepLayout& layout, int64_t threads) {
+namespace {
+
+// The rule, measured on the shapes of benchmarks/test_lstm_cpu_shapes.py (AMD EPYC Zen 4, 2 threads): the threads of
+// a direction split its units when w_hh is far beyond a core's L2 cache (H >= 512: 4 MiB) and each would otherwise
+// run few rows, so that the step is bound by reading w_hh rather than by the multiply-adds (H = 1024, B = 8: 2.1x
+// faster than splitting rows; H = 256, B = 64 is 1.3x slower); and when there are fewer rows than threads, which
+// would idle.
+constexpr int64_t kUnitSplitMinHidden = 512;
+constexpr int64_t kUnitSplitMaxRowsPerThread = 16;
+// Units per thread come in multiples of this: one cache line of fp32, whole vectors for the elementwise pass.
+constexpr int64_t kUnitGrain = 16;
+
+std::vector<std::pair<int64_t, int64_t>> row_ranges(const StepLayout& layout, int64_t wanted) {
   const int64_t B = layout.B;
-  const int64_t wanted = std::min(B, std::max<int64_t>(1, (threads + layout.D - 1) / layout.D));
   int64_t total = 0;
   for (int64_t b = 0; b < B; ++b) {
     total += layout.row_steps(b);
@@ -28,13 +43,50 @@ std::vector<RowBlock> row_blocks(const StepLayout& layout, int64_t threads) {
     ranges.emplace_back(begin, end);
     begin = end;
   }
-  std::vector<RowBlock> blocks;
+  return ranges;
+}
+
+}  // namespace
+
+Split choose_split(const StepLayout& layout, int64_t H, int64_t threads) {
+  if (const char* forced = std::getenv("RNN_FAST_CPU_SPLIT"); forced != nullptr && *forced != '\0') {
+    const std::string value(forced);
+    TORCH_CHECK(value == "rows" || value == "units", "RNN_FAST_CPU_SPLIT must be \"rows\" or \"units\", got \"",
+                value, "\"");
+    return value == "rows" ? Split::kRows : Split::kUnits;
+  }
+  const int64_t per_direction = threads / layout.D;
+  if (per_direction < 2 || H < 2 * kUnitGrain) {
+    return Split::kRows;
+  }
+  const bool idle_threads = layout.B < per_direction;
+  const bool bound_by_weights = H >= kUnitSplitMinHidden && layout.B <= kUnitSplitMaxRowsPerThread * per_direction;
+  return idle_threads || bound_by_weights ? Split::kUnits : Split::kRows;
+}
+
+std::vector<WorkItem> work_items(const StepLayout& layout, int64_t H, int64_t threads, Split split) {
+  std::vector<WorkItem> items;
+  const int64_t per_direction = std::max<int64_t>(1, threads / layout.D);
+  const int64_t grains = (H + kUnitGrain - 1) / kUnitGrain;
+  const int64_t crew = std::min(per_direction, grains);
+  if (split == Split::kUnits && crew > 1) {
+    for (int64_t d = 0; d < layout.D; ++d) {
+      for (int64_t k = 0; k < crew; ++k) {
+        const int64_t first = std::min(H, grains * k / crew * kUnitGrain);
+        const int64_t last = std::min(H, grains * (k + 1) / crew * kUnitGrain);
+        items.push_back({d, 0, layout.B, first, last, crew, {}});
+      }
+    }
+    return items;
+  }
+  const int64_t wanted = std::min(layout.B, std::max<int64_t>(1, (threads + layout.D - 1) / layout.D));
+  const auto ranges = row_ranges(layout, wanted);
   for (int64_t d = 0; d < layout.D; ++d) {
     for (const auto& [first, last] : ranges) {
-      blocks.push_back({d, first, last});
+      items.push_back({d, first, last, 0, H, 1, {}});
     }
   }
-  return blocks;
+  return items;
 }
 
 }  // namespace rnn_fast::cpu
