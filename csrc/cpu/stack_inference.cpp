@@ -2,7 +2,7 @@
 // where they lie (no stacked copies), no Python between layers, each layer's final state written straight into
 // h_n and c_n. Each thread projects its own block of rows a chunk of steps at a time, just before it runs them, so
 // no layer's whole xw exists (nn.LSTM's peak memory or less) and each chunk stays in cache. A unidirectional stack of
-// a few batch rows, whose one block per layer would leave the other threads idle, runs its layers at once: layer l
+// a few batch rows, whose one block per layer would leave the other threads idle, may run its layers at once: layer l
 // takes a chunk of steps as soon as layer l-1 has finished it.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -40,7 +40,11 @@ namespace rnn_fast::cpu {
 
 namespace {
 
+// The layers of a stack run at once when they divide evenly among the threads (2 layers on 3 threads would leave one
+// idle, 3 layers on 2 would make one thread's work twice the other's) and their weights are small: from H = 650 on,
+// a crew per layer (work_partition.h) reads each step's weights faster than one thread can (benchmarks/NOTES.md).
 constexpr int64_t kPipelineMaxRows = 16;   // batch rows up to which the layers of a stack run at once
+constexpr int64_t kPipelineMaxHidden = 512;
 constexpr int64_t kPipelineSteps = 8;      // steps per chunk there: the lag between one layer and the next
 constexpr int64_t kChunkBytes = 1 << 20;   // otherwise, a block's chunk of xw: within L2 with the weights
 // Packed-weight slots: a work item's w_hh takes the first four (one per gate when it owns a share of the units),
@@ -144,7 +148,7 @@ void run_layer_in_chunks(const StackLayer<scalar_t>& layer, const StepLayout& la
 template <typename scalar_t>
 void run_layers_at_once(const std::vector<StackLayer<scalar_t>>& layers, const StepLayout& layout, int64_t H) {
   const int64_t L = static_cast<int64_t>(layers.size()), G = 4 * H, B = layout.B;
-  const WorkItem all_rows{0, 0, B, 0, H, 1, gemm_choice()};
+  const WorkItem all_rows{0, 0, B, 0, H, 1, 0, gemm_choice()};
   std::unique_ptr<StepProgress[]> done(new StepProgress[L]);
 #pragma omp parallel num_threads(std::min<int64_t>(at::get_num_threads(), L))
   {
@@ -226,8 +230,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_inference_cpu(const at::Tens
   // The running state of every layer, updated in place step after step.
   auto h_n = h0.clone();
   auto c_n = c0.clone();
-  const bool at_once = D == 1 && L >= 2 && at::get_num_threads() >= 2 &&
-                       B <= kPipelineMaxRows && layout.T >= 2 * kPipelineSteps;
+  const int64_t threads = at::get_num_threads();
+  const bool at_once = D == 1 && threads >= 2 && L % threads == 0 && B <= kPipelineMaxRows &&
+                       H <= kPipelineMaxHidden && layout.T >= 2 * kPipelineSteps;
   const std::vector<WorkItem> items = plan_work(layout, H);
   // The crews' other state buffer (ForwardTensors::h_other), for every layer.
   const at::Tensor h_other = !at_once && has_crews(items) ? at::empty_like(h0) : at::Tensor();

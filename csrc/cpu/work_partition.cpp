@@ -55,26 +55,26 @@ Split choose_split(const StepLayout& layout, int64_t H, int64_t threads) {
                 value, "\"");
     return value == "rows" ? Split::kRows : Split::kUnits;
   }
-  const int64_t per_direction = threads / layout.D;
-  if (per_direction < 2 || H < 2 * kUnitGrain) {
+  if (threads < 2 || H < 2 * kUnitGrain) {
     return Split::kRows;
   }
-  const bool idle_threads = layout.B < per_direction;
-  const bool bound_by_weights = H >= kUnitSplitMinHidden && layout.B <= kUnitSplitMaxRowsPerThread * per_direction;
+  const bool idle_threads = layout.B * layout.D < threads;
+  const bool bound_by_weights = H >= kUnitSplitMinHidden && layout.B <= kUnitSplitMaxRowsPerThread * threads;
   return idle_threads || bound_by_weights ? Split::kUnits : Split::kRows;
 }
 
 std::vector<WorkItem> work_items(const StepLayout& layout, int64_t H, int64_t threads, Split split) {
   std::vector<WorkItem> items;
-  const int64_t per_direction = std::max<int64_t>(1, threads / layout.D);
+  const int64_t per_direction = threads / layout.D;
   const int64_t grains = (H + kUnitGrain - 1) / kUnitGrain;
-  const int64_t crew = std::min(per_direction, grains);
+  const bool in_turn = per_direction < 2;
+  const int64_t crew = std::min(in_turn ? threads : per_direction, grains);
   if (split == Split::kUnits && crew > 1) {
     for (int64_t d = 0; d < layout.D; ++d) {
       for (int64_t k = 0; k < crew; ++k) {
         const int64_t first = std::min(H, grains * k / crew * kUnitGrain);
         const int64_t last = std::min(H, grains * (k + 1) / crew * kUnitGrain);
-        items.push_back({d, 0, layout.B, first, last, crew, {}});
+        items.push_back({d, 0, layout.B, first, last, crew, in_turn ? d : 0, {}});
       }
     }
     return items;
@@ -83,7 +83,7 @@ std::vector<WorkItem> work_items(const StepLayout& layout, int64_t H, int64_t th
   const auto ranges = row_ranges(layout, wanted);
   for (int64_t d = 0; d < layout.D; ++d) {
     for (const auto& [first, last] : ranges) {
-      items.push_back({d, first, last, 0, H, 1, {}});
+      items.push_back({d, first, last, 0, H, 1, 0, {}});
     }
   }
   return items;

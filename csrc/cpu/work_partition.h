@@ -21,9 +21,10 @@
 namespace rnn_fast::cpu {
 
 // One thread's work: rows [begin, end) of a direction, hidden units [unit_begin, unit_end) of each gate. crew:
-// how many threads share the rows (1: this thread owns all units and never waits).
+// how many threads share the rows (1: this thread owns all units and never waits). round: the items of round r run
+// after those of round r-1 (a crew of all threads per direction, one direction after the other).
 struct WorkItem {
-  int64_t direction, begin, end, unit_begin, unit_end, crew;
+  int64_t direction, begin, end, unit_begin, unit_end, crew, round;
   GemmChoice gemm;  // read with the plan, outside the parallel region
 
   int64_t rows() const { return end - begin; }
@@ -39,7 +40,8 @@ Split choose_split(const StepLayout& layout, int64_t H, int64_t threads);
 // Each thread's item. Split::kRows: about threads / D blocks of rows per direction, each with about the same
 // number of row-steps to run (in packed order the rows are sorted by length, and equal numbers of rows would leave
 // the thread of the short rows idle once they end). Split::kUnits: one crew per direction, the units cut into
-// multiples of 16 (one cache line of fp32) as evenly as they go.
+// multiples of 16 (one cache line of fp32) as evenly as they go; with fewer than two threads per direction, each
+// direction in turn gets a crew of every thread (its weights alone then share the cache).
 std::vector<WorkItem> work_items(const StepLayout& layout, int64_t H, int64_t threads, Split split);
 
 // Makes the threads of a crew wait for each other; does nothing for an item that is its own crew. All items of a
@@ -67,19 +69,22 @@ inline bool has_crews(const std::vector<WorkItem>& items) { return !items.empty(
 // all.
 template <typename Body>
 void for_each_work_item(const std::vector<WorkItem>& items, const Body& body) {
-  const int64_t num_items = static_cast<int64_t>(items.size());
-  const int64_t team = std::min<int64_t>(at::get_num_threads(), num_items);
-  if (team <= 1) {
-    const SequentialBlas sequential;
-    for (const WorkItem& item : items) {
-      body(item);
-    }
-    return;
-  }
-  // A crew's items are never more than the threads, so each of its threads runs exactly one.
+  for (auto first = items.begin(); first != items.end();) {
+    const auto last = std::find_if(first, items.end(), [&](const WorkItem& item) { return item.round != first->round; });
+    const int64_t num_items = last - first;
+    const int64_t team = std::min<int64_t>(at::get_num_threads(), num_items);
+    if (team <= 1) {
+      const SequentialBlas sequential;
+      std::for_each(first, last, body);
+    } else {
+      // A round's crews have no more items than threads, so each of its threads runs exactly one.
+      const WorkItem* round = &*first;
 #pragma omp parallel for num_threads(team) schedule(static, 1)
-  for (int64_t index = 0; index < num_items; ++index) {
-    body(items[index]);
+      for (int64_t index = 0; index < num_items; ++index) {
+        body(round[index]);
+      }
+    }
+    first = last;
   }
 }
 

@@ -213,13 +213,14 @@ def two_threads():
 
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="needs the cpu backend")
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
-@pytest.mark.parametrize("num_layers", [2, 3], ids=["L2", "L3"])
+@pytest.mark.parametrize("num_layers", [2, 4], ids=["L2", "L4"])
 @pytest.mark.parametrize("batch", [1, 5], ids=lambda b: f"B{b}")
 @pytest.mark.parametrize("dtype, atol, rtol", DTYPES)
 def test_small_batch_layers_running_at_once_match_nn_lstm(batch, num_layers, packed, dtype, atol, rtol,
                                                            two_threads):
-    # On 2 threads, a unidirectional stack of at most 8 rows and at least 16 steps runs its layers at once, each
-    # a chunk of 8 steps behind the one below (3 layers: one thread runs two of them). 37 steps end mid-chunk.
+    # On 2 threads, a unidirectional stack of an even number of layers, at most 16 rows, at least 16 steps and
+    # hidden size at most 512 runs its layers at once, each a chunk of 8 steps behind the one below (4 layers: each
+    # thread runs two of them). 37 steps end mid-chunk.
     reference, candidate = _pair("cpu", num_layers, False, dtype, input_size=7, hidden=9)
     generator = torch.Generator().manual_seed(batch * num_layers)
     input = torch.randn(37, batch, 7, generator=generator, dtype=dtype)
