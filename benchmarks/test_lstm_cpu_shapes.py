@@ -14,10 +14,12 @@ The two implementations, with the same weights, alternate round by round in one 
 (``_timing.alternating``); medians of ROUNDS rounds after a warm-up round. Each case also records the machine's two
 floors: the FLOP floor (the case's GEMM FLOPs at the fp32 GEMM rate measured here) and the weight-bandwidth floor
 (T x the bytes of ``w_hh`` every step reads, forward and, in training, backward, at the measured memory read
-bandwidth). The results, with the CPU model and its instruction-set features, go to
-``benchmarks/results/cpu-shapes-<date>.json``; the summary prints the worst, median and geometric-mean speedups and
-the worst shapes.
+bandwidth), and what ``backend="auto"`` picks for the call (nn.LSTM's implementation where the cpu backend's
+measured rule, ``rnn_fast.ops.lstm.cpu.auto_declines``, leaves it). The results, with the CPU model and its
+instruction-set features, go to ``benchmarks/results/cpu-shapes-<date>.json``; the summary prints the worst, median
+and geometric-mean speedups of ``backend="cpu"`` and of ``backend="auto"`` and the worst shapes.
 """
+import contextlib
 import datetime
 import math
 import os
@@ -174,26 +176,32 @@ def test_shape(benchmark, shape, mode):
                         WARMUP_ROUNDS)
     floors = _floor_ms(shape, mode)
     floor = max(floors["flop_ms"], floors["weight_bandwidth_ms"])
+    with torch.no_grad() if mode == "inference" else contextlib.nullcontext():
+        auto = rnn_fast.LSTM(shape.hidden, shape.hidden, **kwargs).resolved_backend(x)
     _records.append({"case": f"{shape}-{mode}", "mode": mode, **shape._asdict(), "cpu": timed["fused"],
                      "torch": timed["torch"], "speedup_vs_torch": timed["speedup"], "floors": floors,
-                     "cpu_over_floor": timed["fused"]["median_ms"] / floor,
-                     "auto_backend": rnn_fast.LSTM(shape.hidden, shape.hidden, **kwargs).resolved_backend(x)})
+                     "cpu_over_floor": timed["fused"]["median_ms"] / floor, "auto_backend": auto,
+                     # What backend="auto" gets: this backend's speedup, or nn.LSTM's own where it leaves the call.
+                     "auto_speedup_vs_torch": timed["speedup"] if auto == "cpu" else 1.0})
     report(f"{shape}-{mode}: nn.LSTM {timed['torch']['median_ms']:.2f} ms, cpu {timed['fused']['median_ms']:.2f} ms, "
            f"{timed['speedup']:.2f}x; floor {floor:.2f} ms ({floors['binding']})")
 
 
 def _summary(records) -> dict:
-    """Per mode: worst, median and geometric-mean speedup over the shapes, and the five worst shapes."""
+    """Per mode, for backend="cpu" and for backend="auto": worst, median and geometric-mean speedup over the
+    shapes, and the five worst shapes."""
     result = {}
     for mode in MODES:
-        rows = sorted((r for r in records if r["mode"] == mode), key=lambda r: r["speedup_vs_torch"])
-        if not rows:
-            continue
-        speedups = [r["speedup_vs_torch"] for r in rows]
-        result[mode] = {"shapes": len(rows), "worst": speedups[0], "median": statistics.median(speedups),
-                        "geomean": math.exp(statistics.fmean(math.log(s) for s in speedups)),
-                        "worst_shapes": [(r["case"], round(r["speedup_vs_torch"], 3)) for r in rows[:5]]}
-        report(f"{mode}: {len(rows)} shapes, speedup worst {speedups[0]:.2f}x, median "
-               f"{result[mode]['median']:.2f}x, geomean {result[mode]['geomean']:.2f}x; worst: "
-               + ", ".join(f"{name} {value:.2f}x" for name, value in result[mode]["worst_shapes"]))
+        for backend, key in (("cpu", "speedup_vs_torch"), ("auto", "auto_speedup_vs_torch")):
+            rows = sorted((r for r in records if r["mode"] == mode), key=lambda r: r[key])
+            if not rows:
+                continue
+            speedups = [r[key] for r in rows]
+            summary = {"shapes": len(rows), "worst": speedups[0], "median": statistics.median(speedups),
+                       "geomean": math.exp(statistics.fmean(math.log(s) for s in speedups)),
+                       "worst_shapes": [(r["case"], round(r[key], 3)) for r in rows[:5]]}
+            result[f"{mode}-{backend}"] = summary
+            report(f"{mode}, backend={backend}: {len(rows)} shapes, speedup worst {speedups[0]:.2f}x, median "
+                   f"{summary['median']:.2f}x, geomean {summary['geomean']:.2f}x; worst: "
+                   + ", ".join(f"{name} {value:.2f}x" for name, value in summary["worst_shapes"]))
     return result

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from ..ops.lstm import BACKENDS, BackendChoice, resolve_backend, unavailable_reason
+from ..ops.lstm import BACKENDS, BackendChoice, CallShape, resolve_backend, unavailable_reason
 from ..ops.lstm.layer import layer_parameters
 
 _warned = set()
@@ -69,12 +69,12 @@ class LSTM(nn.RNNBase):
         # torch.jit.script cannot compile the fused dispatch; it scripts nn.LSTM over the same parameters instead.
         return to_torch(self)
 
-    def resolved_backend(self, input=None) -> str:
-        """The backend ``forward`` runs ``input`` with (``"torch"``: nn.LSTM's implementation); without an input,
-        the backend a non-empty input on the parameters' device would get."""
-        return self._backend_choice(input).name
+    def resolved_backend(self, input=None, hx=None) -> str:
+        """The backend ``forward(input, hx)`` runs (``"torch"``: nn.LSTM's implementation); without an input, the
+        backend a non-empty input on the parameters' device would get, whatever its shape."""
+        return self._backend_choice(input, hx).name
 
-    def _backend_choice(self, input) -> BackendChoice:
+    def _backend_choice(self, input, hx) -> BackendChoice:
         data = input.data if isinstance(input, PackedSequence) else input
         if data is not None and data.numel() == 0:
             # Empty batches and the error for empty sequences are nn.LSTM's to handle.
@@ -82,7 +82,18 @@ class LSTM(nn.RNNBase):
         # The parameters' device decides: an input elsewhere is an error (_check_devices), not a reason to fall back.
         device = self.weight_ih_l0.device
         dtype = _autocast_dtype(device) or self.weight_ih_l0.dtype
-        return resolve_backend(self.backend, device, dtype, self.hidden_size, self.proj_size)
+        return resolve_backend(self.backend, device, dtype, self.hidden_size, self.proj_size,
+                               None if data is None else self._call_shape(input, data, hx))
+
+    def _call_shape(self, input, data: torch.Tensor, hx) -> CallShape:
+        if isinstance(input, PackedSequence):
+            batch, seq_len = int(input.batch_sizes[0]), input.batch_sizes.shape[0]
+        elif data.dim() == 3:
+            batch, seq_len = (data.shape[0], data.shape[1]) if self.batch_first else (data.shape[1], data.shape[0])
+        else:
+            batch, seq_len = 1, data.shape[0]
+        return CallShape(self.hidden_size, self.num_layers, self.bidirectional, batch, seq_len,
+                         inference=not self._needs_grad(data, hx))
 
     def forward(self, input, hx: Optional[Tuple[torch.Tensor, torch.Tensor]] = None):
         if torch.onnx.is_in_onnx_export() or torch.jit.is_tracing():
@@ -91,7 +102,7 @@ class LSTM(nn.RNNBase):
         # As nn.LSTM's forward does: parametrizations (weight norm, pruning) and functional_call replace the
         # weights behind _flat_weights' back.
         self._update_flat_weights()
-        choice = self._backend_choice(input)
+        choice = self._backend_choice(input, hx)
         if choice.fallback_reason is not None:
             _warn_once(f"rnn_fast.LSTM: {choice.fallback_reason}; using torch.nn.LSTM's implementation")
         backend = choice.module

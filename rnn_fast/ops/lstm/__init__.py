@@ -133,9 +133,22 @@ def auto_backend(device: torch.device) -> str:
     return "torch"
 
 
+class CallShape(NamedTuple):
+    """What ``"auto"`` weighs beyond the device and dtype: the stack's shape and one call's batch, length and mode
+    (``inference``: autograd will not differentiate the call)."""
+    hidden_size: int
+    num_layers: int
+    bidirectional: bool
+    batch: int
+    seq_len: int
+    inference: bool
+
+
 def resolve_backend(name: str, device: torch.device, dtype: torch.dtype, hidden_size: int,
-                    proj_size: int = 0) -> BackendChoice:
-    """Which backend runs an LSTM built with ``backend=name`` whose layers compute in ``dtype`` on ``device``."""
+                    proj_size: int = 0, call: Optional[CallShape] = None) -> BackendChoice:
+    """Which backend runs an LSTM built with ``backend=name`` whose layers compute in ``dtype`` on ``device``.
+    With ``call``, ``"auto"`` also leaves to nn.LSTM's implementation the calls its fused backend measured slower
+    on (a backend's ``auto_declines(call)``); a backend asked for by name runs whatever the call."""
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
     if name == "torch":
@@ -151,4 +164,6 @@ def resolve_backend(name: str, device: torch.device, dtype: torch.dtype, hidden_
         reason = module.unsupported_reason(device, dtype, hidden_size)
     if reason is not None:
         return BackendChoice("torch", None, f"backend {wanted!r} cannot run this input ({reason})")
+    if name == "auto" and call is not None and getattr(module, "auto_declines", lambda call: False)(call):
+        return BackendChoice("torch", None, None)
     return BackendChoice(wanted, module, None, *_capabilities[wanted])

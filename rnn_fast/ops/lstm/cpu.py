@@ -88,6 +88,26 @@ def unsupported_reason(device: torch.device, dtype: torch.dtype, hidden_size: in
     return None
 
 
+# Where "auto" leaves a call to nn.LSTM's implementation, from benchmarks/test_lstm_cpu_shapes.py
+# (benchmarks/results/cpu-shapes-*.json, AMD EPYC Zen 4, 2 threads): at a hidden size of 512 or more with 16 rows or
+# more, or bidirectional, the call is bound by fp32 multiply-adds, which nn.LSTM's oneDNN kernels run at the
+# machine's measured GEMM rate; there this backend ran at 0.67-0.98x. A training call of fewer than
+# _MIN_TRAINING_MACS multiply-adds spends its time in dispatch and autograd, where nn.LSTM's one op is cheaper (H=32,
+# B=1, T=35: 0.77x).
+_AUTO_MIN_HIDDEN = 512
+_AUTO_MIN_BATCH = 16
+_MIN_TRAINING_MACS = 2_000_000
+
+
+def auto_declines(call) -> bool:
+    """Whether ``"auto"`` leaves this call (``rnn_fast.ops.lstm.CallShape``) to nn.LSTM's implementation."""
+    if call.hidden_size >= _AUTO_MIN_HIDDEN and (call.batch >= _AUTO_MIN_BATCH or call.bidirectional):
+        return True
+    directions = 2 if call.bidirectional else 1
+    macs = call.num_layers * directions * call.seq_len * call.batch * 8 * call.hidden_size ** 2
+    return not call.inference and macs < _MIN_TRAINING_MACS
+
+
 def input_projection(parts: torch.Tensor, w_ih: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """``xw [D, T, B, 4H]``, ``xw[d] = bias[d] + sum_p parts[p] @ w_ih[d][:, p*K:(p+1)*K]^T`` for ``parts [P, T, B, K]``
     (any strides whose last dimension is dense), ``w_ih [D, 4H, P*K]`` and ``bias [D, 4H]`` or None."""

@@ -298,6 +298,6 @@ def test_reports_name_the_backend_that_runs():
             warnings.simplefilter("always")
             lstm(torch.randn(4, 2, 2, device=DEVICE, dtype=lstm.weight_ih_l0.dtype))
         assert [str(w.message) for w in caught if "rnn_fast" in str(w.message)] == (
-            [] if lstm is model.lstm else [f"rnn_fast.LSTM: {fallback.lstm._backend_choice(None).fallback_reason}; "
+            [] if lstm is model.lstm else [f"rnn_fast.LSTM: {fallback.lstm._backend_choice(None, None).fallback_reason}; "
                                            "using torch.nn.LSTM's implementation"])
         assert any(event.name.startswith(op) for event in profile.events()), op

@@ -238,3 +238,26 @@ def test_state_dtype_mismatch_is_a_clear_error():
 def _escaped(message):
     import re
     return re.escape(message)
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS or DEVICE.type != "cpu", reason="the cpu backend's auto rule")
+def test_auto_leaves_to_nn_lstm_the_calls_the_cpu_backend_measured_slower():
+    """backend="auto" follows rnn_fast.ops.lstm.cpu.auto_declines, silently; a backend named runs whatever the
+    call; the answers are nn.LSTM's either way."""
+    declined = rnn_fast.LSTM(8, 512)  # hidden 512, 16 rows: bound by multiply-adds, where nn.LSTM's oneDNN wins
+    assert declined.resolved_backend(torch.randn(3, 16, 8)) == "torch"
+    assert declined.resolved_backend(torch.randn(3, 4, 8)) == "cpu"
+    assert rnn_fast.LSTM(8, 512, backend="cpu").resolved_backend(torch.randn(3, 16, 8)) == "cpu"
+    assert rnn_fast.LSTM(8, 512, bidirectional=True).resolved_backend(torch.randn(3, 4, 8)) == "torch"
+    # A training call this small spends its time in dispatch; the same call without autograd runs fused.
+    tiny = rnn_fast.LSTM(4, 8)
+    assert tiny.resolved_backend(torch.randn(5, 1, 4)) == "torch"
+    with torch.no_grad():
+        assert tiny.resolved_backend(torch.randn(5, 1, 4)) == "cpu"
+    assert rnn_fast.LSTM(160, 128, 2).resolved_backend(torch.randn(100, 256, 160)) == "cpu"
+    reference = nn.LSTM(8, 512)
+    declined.load_state_dict(reference.state_dict())
+    input = torch.randn(3, 16, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torch.testing.assert_close(declined(input)[0], reference(input)[0], atol=0, rtol=0)
