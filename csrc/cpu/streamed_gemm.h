@@ -29,7 +29,7 @@ struct Panel {
 enum class StepKernel { kBlas, kAvx512, kAvx2 };
 
 // Rows up to which a float step GEMM runs the streamed kernel rather than BLAS.
-constexpr int64_t kStreamedMaxRows = 32;
+constexpr int64_t kStreamedMaxRows = 128;
 
 // Which kernel runs a float step GEMM: RNN_FAST_CPU_GEMM ("blas", "avx512" or "avx2") when set, else the streamed
 // kernel of the widest instruction set this CPU has (AVX-512F, or AVX2 with FMA) up to kStreamedMaxRows rows, else
