@@ -1,6 +1,5 @@
 """Timing and recording helpers for the benchmarks: synchronised calls, median/p20/p80, and the results JSON
 (``benchmarks/results/<device>-<kind>-<date>.json``, with the environment the figure was measured in)."""
-import contextlib
 import json
 import os
 import re
@@ -11,7 +10,7 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional
 
 import torch
 
-from rnn_fast.testing import environment, results_file_name
+from rnn_fast.testing import environment, results_file_name, torch_threads
 
 # RNN_FAST_RESULTS_DIR moves the results files elsewhere: the GPU session collects them from its own folder, and
 # its CPU dry run must not file figures in the repository.
@@ -42,17 +41,6 @@ def synchronized(fn: Callable, device: torch.device) -> Callable:
         return result
 
     return call
-
-
-@contextlib.contextmanager
-def torch_threads(count: int) -> Iterator[None]:
-    """Runs the body on ``count`` intra-op threads, the figure's stated machine, then restores the setting."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def _rss_high_water_kib() -> int:

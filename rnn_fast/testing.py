@@ -44,6 +44,18 @@ def cudnn_tf32(allowed: bool) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """Runs the body on ``count`` intra-op threads (a benchmark's stated machine, a test's thread count), then
+    restores the setting."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+@contextlib.contextmanager
 def poison_uninitialized_memory() -> Iterator[None]:
     """Every ``empty`` allocation in the body, in Python or in C++ (``at::empty``), comes back filled with NaN (and
     integers with their maximum), so that an output element a kernel forgets to write fails the comparison.

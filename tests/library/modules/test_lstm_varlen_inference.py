@@ -16,7 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import rnn_fast
 from rnn_fast.ops.lstm import InferenceBackend, PackedLayoutBackend, StackInferenceBackend, load_backend
-from rnn_fast.testing import TOLERANCES, assert_lstm_matches, runnable_backends
+from rnn_fast.testing import TOLERANCES, assert_lstm_matches, runnable_backends, torch_threads
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -205,10 +205,8 @@ def test_inference_keeps_nothing_for_a_backward(backend, packed):
 
 @pytest.fixture
 def two_threads():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(previous)
+    with torch_threads(2):
+        yield
 
 
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="needs the cpu backend")

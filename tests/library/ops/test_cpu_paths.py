@@ -16,7 +16,7 @@ from torch.nn.utils.rnn import pack_sequence
 
 import rnn_fast
 from rnn_fast.ops.lstm import unavailable_reason
-from rnn_fast.testing import assert_lstm_matches, cpu_features
+from rnn_fast.testing import assert_lstm_matches, cpu_features, torch_threads
 
 pytestmark = pytest.mark.skipif(unavailable_reason("cpu") is not None, reason="needs the cpu backend")
 
@@ -24,10 +24,8 @@ pytestmark = pytest.mark.skipif(unavailable_reason("cpu") is not None, reason="n
 
 @pytest.fixture
 def threads(request):
-    previous = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(previous)
+    with torch_threads(request.param):
+        yield request.param
 
 
 # The streamed kernels run float32 only: the comparisons run in float32 at its tolerance.

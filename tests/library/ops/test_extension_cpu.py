@@ -7,7 +7,7 @@ import torch
 
 import rnn_fast
 from rnn_fast.ops.lstm import naive, reference, unavailable_reason
-from rnn_fast.testing import TOLERANCES
+from rnn_fast.testing import TOLERANCES, torch_threads
 
 pytestmark = pytest.mark.skipif(unavailable_reason("cpu") is not None,
                                 reason=f"cpu backend unavailable: {unavailable_reason('cpu')}")
@@ -80,10 +80,8 @@ def test_outputs_and_gradients_match_naive(num_directions, seq_len, batch, hidde
 
 @pytest.fixture
 def num_threads(request):
-    previous = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(previous)
+    with torch_threads(request.param):
+        yield request.param
 
 
 @pytest.mark.parametrize("batch", [7, 300], ids=lambda b: f"B{b}")
