@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from rnn_fast import model_backend, resolve_backend
 from rnn_fast.nsynth.models import MODEL_NAMES, build_model
+from rnn_fast.nsynth.training.engine import PRECISIONS, forward_precision
 from rnn_fast.ops.lstm import BACKENDS
 
 from _timing import peak_memory_probe, summary, synchronize, write_results
@@ -62,6 +63,7 @@ class EpochConfig:
     lr: float = 3e-3
     seed: int = 0
     matmul_precision: str = "highest"
+    precision: str = "fp32"
 
 
 class DeviceDataset:
@@ -105,7 +107,8 @@ class TrainingRun:
     def epoch(self) -> None:
         """One training epoch; ``last_loss`` is then its last batch's loss (still on the device)."""
         for frames, labels in self.dataset.batches():
-            loss = F.cross_entropy(self.model(frames), labels)
+            with forward_precision(self.config.precision, self.dataset.device):
+                loss = F.cross_entropy(self.model(frames), labels)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
@@ -129,6 +132,7 @@ def _record(run: TrainingRun, seconds: List[float], data_seconds: List[float], p
     epoch_ms, data_ms = summary(seconds), summary(data_seconds)
     return {
         "model": run.config.model,
+        "precision": run.config.precision,
         # What ran, which is what was asked for: skip_reason keeps out every backend that would fall back.
         "backend": model_backend(run.model) if run.config.model in LSTM_MODELS else run.config.backend,
         "seconds_per_epoch": epoch_ms["median_ms"] / 1000,
@@ -186,13 +190,15 @@ def measure_model(setup: EpochConfig, backends: List[str], failed: Dict[str, str
     return records
 
 
-def skip_reason(model: str, backend: str, device: torch.device, hidden: int) -> Optional[str]:
-    """Why this install or device cannot time ``backend``'s fused recurrence, or None when it can.
+def skip_reason(model: str, backend: str, device: torch.device, hidden: int,
+                precision: str = "fp32") -> Optional[str]:
+    """Why this install or device cannot time ``backend``'s fused recurrence in ``precision``, or None when it can.
 
     A backend that cannot run the input would fall back to nn.LSTM and be timed under the wrong name."""
     if model not in LSTM_MODELS:
         return None
-    return resolve_backend(backend, device, torch.float32, hidden).fallback_reason
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    return resolve_backend(backend, device, dtype, hidden).fallback_reason
 
 
 def add_speedups(records: List[dict]) -> None:
@@ -223,6 +229,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                         choices=("highest", "high", "medium"),
                         help="torch.set_float32_matmul_precision: PyTorch's default 'highest' keeps float32 GEMMs "
                              "in IEEE fp32; 'high' lets them use TF32, as cuDNN's LSTM does by default")
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                        help="bf16: forward under torch.autocast to bfloat16 (the classifier's --precision bf16)")
     parser.add_argument("--out", type=Path,
                         help="results JSON (default: benchmarks/results/<device name>-epoch-<date>.json)")
     args = parser.parse_args(argv)
@@ -244,14 +252,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     # Other jobs on the machine skew the figures; the load averages around the run say how much.
     load_before = os.getloadavg()
     setup = EpochConfig("", "", str(args.device), args.iters, args.epochs, args.batch_size, args.hidden,
-                        args.cnn_width, matmul_precision=args.matmul_precision)
+                        args.cnn_width, matmul_precision=args.matmul_precision, precision=args.precision)
     records: List[dict] = []
     skipped: List[Dict[str, str]] = []
     failures = 0
     for model in args.models:
         backends = []
         for backend in model_backends(model, args.backends):
-            reason = skip_reason(model, backend, args.device, args.hidden)
+            reason = skip_reason(model, backend, args.device, args.hidden, args.precision)
             if reason is None:
                 backends.append(backend)
             else:
@@ -275,7 +283,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     payload = {"baseline": BASELINE[args.device.type], "config": config,
                "load_average": {"before": load_before, "after": os.getloadavg()},
                "epoch": records, "skipped": skipped}
-    out = write_results("epoch", args.device, payload, args.out)
+    kind = "epoch" if args.precision == "fp32" else f"epoch-{args.precision}"
+    out = write_results(kind, args.device, payload, args.out)
     print(f"wrote {out}")
     return 1 if failures or not records else 0
 

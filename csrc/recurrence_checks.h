@@ -52,34 +52,44 @@ inline void check_lengths(const std::optional<at::Tensor>& maybe_lengths, const 
   }
 }
 
-// Everything on xw's device and of xw's dtype.
+// w_hh's dtype: that of the other inputs (`dtype`), or bfloat16 with float32 ones where the backend takes bf16
+// weights to multiply in bf16 (`bf16_products`: the CPU backend, docs/contract.md).
+inline at::ScalarType weight_dtype(at::ScalarType dtype, const at::Tensor& w_hh, bool bf16_products) {
+  return bf16_products && dtype == at::kFloat && w_hh.scalar_type() == at::kBFloat16 ? at::kBFloat16 : dtype;
+}
+
+// Everything on xw's device and of xw's dtype, w_hh of weight_dtype's.
 inline RecurrenceSizes check_forward_inputs(const at::Tensor& xw, const at::Tensor& w_hh, const at::Tensor& h0,
-                                            const at::Tensor& c0, const std::optional<at::Tensor>& lengths) {
+                                            const at::Tensor& c0, const std::optional<at::Tensor>& lengths,
+                                            bool bf16_products = false) {
   const RecurrenceSizes sizes = step_tensor_sizes(xw, "xw");
   const auto [D, T, B, H] = sizes;
   const at::Device device = xw.device();
   const at::ScalarType dtype = xw.scalar_type();
   RNN_FAST_CHECK_INPUT(xw, device, dtype, D, T, B, 4 * H);
-  RNN_FAST_CHECK_INPUT(w_hh, device, dtype, D, 4 * H, H);
+  RNN_FAST_CHECK_INPUT(w_hh, device, weight_dtype(dtype, w_hh, bf16_products), D, 4 * H, H);
   RNN_FAST_CHECK_INPUT(h0, device, dtype, D, B, H);
   RNN_FAST_CHECK_INPUT(c0, device, dtype, D, B, H);
   check_lengths(lengths, device, B);
   return sizes;
 }
 
-// Everything on w_hh's device and of w_hh's dtype, except the saved gates and cells in `saved_dtype`.
+// Everything on w_hh's device and of w_hh's dtype (float32 for bf16 products), except the saved gates and cells in
+// `saved_dtype`.
 inline RecurrenceSizes check_backward_inputs(const at::Tensor& grad_y, const at::Tensor& grad_h_n,
                                              const at::Tensor& grad_c_n, const at::Tensor& w_hh, const at::Tensor& c0,
                                              const at::Tensor& gates, const at::Tensor& cell,
-                                             const std::optional<at::Tensor>& lengths, at::ScalarType saved_dtype) {
+                                             const std::optional<at::Tensor>& lengths, at::ScalarType saved_dtype,
+                                             bool bf16_products = false) {
   const RecurrenceSizes sizes = step_tensor_sizes(gates, "gates");
   const auto [D, T, B, H] = sizes;
   const at::Device device = w_hh.device();
-  const at::ScalarType dtype = w_hh.scalar_type();
+  const at::ScalarType dtype =
+      bf16_products && w_hh.scalar_type() == at::kBFloat16 ? at::kFloat : w_hh.scalar_type();
   RNN_FAST_CHECK_INPUT(grad_y, device, dtype, D, T, B, H);
   RNN_FAST_CHECK_INPUT(grad_h_n, device, dtype, D, B, H);
   RNN_FAST_CHECK_INPUT(grad_c_n, device, dtype, D, B, H);
-  RNN_FAST_CHECK_INPUT(w_hh, device, dtype, D, 4 * H, H);
+  RNN_FAST_CHECK_INPUT(w_hh, device, weight_dtype(dtype, w_hh, bf16_products), D, 4 * H, H);
   RNN_FAST_CHECK_INPUT(c0, device, dtype, D, B, H);
   RNN_FAST_CHECK_INPUT(gates, device, saved_dtype, D, T, B, 4 * H);
   RNN_FAST_CHECK_INPUT(cell, device, saved_dtype, D, T, B, H);
@@ -91,9 +101,9 @@ inline RecurrenceSizes check_backward_inputs(const at::Tensor& grad_y, const at:
 inline RecurrenceSizes check_backward_inputs(const at::Tensor& grad_y, const at::Tensor& grad_h_n,
                                              const at::Tensor& grad_c_n, const at::Tensor& w_hh, const at::Tensor& c0,
                                              const at::Tensor& gates, const at::Tensor& cell,
-                                             const std::optional<at::Tensor>& lengths) {
+                                             const std::optional<at::Tensor>& lengths, bool bf16_products = false) {
   return check_backward_inputs(grad_y, grad_h_n, grad_c_n, w_hh, c0, gates, cell, lengths,
-                               state_type(w_hh.scalar_type()));
+                               state_type(w_hh.scalar_type()), bf16_products);
 }
 
 }  // namespace rnn_fast

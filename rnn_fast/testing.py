@@ -8,7 +8,7 @@ import platform
 import re
 import shlex
 import sys
-from typing import Dict, Iterator, List, NamedTuple, Optional, Tuple
+from typing import Callable, ContextManager, Dict, Iterator, List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import nn
@@ -87,16 +87,18 @@ def _leaf_input(input):
     return leaf, leaf
 
 
-def run_lstm(module: nn.LSTM, input, hx: Optional[Tuple[torch.Tensor, torch.Tensor]], seed: int
-             ) -> Dict[str, torch.Tensor]:
-    """Forward, then one backward through a random weighting of every output; returns outputs and all grads."""
+def run_lstm(module: nn.LSTM, input, hx: Optional[Tuple[torch.Tensor, torch.Tensor]], seed: int,
+             forward_context: Callable[[], ContextManager] = contextlib.nullcontext) -> Dict[str, torch.Tensor]:
+    """Forward (inside ``forward_context()``, e.g. autocast), then one backward through a random weighting of every
+    output, taken in float64 so that modules of any dtype get the same weights; returns outputs and all grads."""
     input, input_leaf = _leaf_input(input)
     if hx is not None:
         hx = tuple(state.detach().clone().requires_grad_() for state in hx)
     module.zero_grad(set_to_none=True)
-    output, (h_n, c_n) = module(input, hx)
+    with forward_context():
+        output, (h_n, c_n) = module(input, hx)
     output_data = output.data if isinstance(output, PackedSequence) else output
-    weighted_loss((output_data, h_n, c_n), seed).backward()
+    weighted_loss(tuple(t.double() for t in (output_data, h_n, c_n)), seed).backward()
     result = {"output": output_data, "h_n": h_n, "c_n": c_n}
     result.update(gradients(module, input_leaf, hx))
     return result
@@ -166,8 +168,8 @@ def relative_errors(actual: Dict[str, torch.Tensor], expected: Dict[str, torch.T
         if got is None or not torch.isfinite(got).all():
             errors[name] = float("inf")
             continue
-        want = want.double()
-        errors[name] = float((got.double() - want).norm() / want.norm().clamp_min(1e-300))
+        want = want.detach().double()
+        errors[name] = float((got.detach().double() - want).norm() / want.norm().clamp_min(1e-300))
     return errors
 
 

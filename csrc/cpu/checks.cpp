@@ -65,7 +65,7 @@ PackedSizes check_packed_forward_inputs(const at::Tensor& xw, const at::Tensor& 
   const auto [D, N, B, H, T] = sizes;
   const at::ScalarType dtype = xw.scalar_type();
   RNN_FAST_CHECK_INPUT(xw, xw.device(), dtype, D, N, 4 * H);
-  RNN_FAST_CHECK_INPUT(w_hh, xw.device(), dtype, D, 4 * H, H);
+  RNN_FAST_CHECK_INPUT(w_hh, xw.device(), rnn_fast::weight_dtype(dtype, w_hh, true), D, 4 * H, H);
   RNN_FAST_CHECK_INPUT(h0, xw.device(), dtype, D, B, H);
   RNN_FAST_CHECK_INPUT(c0, xw.device(), dtype, D, B, H);
   return sizes;

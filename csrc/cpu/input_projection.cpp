@@ -1,6 +1,8 @@
 // The cpu backend's input projection ops: rnn_fast::cpu_input_projection and its backward (input_projection.h).
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <array>
 #include <cstdint>
 #include <limits>
@@ -10,6 +12,7 @@
 #include <vector>
 
 #include "../recurrence_checks.h"
+#include "bf16_gemm.h"
 #include "blas.h"
 #include "checks.h"
 #include "input_projection.h"
@@ -26,7 +29,9 @@ void check_projection(const at::Tensor& parts, const at::Tensor& w_ih) {
   const int64_t P = parts.size(0), K = parts.size(3), D = w_ih.size(0), G = w_ih.size(1);
   TORCH_CHECK(G % 4 == 0, "w_ih must have shape (D, 4H, P*K): 4H rows, got ", G);
   const auto dtype = parts.scalar_type();
-  check_supported_dtype(dtype);
+  if (dtype != at::kBFloat16) {
+    check_supported_dtype(dtype);
+  }
   TORCH_CHECK(parts.device().is_cpu(), "parts must be a CPU tensor, got one on ", parts.device());
   // Each step parts[p, t] is a BLAS matrix [B, K]: unit stride along K, rows that do not overlap.
   TORCH_CHECK(parts.stride(3) == 1 && parts.stride(2) >= K,
@@ -71,14 +76,69 @@ void check_projection_sizes(const at::Tensor& parts, int64_t G) {
               "the sizes of parts must fit in int32, got ", parts.sizes(), " with strides ", parts.strides());
 }
 
+namespace {
+
+// The projection of bf16 parts and w_ih into fp32 xw (bf16_gemm.h), with an fp32 bias. The rows are cut into blocks
+// of kRowsPerSubBlock, whose outputs stay in cache while the parts add onto them; each thread takes a run of blocks
+// and reorders each direction's and part's weights once for them.
+at::Tensor bf16_input_projection(const at::Tensor& parts, const at::Tensor& w_ih, const float* bias) {
+  const int64_t P = parts.size(0), T = parts.size(1), B = parts.size(2), K = parts.size(3);
+  const int64_t D = w_ih.size(0), G = w_ih.size(1);
+  auto xw = empty_output({D, T, B, G}, parts.options().dtype(at::kFloat));
+  const PartsView<c10::BFloat16> view = parts_view<c10::BFloat16>(parts);
+  const c10::BFloat16* w = w_ih.data_ptr<c10::BFloat16>();
+  float* out = xw.data_ptr<float>();
+  std::vector<ProjectionBlock> tasks;
+  for (const ProjectionBlock& block : projection_blocks(view, G)) {
+    for (int64_t first = 0; first < block.rows; first += kRowsPerSubBlock) {
+      tasks.push_back({block.input + first * block.input_ld, block.input_ld, block.output + first * block.output_ld,
+                       block.output_ld, std::min(kRowsPerSubBlock, block.rows - first)});
+    }
+  }
+  const int64_t num_tasks = static_cast<int64_t>(tasks.size());
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), num_tasks);
+  at::parallel_for(0, threads, 1, [&](int64_t first_thread, int64_t end_thread) {
+    for (int64_t thread = first_thread; thread < end_thread; ++thread) {
+      const int64_t begin = num_tasks * thread / threads, end = num_tasks * (thread + 1) / threads;
+      for (int64_t d = 0; d < D; ++d) {
+        for (int64_t p = 0; p < P; ++p) {
+          const Bf16StepWeights weights(w + d * G * P * K + p * K, G, K, P * K, true, 0);
+          for (int64_t task = begin; task < end; ++task) {
+            const ProjectionBlock& block = tasks[task];
+            float* rows = out + d * T * B * G + block.output;
+            if (p == 0) {
+              for (int64_t row = 0; row < block.rows; ++row) {
+                if (bias == nullptr) {
+                  std::fill(rows + row * block.output_ld, rows + row * block.output_ld + G, 0.0f);
+                } else {
+                  std::copy(bias + d * G, bias + (d + 1) * G, rows + row * block.output_ld);
+                }
+              }
+            }
+            weights(view.data + p * view.part_stride + block.input, block.input_ld, rows, block.output_ld,
+                    block.rows);
+          }
+        }
+      }
+    }
+  });
+  return xw;
+}
+
+}  // namespace
+
 at::Tensor input_projection_cpu(const at::Tensor& parts, const at::Tensor& w_ih, const std::optional<at::Tensor>& bias) {
   check_projection(parts, w_ih);
   const int64_t P = parts.size(0), T = parts.size(1), B = parts.size(2), K = parts.size(3);
   const int64_t D = w_ih.size(0), G = w_ih.size(1);
+  const bool bf16_products = parts.scalar_type() == at::kBFloat16;
   if (bias.has_value()) {
-    RNN_FAST_CHECK_INPUT((*bias), parts.device(), parts.scalar_type(), D, G);
+    RNN_FAST_CHECK_INPUT((*bias), parts.device(), bf16_products ? at::kFloat : parts.scalar_type(), D, G);
   }
   check_projection_sizes(parts, G);
+  if (bf16_products) {
+    return bf16_input_projection(parts, w_ih, bias.has_value() ? bias->data_ptr<float>() : nullptr);
+  }
   auto xw = empty_output({D, T, B, G}, parts.options());
   DISPATCH_FLOAT_AND_DOUBLE(parts.scalar_type(), "cpu_input_projection", [&] {
     const scalar_t* w = w_ih.data_ptr<scalar_t>();

@@ -40,13 +40,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_packed_recurrence_backward_c
     const at::Tensor& c0, const at::Tensor& gates, const at::Tensor& cell, const at::Tensor& batch_sizes) {
   const PackedSizes sizes = check_packed_steps(gates, "gates", 4, batch_sizes);
   const auto [D, N, B, H, T] = sizes;
-  const at::ScalarType dtype = w_hh.scalar_type();
+  const at::ScalarType dtype = grad_y.scalar_type();
   check_supported_dtype(dtype);
   const at::Device device = gates.device();
   RNN_FAST_CHECK_INPUT(grad_y, device, dtype, D, N, H);
   RNN_FAST_CHECK_INPUT(grad_h_n, device, dtype, D, B, H);
   RNN_FAST_CHECK_INPUT(grad_c_n, device, dtype, D, B, H);
-  RNN_FAST_CHECK_INPUT(w_hh, device, dtype, D, 4 * H, H);
+  RNN_FAST_CHECK_INPUT(w_hh, device, rnn_fast::weight_dtype(dtype, w_hh, true), D, 4 * H, H);
   RNN_FAST_CHECK_INPUT(c0, device, dtype, D, B, H);
   RNN_FAST_CHECK_INPUT(gates, device, rnn_fast::state_type(dtype), D, N, 4 * H);
   RNN_FAST_CHECK_INPUT(cell, device, rnn_fast::state_type(dtype), D, N, H);

@@ -119,7 +119,7 @@ void run_forward(const StepLayout& layout, int64_t H, const ForwardTensors<scala
                  const std::vector<WorkItem>& items) {
   const int64_t G = 4 * H;
   for_each_work_item(items, [&](const WorkItem& item) {
-    const auto accumulate_gates = recurrent_gemms(out.w_hh[item.direction], item, H, layout.T);
+    const auto accumulate_gates = recurrent_gemms(out, item, H, layout.T);
     scalar_t* scratch = out.gates != nullptr ? nullptr
                                              : thread_scratch<scalar_t>(std::min(kRowsPerSubBlock, item.rows()) * G);
     forward_steps(layout, H, out, item, accumulate_gates, scratch, 0, layout.T);
@@ -130,7 +130,8 @@ void run_forward(const StepLayout& layout, int64_t H, const ForwardTensors<scala
 template <typename scalar_t>
 struct BackwardTensors {
   const scalar_t* grad_y;
-  const scalar_t* w_hh;
+  const scalar_t* w_hh;            // [D, 4H, H], or nullptr for bf16 products:
+  const c10::BFloat16* w_hh_bf16;  // [D, 4H, H] where the op multiplies in bf16, else nullptr
   const scalar_t* c0;
   const scalar_t* gates;
   const scalar_t* cell;
@@ -146,8 +147,11 @@ void run_backward(const StepLayout& layout, int64_t H, const BackwardTensors<sca
   const int64_t T = layout.T, B = layout.B, G = 4 * H;
   for_each_work_item(plan_work(layout, H), [&](const WorkItem& item) {
     const int64_t d = item.direction, j0 = item.unit_begin;
-    const StepGemm<scalar_t> accumulate_hidden_grad(out.w_hh + d * G * H + j0, item.units(), G, H, false, T,
-                                                    std::min(kRowsPerSubBlock, item.rows()), 0, item.gemm);
+    const int64_t first_weight = d * G * H + j0, gemm_rows = std::min(kRowsPerSubBlock, item.rows());
+    const StepGemm<scalar_t> accumulate_hidden_grad =
+        out.w_hh_bf16 != nullptr
+            ? StepGemm<scalar_t>(out.w_hh_bf16 + first_weight, item.units(), G, H, false, T, gemm_rows, 0, item.gemm)
+            : StepGemm<scalar_t>(out.w_hh + first_weight, item.units(), G, H, false, T, gemm_rows, 0, item.gemm);
     const GateColumns columns(item, H);
     const int64_t first_step = d == 0 ? 0 : T - 1;
     // Steps in reverse processing order: direction 0 goes t = T-1 .. 0, direction 1 goes t = 0 .. T-1.
@@ -185,7 +189,7 @@ void run_backward(const StepLayout& layout, int64_t H, const BackwardTensors<sca
 StepLayout checked_padded_layout(const at::Tensor& xw, const at::Tensor& w_hh, const at::Tensor& h0,
                                  const at::Tensor& c0, const std::optional<at::Tensor>& lengths) {
   check_supported_dtype(xw.scalar_type());
-  const auto sizes = rnn_fast::check_forward_inputs(xw, w_hh, h0, c0, lengths);
+  const auto sizes = rnn_fast::check_forward_inputs(xw, w_hh, h0, c0, lengths, true);
   check_length_values(lengths, sizes.T);
   return padded_layout(sizes.D, sizes.T, sizes.B, lengths_data(lengths));
 }
@@ -208,13 +212,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_o
   auto c_n = c0.clone();
   const std::vector<WorkItem> items = plan_work(layout, H);
   const at::Tensor h_other = has_crews(items) ? at::empty_like(h0) : at::Tensor();
+  const bool bf16_products = w_hh.scalar_type() == at::kBFloat16;
   DISPATCH_FLOAT_AND_DOUBLE(xw.scalar_type(), "lstm_recurrence_forward", [&] {
-    const scalar_t* w = w_hh.data_ptr<scalar_t>();
+    const scalar_t* w = bf16_products ? nullptr : w_hh.data_ptr<scalar_t>();
     ForwardTensors<scalar_t> out{
         xw.data_ptr<scalar_t>(), {w, w + (layout.D - 1) * G * H}, y.data_ptr<scalar_t>(),
         layout.direction_rows * H, H, h_n.data_ptr<scalar_t>(), c_n.data_ptr<scalar_t>(),
         save ? gates.data_ptr<scalar_t>() : nullptr, save ? cell.data_ptr<scalar_t>() : nullptr};
     out.h_other = h_other.defined() ? h_other.data_ptr<scalar_t>() : nullptr;
+    if (bf16_products) {
+      const c10::BFloat16* w_bf16 = w_hh.data_ptr<c10::BFloat16>();
+      out.w_hh_bf16 = {w_bf16, w_bf16 + (layout.D - 1) * G * H};
+    }
     run_forward(layout, H, out, items);
   });
   return {y, h_n, c_n, gates, cell};
@@ -229,9 +238,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_outputs(const StepLayout
   // The gradients at the initial state are the running dh/dc, updated in place step after step.
   auto grad_h0 = grad_h_n.clone();
   auto grad_c0 = grad_c_n.clone();
-  DISPATCH_FLOAT_AND_DOUBLE(w_hh.scalar_type(), "lstm_recurrence_backward", [&] {
+  const bool bf16_products = w_hh.scalar_type() == at::kBFloat16;
+  DISPATCH_FLOAT_AND_DOUBLE(grad_y.scalar_type(), "lstm_recurrence_backward", [&] {
     run_backward(layout, w_hh.size(2), BackwardTensors<scalar_t>{
-        grad_y.data_ptr<scalar_t>(), w_hh.data_ptr<scalar_t>(), c0.data_ptr<scalar_t>(),
+        grad_y.data_ptr<scalar_t>(), bf16_products ? nullptr : w_hh.data_ptr<scalar_t>(),
+        bf16_products ? w_hh.data_ptr<c10::BFloat16>() : nullptr, c0.data_ptr<scalar_t>(),
         gates.data_ptr<scalar_t>(), cell.data_ptr<scalar_t>(), grad_xw.data_ptr<scalar_t>(),
         grad_h0.data_ptr<scalar_t>(), grad_c0.data_ptr<scalar_t>()});
   });
@@ -255,8 +266,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_recurrence_inference_cpu(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_recurrence_backward_cpu(
     const at::Tensor& grad_y, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n, const at::Tensor& w_hh,
     const at::Tensor& c0, const at::Tensor& gates, const at::Tensor& cell, const std::optional<at::Tensor>& lengths) {
-  check_supported_dtype(w_hh.scalar_type());
-  const auto sizes = rnn_fast::check_backward_inputs(grad_y, grad_h_n, grad_c_n, w_hh, c0, gates, cell, lengths);
+  check_supported_dtype(grad_y.scalar_type());
+  const auto sizes = rnn_fast::check_backward_inputs(grad_y, grad_h_n, grad_c_n, w_hh, c0, gates, cell, lengths,
+                                                     true);
   check_length_values(lengths, sizes.T);
   return backward_outputs(padded_layout(sizes.D, sizes.T, sizes.B, lengths_data(lengths)), grad_y, grad_h_n,
                           grad_c_n, w_hh, c0, gates, cell);

@@ -17,6 +17,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "bf16_gemm.h"
 #include "blas.h"
 #include "step_layout.h"
 #include "streamed_gemm.h"
@@ -53,7 +54,7 @@ void zero_rows(scalar_t* rows, int64_t count, int64_t width) {
 template <typename scalar_t>
 struct ForwardTensors {
   const scalar_t* xw;                      // [D, rows, 4H]
-  std::array<const scalar_t*, 2> w_hh;     // [4H, H] of each direction
+  std::array<const scalar_t*, 2> w_hh;     // [4H, H] of each direction, or nullptr for bf16 products:
   scalar_t* y;                             // row r of direction d at y + d * y_direction_stride + r * y_row_stride
   int64_t y_direction_stride, y_row_stride;
   scalar_t* h;      // [D, B, H] running state, h0 in, h_n out
@@ -63,6 +64,8 @@ struct ForwardTensors {
   // [D, B, H], for crews (work_partition.h): a step reads every unit of h while the crew writes the next h, so the
   // state alternates between h (before even steps) and this buffer (before odd ones). nullptr without crews.
   scalar_t* h_other = nullptr;
+  // [4H, H] of each direction in bf16 where the op multiplies in bf16 (float32 xw with bf16 w_hh), else nullptr.
+  std::array<const c10::BFloat16*, 2> w_hh_bf16{};
 
   // The state before processing step s (h_read) and after it (h_write).
   scalar_t* h_read(int64_t s) const { return h_other != nullptr && s % 2 == 1 ? h_other : h; }
@@ -81,11 +84,9 @@ struct XwChunk {
   int64_t first_time = 0, rows = 0;
 };
 
-// The forward's per-step GEMMs of one item, out[rows, owned columns] += in[rows, K] @ w[owned rows, K]^T with w's
-// rows ldw apart: w_hh (K = ldw = H) in the recurrence, a part of w_ih in the whole-stack inference's projection. One
-// GEMM over all 4H rows of w when the item owns every unit, else one per gate.
 // One weight block's per-step GEMM, out[rows, M] += in[rows, K] @ op(W) as FixedWeightGemm defines it: the streamed
-// kernel for float steps of few rows where the CPU has it, else BLAS.
+// kernel for float steps of few rows where the CPU has it, else BLAS; for a bf16 W, the bf16 products of
+// bf16_gemm.h (float steps only).
 template <typename scalar_t>
 class StepGemm {
  public:
@@ -100,10 +101,20 @@ class StepGemm {
     blas_.emplace(w, m, k, ldw, transposed, calls, rows, slot);
   }
 
+  StepGemm(const c10::BFloat16* w, int64_t m, int64_t k, int64_t ldw, bool transposed, int64_t /*calls*/,
+           int64_t /*rows*/, int slot, const GemmChoice& /*choice*/) {
+    TORCH_CHECK((std::is_same_v<scalar_t, float>), "bf16 weights multiply float32 steps only");
+    bf16_.emplace(w, m, k, ldw, transposed, slot);
+  }
+
   void operator()(const scalar_t* in, int64_t in_ld, scalar_t* out, int64_t out_ld, int64_t rows) const {
     if constexpr (std::is_same_v<scalar_t, float>) {
       if (streamed_.has_value()) {
         (*streamed_)(in, in_ld, out, out_ld, rows);
+        return;
+      }
+      if (bf16_.has_value()) {
+        (*bf16_)(in, in_ld, out, out_ld, rows);
         return;
       }
     }
@@ -112,13 +123,18 @@ class StepGemm {
 
  private:
   std::optional<StreamedWeights> streamed_;
+  std::optional<Bf16StepWeights> bf16_;
   std::optional<FixedWeightGemm<scalar_t>> blas_;
 };
 
+// The forward's per-step GEMMs of one item, out[rows, owned columns] += in[rows, K] @ w[owned rows, K]^T with w's
+// rows ldw apart: w_hh (K = ldw = H) in the recurrence, a part of w_ih in the whole-stack inference's projection. One
+// GEMM over all 4H rows of w when the item owns every unit, else one per gate.
 template <typename scalar_t>
 class GateGemms {
  public:
-  GateGemms(const scalar_t* w, int64_t k, int64_t ldw, const GateColumns& columns, int64_t calls, int64_t rows,
+  template <typename weight_t>
+  GateGemms(const weight_t* w, int64_t k, int64_t ldw, const GateColumns& columns, int64_t calls, int64_t rows,
             int first_slot, const GemmChoice& choice)
       : columns_(columns) {
     for (int64_t block = 0; block < columns.blocks(); ++block) {
@@ -138,11 +154,20 @@ class GateGemms {
   std::vector<StepGemm<scalar_t>> gemms_;
 };
 
-template <typename scalar_t>
-GateGemms<scalar_t> recurrent_gemms(const scalar_t* w_hh, const WorkItem& item, int64_t H, int64_t steps,
+template <typename scalar_t, typename weight_t>
+GateGemms<scalar_t> recurrent_gemms(const weight_t* w_hh, const WorkItem& item, int64_t H, int64_t steps,
                                     int first_slot = 0) {
   return GateGemms<scalar_t>(w_hh, H, H, GateColumns(item, H), steps, std::min(kRowsPerSubBlock, item.rows()),
                              first_slot, item.gemm);
+}
+
+// The recurrent GEMMs of an item of the forward `out`: in bf16 where it has bf16 weights.
+template <typename scalar_t>
+GateGemms<scalar_t> recurrent_gemms(const ForwardTensors<scalar_t>& out, const WorkItem& item, int64_t H,
+                                    int64_t steps, int first_slot = 0) {
+  const int64_t d = item.direction;
+  return out.w_hh_bf16[d] != nullptr ? recurrent_gemms<scalar_t>(out.w_hh_bf16[d], item, H, steps, first_slot)
+                                     : recurrent_gemms<scalar_t>(out.w_hh[d], item, H, steps, first_slot);
 }
 
 // Steps [first, last) of the direction's processing order, for one work item. Pre-activations come from out.xw

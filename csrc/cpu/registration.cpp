@@ -9,17 +9,21 @@
 //   work_partition.h, .cpp    the threads' blocks of rows, and their scratch buffers
 //   step_progress.h           the step count a layer waits on in the layers-at-once stack inference (futex)
 //   output_cache.h, .cpp      the cache of mapped blocks the large outputs come from
+//   bf16_gemm.h, .cpp         the step GEMM in bf16 with fp32 accumulation (AVX512-BF16, or emulated)
 //   blas.h                    the BLAS symbols (MKL's where present) and the GEMM wrappers
 //   activations.h             sigmoid and tanh, inlined into the elementwise passes
 //   vectorise.h               how the hot loops compile: target clones, forced inlining, no-trapping-math
 #include <torch/library.h>
 
+#include "bf16_gemm.h"
 #include "ops.h"
 #include "output_cache.h"
 
 TORCH_LIBRARY_FRAGMENT(rnn_fast, m) {
   // Side effect only (returns the bytes given back): call it eagerly, outside torch.compile.
   m.def("cpu_release_cached_blocks() -> int", &rnn_fast::cpu::release_cached_blocks);
+  // Which kernel multiplies bf16 w_hh: "avx512_bf16", "emulated" (RNN_FAST_CPU_BF16=emulated) or "" (none).
+  m.def("cpu_bf16_kernel() -> str", &rnn_fast::cpu::bf16_kernel_name);
   m.def("cpu_input_projection(Tensor parts, Tensor w_ih, Tensor? bias) -> Tensor xw");
   m.def(
       "cpu_input_projection_backward(Tensor grad_xw, Tensor parts, Tensor w_ih, bool[3] output_mask)"

@@ -31,7 +31,9 @@ struct Isa {
   static Vec load(const float* p) { return _mm512_loadu_ps(p); }
   static Vec broadcast(float x) { return _mm512_set1_ps(x); }
   static Vec fma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
+  static Vec add(Vec a, Vec b) { return _mm512_add_ps(a, b); }
   static void store(float* p, Vec v) { _mm512_store_ps(p, v); }
+  static void store_unaligned(float* p, Vec v) { _mm512_storeu_ps(p, v); }
 };
 #include "streamed_gemm_kernel.inc"
 }  // namespace avx512
@@ -47,7 +49,9 @@ struct Isa {
   static Vec load(const float* p) { return _mm256_loadu_ps(p); }
   static Vec broadcast(float x) { return _mm256_set1_ps(x); }
   static Vec fma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
+  static Vec add(Vec a, Vec b) { return _mm256_add_ps(a, b); }
   static void store(float* p, Vec v) { _mm256_store_ps(p, v); }
+  static void store_unaligned(float* p, Vec v) { _mm256_storeu_ps(p, v); }
 };
 #include "streamed_gemm_kernel.inc"
 }  // namespace avx2

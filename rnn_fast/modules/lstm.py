@@ -158,9 +158,7 @@ class LSTM(nn.RNNBase):
             lengths = packed_lengths.to(x.device)
 
         if lengths is None and self._runs_stack_inference(choice, inference):
-            output, h_n, c_n = backend.lstm_stack_inference(x, hx[0].contiguous(), hx[1].contiguous(),
-                                                            self._flat_weights, self.bias, self.num_layers,
-                                                            self.bidirectional, None)
+            output, h_n, c_n = self._stack_inference(choice, x, hx[0], hx[1], None)
         else:
             output, h_n, c_n = self._run_layers(choice, x, hx[0], hx[1], lengths, inference)
 
@@ -217,7 +215,8 @@ class LSTM(nn.RNNBase):
         project = backend.input_projection
         recurrence = (backend.lstm_recurrence_inference if inference and choice.inference
                       else backend.lstm_recurrence)
-        y, h_n, c_n = self._stack_layers(project, recurrence, x.unsqueeze(0), lambda y: y, h0, c0, lengths)
+        y, h_n, c_n = self._stack_layers(project, recurrence, x.unsqueeze(0), lambda y: y, h0, c0, lengths,
+                                         choice.bf16_products)
         # One direction is a reshape of y (no copy, nor a zero-filled gradient as y[0] would have).
         output = (y.reshape(seq_len, batch, -1) if y.shape[0] == 1
                   else y.permute(1, 2, 0, 3).reshape(seq_len, batch, -1))
@@ -228,6 +227,23 @@ class LSTM(nn.RNNBase):
         no dropout applies between layers."""
         return inference and choice.stack_inference and not (self.dropout > 0 and self.training
                                                               and self.num_layers > 1)
+
+    def _stack_inference(self, choice: BackendChoice, data: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor,
+                         batch_sizes: Optional[torch.Tensor]):
+        """The backend's one inference op through all layers -> ``(output, h_n, c_n)``. With ``bf16_products`` the
+        weights go in bf16, the input, biases and states in fp32 (the states rounded to bf16 first, as nn.LSTM's
+        bf16 path takes them); the op rounds each product's operands to bf16, and the outputs come back in bf16."""
+        params = self._flat_weights
+        if choice.bf16_products:
+            params = [p.to(torch.bfloat16) if p.dim() == 2 else p.float() for p in params]
+            data = data.float()
+            h0, c0 = (state.to(torch.bfloat16).float() for state in (h0, c0))
+        output, h_n, c_n = choice.module.lstm_stack_inference(data, h0.contiguous(), c0.contiguous(), params,
+                                                              self.bias, self.num_layers, self.bidirectional,
+                                                              batch_sizes)
+        if choice.bf16_products:
+            output, h_n, c_n = (t.to(torch.bfloat16) for t in (output, h_n, c_n))
+        return output, h_n, c_n
 
     def _initial_state(self, hx, data: torch.Tensor, batch_sizes: torch.Tensor):
         """PackedSequence input's ``(h0, c0)``, contiguous, zeros when ``hx`` is None."""
@@ -247,30 +263,40 @@ class LSTM(nn.RNNBase):
             return None
         h0, c0 = self._initial_state(hx, data, batch_sizes)
         if self._runs_stack_inference(choice, inference):
-            return backend.lstm_stack_inference(data, h0, c0, self._flat_weights, self.bias, self.num_layers,
-                                                self.bidirectional, batch_sizes)
+            return self._stack_inference(choice, data, h0, c0, batch_sizes)
         num_tokens = data.shape[0]
         project = backend.input_projection
         recurrence = backend.lstm_packed_recurrence_inference if inference else backend.lstm_packed_recurrence
         # The packed rows are one step of N rows to the projection: parts [P, 1, N, K], y [D, N, H] -> [D, 1, N, H].
         y, h_n, c_n = self._stack_layers(lambda parts, w_ih, bias: project(parts, w_ih, bias).flatten(1, 2),
                                          recurrence, data.view(1, 1, num_tokens, -1), lambda y: y.unsqueeze(1),
-                                         h0, c0, batch_sizes)
+                                         h0, c0, batch_sizes, choice.bf16_products)
         output = y.reshape(num_tokens, -1) if y.shape[0] == 1 else y.transpose(0, 1).reshape(num_tokens, -1)
         return output, h_n, c_n
 
-    def _stack_layers(self, project, recurrence, parts, as_parts, h0, c0, lengths):
+    def _stack_layers(self, project, recurrence, parts, as_parts, h0, c0, lengths, bf16_products=False):
         """Each layer: ``xw = project(parts, w_ih, bias)``, ``recurrence(xw, w_hh, h0, c0, lengths)``, dropout,
-        and ``as_parts(y)`` as the next layer's input -> ``(last y, h_n, c_n)``."""
+        and ``as_parts(y)`` as the next layer's input -> ``(last y, h_n, c_n)``. With ``bf16_products``
+        (BackendChoice), inputs, weights and states go in as nn.LSTM's bf16 path rounds them, xw and the state stay
+        fp32, and the outputs come back in bf16."""
         num_directions = 2 if self.bidirectional else 1
         h_n, c_n = [], []
         for layer in range(self.num_layers):
             w_ih, w_hh, bias = self._layer_weights(layer)
+            if bf16_products:
+                parts, w_ih, w_hh = parts.to(torch.bfloat16), w_ih.to(torch.bfloat16), w_hh.to(torch.bfloat16)
+                bias = None if bias is None else bias.float()
             xw = project(parts, w_ih, bias)
             states = slice(layer * num_directions, (layer + 1) * num_directions)
+            layer_h0, layer_c0 = h0[states], c0[states]
+            if bf16_products:
+                # nn.LSTM's bf16 path takes the initial state in bf16 too.
+                layer_h0, layer_c0 = layer_h0.to(torch.bfloat16), layer_c0.to(torch.bfloat16)
             y, layer_h_n, layer_c_n = recurrence(
-                xw, w_hh.to(xw.dtype), h0[states].to(xw.dtype).contiguous(), c0[states].to(xw.dtype).contiguous(),
-                lengths)[:3]
+                xw, w_hh if bf16_products else w_hh.to(xw.dtype), layer_h0.to(xw.dtype).contiguous(),
+                layer_c0.to(xw.dtype).contiguous(), lengths)[:3]
+            if bf16_products:
+                y, layer_h_n, layer_c_n = (t.to(torch.bfloat16) for t in (y, layer_h_n, layer_c_n))
             if self.dropout > 0 and self.training and layer < self.num_layers - 1:
                 y = F.dropout(y, self.dropout, training=True)
             parts = as_parts(y)

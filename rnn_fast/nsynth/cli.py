@@ -22,7 +22,7 @@ from .predict import Failure, expand_inputs, format_table, one_line, predict_bat
 from .recipes import RECIPES, Recipe
 from .training.checkpoint import load_checkpoint, load_classifier, restore_checkpoint
 from .training.distributed import Distributed, all_gather_objects, distributed_session, wrap_model
-from .training.engine import FitSettings, evaluate, fit
+from .training.engine import PRECISIONS, FitSettings, evaluate, fit
 from .training.metrics import metrics_summary
 from .training.rng import seed_everything
 from .training.state import Learner, TrainingState
@@ -119,6 +119,8 @@ def parse_train_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                             "(quick demonstration); seed recipe: 768")
     train.add_argument("--eval-batch-size", type=int, default=512, help="examples per validation/test batch")
     train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                       help="bf16: forwards under torch.autocast to bfloat16, fp32 master weights (default fp32)")
     train.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     train.add_argument("--out", type=Path, help="run directory (default: runs/nsynth-MODEL)")
     existing = train.add_mutually_exclusive_group()
@@ -250,7 +252,8 @@ def _train(args: argparse.Namespace, argv: List[str], ctx: Distributed) -> Optio
                          seed=args.seed, device=device, on_device=device.type == "cuda", rank=ctx.rank,
                          world_size=ctx.world_size)
     learner = Learner(model, optimizer, recipe.objective(splits["train"].labels, len(CLASSES)),
-                      recipe.scheduler(optimizer, args.epochs, len(loader)), recipe.weight_average(model))
+                      recipe.scheduler(optimizer, args.epochs, len(loader)), recipe.weight_average(model),
+                      args.precision)
     state = resume_state(args, config, learner, ctx)
     if state.epoch == 0 and ctx.rank:
         # dropout masks and augmentation differ between ranks; weights come from rank 0
@@ -266,13 +269,14 @@ def _train(args: argparse.Namespace, argv: List[str], ctx: Distributed) -> Optio
                            not args.no_progress, recipe.select_best, recipe.patience)
     fit(learner, loader, splits["valid"], state, settings, ctx)
     test = splits["test"]
-    evaluation = evaluate(learner.model, test.audio, test.labels, args.eval_batch_size, device, ctx)
+    evaluation = evaluate(learner.model, test.audio, test.labels, args.eval_batch_size, device, ctx, args.precision)
     if not ctx.is_main:
         return None
 
     metrics = metrics_summary(args.model, rnn_fast.model_backend(model), evaluation, CLASSES,
                               {name: len(split) for name, split in splits.items()}, state.history,
                               recipe.as_dict(), state.best_epoch or None)
+    metrics["precision"] = args.precision
     write_json(args.out / "metrics.json", metrics)
     figures = write_figures(args.out, metrics, test.audio, test.labels, test.sources, evaluation.probabilities,
                             SOURCES)

@@ -40,7 +40,7 @@ REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "examples"
 EPOCHS = 4
 METRICS_KEYS = {"model", "backend", "recipe", "tested_epoch", "test_accuracy", "per_class_accuracy", "confusion_matrix",
-                "classes", "n_train", "n_valid", "n_test", "history"}
+                "classes", "n_train", "n_valid", "n_test", "history", "precision"}
 HISTORY_KEYS = {"epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "epoch_seconds"}
 
 
@@ -156,6 +156,19 @@ def test_resume_after_kill_reproduces_the_uninterrupted_run(reference_run, datas
         cli.train_main(run_args(dataset, out))
     resumed = cli.train_main(run_args(dataset, out) + ["--resume"])
     assert without_timings(resumed) == without_timings(reference_run[1])
+
+
+def test_bf16_precision_learns_like_fp32_and_is_recorded(reference_run, dataset, tmp_path):
+    """--precision bf16 runs every forward under autocast bf16 (fp32 master weights): the reference run's
+    configuration learns as well within seed noise (60 test notes), and metrics.json says which precision ran."""
+    _, reference, _ = reference_run
+    metrics = cli.train_main(run_args(dataset, tmp_path) + ["--precision", "bf16"])
+    assert (metrics["precision"], reference["precision"]) == ("bf16", "fp32")
+    assert metrics["test_accuracy"] >= 0.25, metrics
+    assert abs(metrics["test_accuracy"] - reference["test_accuracy"]) <= 0.15, (metrics, reference)
+    assert metrics["history"][-1]["train_loss"] < 0.8 * metrics["history"][0]["train_loss"]
+    assert all(p.dtype == torch.float32 for p in load_classifier(tmp_path / cli.CHECKPOINT,
+                                                                 torch.device("cpu"))[0].parameters())
 
 
 def test_robust_recipe_beats_chance(dataset, tmp_path):

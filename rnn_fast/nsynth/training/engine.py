@@ -22,19 +22,36 @@ from .metrics import Evaluation, accuracy
 from .state import Learner, TrainingState
 
 
+PRECISIONS = ("fp32", "bf16")
+
+
+def forward_precision(precision: str, device: torch.device):
+    """The context a forward runs in: autocast to bfloat16 on ``device`` for ``"bf16"`` (the weights stay fp32),
+    nothing for ``"fp32"``."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
 @torch.no_grad()
-def predict_logits(model: nn.Module, audio: np.ndarray, batch_size: int, device: torch.device) -> np.ndarray:
-    """float32 ``[N, C]`` logits of int16 / float waveforms ``[N, >=16000]`` (only the first second is used)."""
+def predict_logits(model: nn.Module, audio: np.ndarray, batch_size: int, device: torch.device,
+                   precision: str = "fp32") -> np.ndarray:
+    """float32 ``[N, C]`` logits of int16 / float waveforms ``[N, >=16000]`` (only the first second is used), the
+    forward in ``precision`` (:func:`forward_precision`)."""
     model.eval()
     # Rows are copied out of the (read-only) memory map and cross to the device as int16, half the bytes of
     # float32; they become frames there.
-    chunks = [model(waveform_to_frames(torch.from_numpy(np.array(audio[start:start + batch_size])).to(device)))
-              .float().cpu().numpy() for start in range(0, len(audio), batch_size)]
+    chunks = []
+    for start in range(0, len(audio), batch_size):
+        frames = waveform_to_frames(torch.from_numpy(np.array(audio[start:start + batch_size])).to(device))
+        with forward_precision(precision, device):
+            logits = model(frames)
+        chunks.append(logits.float().cpu().numpy())
     return np.concatenate(chunks) if chunks else np.zeros((0, 0), np.float32)
 
 
 def evaluate(model: nn.Module, audio: np.ndarray, labels: np.ndarray, batch_size: int, device: torch.device,
-             ctx: Distributed = Distributed()) -> Evaluation:
+             ctx: Distributed = Distributed(), precision: str = "fp32") -> Evaluation:
     """Logits of every example and mean cross-entropy / accuracy, identical on every rank.
 
     Each rank runs its contiguous shard through the plain module (DDP's forward would broadcast buffers, a
@@ -44,7 +61,7 @@ def evaluate(model: nn.Module, audio: np.ndarray, labels: np.ndarray, batch_size
     module = unwrap_model(model)
     synchronize_buffers(module, ctx)
     shard = shard_bounds(len(labels), ctx)
-    parts = all_gather_objects(predict_logits(module, audio[shard], batch_size, device), ctx)
+    parts = all_gather_objects(predict_logits(module, audio[shard], batch_size, device, precision), ctx)
     logits = np.concatenate([part for part in parts if len(part)])
     labels = np.asarray(labels, dtype=np.int64)
     loss = F.cross_entropy(torch.from_numpy(logits), torch.from_numpy(labels)).item()
@@ -68,7 +85,8 @@ def train_one_epoch(learner: Learner, loader, epoch: int, epochs: int, ctx: Dist
     bar = tqdm(total=steps, desc=f"epoch {epoch}/{epochs}", leave=False, disable=not (progress and ctx.is_main),
                dynamic_ncols=True)
     for step, (frames, labels) in enumerate(loader, start=1):
-        loss, logits = learner.objective(model, frames, labels)
+        with forward_precision(learner.precision, frames.device):
+            loss, logits = learner.objective(model, frames, labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -132,7 +150,8 @@ def fit(learner: Learner, train_loader, valid: NSynthSplit, state: TrainingState
                                         settings.progress)
         epoch_seconds = time.perf_counter() - started
         judged = model if average is None else average.module
-        validation = evaluate(judged, valid.audio, valid.labels, settings.eval_batch_size, settings.device, ctx)
+        validation = evaluate(judged, valid.audio, valid.labels, settings.eval_batch_size, settings.device, ctx,
+                              learner.precision)
         state.history.append({"epoch": epoch, **train_metrics, "val_loss": validation.loss,
                               "val_accuracy": validation.accuracy, "epoch_seconds": epoch_seconds})
         state.epoch = epoch

@@ -13,12 +13,13 @@ from .objective import Objective
 class Learner:
     """What a training step uses and changes: the model (wrapped for DistributedDataParallel or not), its optimizer
     and loss, and when the recipe has them the per-step learning-rate schedule and the weight average (updated
-    after every optimizer step)."""
+    after every optimizer step); ``precision``, ``"fp32"`` or ``"bf16"`` (autocast), is how its forwards run."""
     model: nn.Module
     optimizer: torch.optim.Optimizer
     objective: Objective = field(default_factory=Objective)
     scheduler: Optional[torch.optim.lr_scheduler.LRScheduler] = None
     average: Optional[AveragedModel] = None
+    precision: str = "fp32"
 
 
 @dataclass

@@ -79,13 +79,16 @@ class BackendChoice(NamedTuple):
     ``fallback_reason``: why the requested fused backend does not run, or None when nothing fell back. ``inference``,
     ``packed_layout`` and ``stack_inference`` say whether the module is also an :class:`InferenceBackend`, a
     :class:`PackedLayoutBackend`, a :class:`StackInferenceBackend` (checked once, when it is loaded: an isinstance
-    check costs more than a streaming step)."""
+    check costs more than a streaming step). ``bf16_products``: the layers compute in bf16 and the backend multiplies
+    bf16 operands into fp32 (its ``BF16_PRODUCTS``): the driver hands it bf16 inputs and weights, fp32 biases and
+    state, and takes fp32 ``xw`` and outputs back."""
     name: str
     module: Optional[RecurrenceBackend]
     fallback_reason: Optional[str]
     inference: bool = False
     packed_layout: bool = False
     stack_inference: bool = False
+    bf16_products: bool = False
 
 
 _loaded: Dict[str, ModuleType] = {}
@@ -148,7 +151,7 @@ def resolve_backend(name: str, device: torch.device, dtype: torch.dtype, hidden_
                     proj_size: int = 0, call: Optional[CallShape] = None) -> BackendChoice:
     """Which backend runs an LSTM built with ``backend=name`` whose layers compute in ``dtype`` on ``device``.
     With ``call``, ``"auto"`` also leaves to nn.LSTM's implementation the calls its fused backend measured slower
-    on (a backend's ``auto_declines(call)``); a backend asked for by name runs whatever the call."""
+    on (a backend's ``auto_declines(call, dtype)``); a backend asked for by name runs whatever the call."""
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
     if name == "torch":
@@ -164,6 +167,7 @@ def resolve_backend(name: str, device: torch.device, dtype: torch.dtype, hidden_
         reason = module.unsupported_reason(device, dtype, hidden_size)
     if reason is not None:
         return BackendChoice("torch", None, f"backend {wanted!r} cannot run this input ({reason})")
-    if name == "auto" and call is not None and getattr(module, "auto_declines", lambda call: False)(call):
+    if name == "auto" and call is not None and getattr(module, "auto_declines", lambda call, dtype: False)(call, dtype):
         return BackendChoice("torch", None, None)
-    return BackendChoice(wanted, module, None, *_capabilities[wanted])
+    bf16_products = dtype == torch.bfloat16 and getattr(module, "BF16_PRODUCTS", False)
+    return BackendChoice(wanted, module, None, *_capabilities[wanted], bf16_products=bf16_products)

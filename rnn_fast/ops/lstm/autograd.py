@@ -107,7 +107,12 @@ def register_recurrence_autograd(forward_op, backward_op,
         else:
             grad_xw, grad_h0, grad_c0 = backward_op(grad_y, grad_h_n, grad_c_n, w_hh, c0, gates, cell, lengths,
                                                     *ctx.extra)
-        grad_w_hh = weight_grad(grad_xw, y, h0, lengths).to(w_hh.dtype) if ctx.needs_input_grad[1] else None
+        grad_w_hh = None
+        if ctx.needs_input_grad[1]:
+            # bf16 weights of fp32 steps (the cpu backend's bf16 products): the one GEMM takes bf16 operands too.
+            products = grad_xw.to(w_hh.dtype) if w_hh.dtype == torch.bfloat16 and weight_grad is recurrent_weight_grad \
+                else grad_xw
+            grad_w_hh = weight_grad(products, y, h0, lengths).to(w_hh.dtype)
         return (grad_xw, grad_w_hh, grad_h0, grad_c0, None) + (None,) * len(ctx.extra)
 
     return register_autograd_function(forward_op, backward, setup_context)

@@ -317,7 +317,10 @@ def test_unsupported_reason():
     for dtype in (torch.float32, torch.float64):
         assert cpu.unsupported_reason(torch.device("cpu"), dtype, 5) is None
     assert "CPU tensors only" in cpu.unsupported_reason(torch.device("cuda", 0), torch.float32, 5)
-    assert "float32 and float64" in cpu.unsupported_reason(torch.device("cpu"), torch.bfloat16, 5)
+    assert "float32, float64 and bfloat16" in cpu.unsupported_reason(torch.device("cpu"), torch.float16, 5)
+    # bf16 runs where the CPU has AVX512-BF16 (tests/library/modules/test_bf16.py), and falls back elsewhere.
+    bf16_reason = cpu.unsupported_reason(torch.device("cpu"), torch.bfloat16, 5)
+    assert (bf16_reason is None) == (cpu.bf16_kernel() != "")
 
 
 def test_missing_extension_names_the_rebuild_command(monkeypatch):
