@@ -95,6 +95,27 @@ def test_autocast_matches_float64_as_closely_as_torch(bf16_kernel, input_size, h
     _assert_within_twice_torch(ours, torch_bf16, truth)
 
 
+@pytest.mark.parametrize("input_size,hidden,layers,bidirectional,batch,seq_len,packed,batch_first", CASES)
+def test_autocast_inference_matches_float64_as_closely_as_torch(bf16_kernel, input_size, hidden, layers,
+                                                                bidirectional, batch, seq_len, packed, batch_first):
+    """Under no_grad the cpu backend runs all layers in one op (rnn_fast::cpu_lstm_inference) with bf16 weights."""
+    reference, fused, exact = _modules(input_size, hidden, layers, bidirectional, batch_first)
+    input = _input(batch, seq_len, input_size, packed, batch_first)
+    directions = 2 if bidirectional else 1
+    generator = torch.Generator().manual_seed(2)
+    hx = tuple(torch.randn(layers * directions, batch, hidden, generator=generator) for _ in range(2))
+
+    def outputs(module, input, hx, context=contextlib.nullcontext):
+        with torch.no_grad(), context():
+            output, (h_n, c_n) = module(input, hx)
+        return {"output": output.data if packed else output, "h_n": h_n, "c_n": c_n}
+
+    ours = outputs(fused, input, hx, _autocast)
+    assert all(value.dtype == torch.bfloat16 for value in ours.values())
+    _assert_within_twice_torch(ours, outputs(reference, input, hx, _autocast),
+                               outputs(exact, _as_double(input), tuple(state.double() for state in hx)))
+
+
 def test_autocast_dtypes_are_torch_ones(bf16_kernel):
     reference, fused, _ = _modules(7, 13, 2, True)
     x = torch.randn(9, 5, 7, requires_grad=True)
@@ -211,15 +232,20 @@ def test_ops_with_bf16_weights_pass_opcheck(bf16_kernel):
     parts = torch.randn(1, T, B, K).bfloat16()
     w_ih = torch.randn(D, 4 * H, K).bfloat16()
     torch.library.opcheck(cpu.projection_op, (parts, w_ih, torch.randn(D, 4 * H)))
+    params = [torch.randn(4 * H, K).bfloat16(), torch.randn(4 * H, H).bfloat16(), torch.randn(4 * H),
+              torch.randn(4 * H)]
+    torch.library.opcheck(cpu.stack_inference_op, (torch.randn(T, B, K), h0[:1], c0[:1], params, True, 1, False,
+                                                   None))
 
 
-def test_auto_runs_bf16_training_fused_and_leaves_inference_to_torch(bf16_kernel):
+def test_auto_runs_bf16_fused_where_it_measured_faster(bf16_kernel):
     """backend="auto" under autocast bf16 follows rnn_fast.ops.lstm.cpu.auto_declines: training fused (large hidden
-    sizes included), inference and tiny training calls to nn.LSTM's oneDNN bf16 path."""
+    sizes included) but for tiny calls; inference fused below a hidden size of 512."""
     large = rnn_fast.LSTM(8, 512)
     with _autocast():
         assert large.resolved_backend(torch.randn(3, 16, 8)) == "cpu"
         assert rnn_fast.LSTM(4, 8).resolved_backend(torch.randn(5, 1, 4)) == "torch"
         with torch.no_grad():
             assert large.resolved_backend(torch.randn(3, 16, 8)) == "torch"
+            assert rnn_fast.LSTM(8, 256).resolved_backend(torch.randn(3, 16, 8)) == "cpu"
             assert rnn_fast.LSTM(8, 512, backend="cpu").resolved_backend(torch.randn(3, 16, 8)) == "cpu"
