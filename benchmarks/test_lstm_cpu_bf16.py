@@ -25,7 +25,7 @@ import rnn_fast
 from rnn_fast.ops.lstm import unavailable_reason
 
 from _timing import RESULTS_DIR, alternating, report, summary, threads_then_results
-from test_lstm_cpu_shapes import MODES, NUM_THREADS, ROUNDS, SHAPES, WARMUP_ROUNDS, _summary
+from test_lstm_cpu_shapes import MODES, NUM_THREADS, ROUNDS, SHAPES, WARMUP_ROUNDS, _summary, shape_case
 
 CLASSIFIER_BATCHES = (1, 16, 256)
 CLASSIFIER_ROUNDS = 15
@@ -114,20 +114,13 @@ def _step(module, x, mode, weight):
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_shape(benchmark, shape, mode):
-    torch.manual_seed(0)
-    kwargs = dict(num_layers=shape.layers, bidirectional=shape.bidirectional)
-    reference = nn.LSTM(shape.hidden, shape.hidden, **kwargs)
-    fused = rnn_fast.LSTM(shape.hidden, shape.hidden, backend="cpu", **kwargs)
-    fused.load_state_dict(reference.state_dict())
-    generator = torch.Generator().manual_seed(1)
-    x = torch.randn(shape.seq_len, shape.batch, shape.hidden, generator=generator)
-    weight = torch.randn(shape.seq_len, shape.batch, shape.hidden * (2 if shape.bidirectional else 1),
-                         generator=generator)
+    reference, fused, x, weight = shape_case(shape)
     benchmark.group = f"lstm-cpu-bf16-{shape}-{mode}"
     timed = alternating(benchmark, _step(fused, x, mode, weight), _step(reference, x, mode, weight), ROUNDS,
                         WARMUP_ROUNDS)
     with torch.no_grad() if mode == "inference" else contextlib.nullcontext(), _autocast():
-        auto = rnn_fast.LSTM(shape.hidden, shape.hidden, **kwargs).resolved_backend(x)
+        auto = rnn_fast.LSTM(shape.hidden, shape.hidden, shape.layers,
+                             bidirectional=shape.bidirectional).resolved_backend(x)
     _records.append({"case": f"{shape}-{mode}", "mode": mode, **shape._asdict(), "cpu": timed["fused"],
                      "torch": timed["torch"], "speedup_vs_torch": timed["speedup"], "auto_backend": auto,
                      "auto_speedup_vs_torch": timed["speedup"] if auto == "cpu" else 1.0})

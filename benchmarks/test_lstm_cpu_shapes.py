@@ -161,7 +161,8 @@ def _step(module: nn.Module, x: torch.Tensor, mode: str, weight: torch.Tensor):
 @pytest.mark.filterwarnings("error::UserWarning")  # a fallback to nn.LSTM would be timed under the wrong name
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_shape(benchmark, shape, mode):
+def shape_case(shape: Shape):
+    """``(nn.LSTM, rnn_fast.LSTM(backend="cpu") with its weights, input x, output weighting)`` for ``shape``."""
     torch.manual_seed(0)
     kwargs = dict(num_layers=shape.layers, bidirectional=shape.bidirectional)
     reference = nn.LSTM(shape.hidden, shape.hidden, **kwargs)
@@ -171,13 +172,19 @@ def test_shape(benchmark, shape, mode):
     x = torch.randn(shape.seq_len, shape.batch, shape.hidden, generator=generator)
     weight = torch.randn(shape.seq_len, shape.batch, shape.hidden * (2 if shape.bidirectional else 1),
                          generator=generator)
+    return reference, fused, x, weight
+
+
+def test_shape(benchmark, shape, mode):
+    reference, fused, x, weight = shape_case(shape)
     benchmark.group = f"lstm-cpu-shapes-{shape}-{mode}"
     timed = alternating(benchmark, _step(fused, x, mode, weight), _step(reference, x, mode, weight), ROUNDS,
                         WARMUP_ROUNDS)
     floors = _floor_ms(shape, mode)
     floor = max(floors["flop_ms"], floors["weight_bandwidth_ms"])
     with torch.no_grad() if mode == "inference" else contextlib.nullcontext():
-        auto = rnn_fast.LSTM(shape.hidden, shape.hidden, **kwargs).resolved_backend(x)
+        auto = rnn_fast.LSTM(shape.hidden, shape.hidden, shape.layers,
+                             bidirectional=shape.bidirectional).resolved_backend(x)
     _records.append({"case": f"{shape}-{mode}", "mode": mode, **shape._asdict(), "cpu": timed["fused"],
                      "torch": timed["torch"], "speedup_vs_torch": timed["speedup"], "floors": floors,
                      "cpu_over_floor": timed["fused"]["median_ms"] / floor, "auto_backend": auto,
