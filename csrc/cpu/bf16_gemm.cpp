@@ -29,7 +29,7 @@ namespace avx512_bf16 {
 // broadcast() copies bit for bit and fma() multiplies pairwise into the fp32 accumulators.
 struct Isa {
   using Vec = __m512;
-  static constexpr int kVectors = 1, kPanels = 2, kMaxRows = 12;
+  static constexpr int kVectors = 1, kPanels = 2, kMaxRows = 12, kWidePanels = 8, kWideMaxRows = 2;
   static Vec zero() { return _mm512_setzero_ps(); }
   static Vec load(const float* p) { return _mm512_loadu_ps(p); }
   static Vec broadcast(float x) { return _mm512_set1_ps(x); }

@@ -27,6 +27,7 @@ namespace avx512 {
 struct Isa {
   using Vec = __m512;
   static constexpr int kVectors = 1, kPanels = 2, kMaxRows = 12;  // 24 accumulators of the 32 registers
+  static constexpr int kWidePanels = 8, kWideMaxRows = 2;          // 16
   static Vec zero() { return _mm512_setzero_ps(); }
   static Vec load(const float* p) { return _mm512_loadu_ps(p); }
   static Vec broadcast(float x) { return _mm512_set1_ps(x); }
@@ -45,6 +46,7 @@ namespace avx2 {
 struct Isa {
   using Vec = __m256;
   static constexpr int kVectors = 2, kPanels = 1, kMaxRows = 6;  // 12 accumulators of the 16 registers
+  static constexpr int kWidePanels = 3, kWideMaxRows = 1;         // 6
   static Vec zero() { return _mm256_setzero_ps(); }
   static Vec load(const float* p) { return _mm256_loadu_ps(p); }
   static Vec broadcast(float x) { return _mm256_set1_ps(x); }
