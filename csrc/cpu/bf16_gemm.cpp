@@ -51,6 +51,32 @@ void round_rows(const float* in, int64_t in_ld, int64_t rows, int64_t k, c10::BF
     }
   }
 }
+
+// Panels of W(r, kk) = w[r * ldw + kk] (rows are outputs): lane c of pair q of panel p holds W(16p + c, 2q) and
+// W(16p + c, 2q + 1), a 4-byte neighbour pair of row 16p + c, gathered 16 rows at a time; zeros past m and k.
+void gather_row_pairs(const c10::BFloat16* w, int64_t m, int64_t k, int64_t ldw, uint32_t* lanes) {
+  const int64_t pairs = (k + 1) / 2, whole_pairs = k / 2;
+  const __m512i row_offsets = _mm512_mullo_epi32(
+      _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+      _mm512_set1_epi32(static_cast<int>(ldw * sizeof(c10::BFloat16))));
+  for (int64_t first = 0; first < m; first += kPanelWidth) {
+    const int64_t rows = std::min(kPanelWidth, m - first);
+    const __mmask16 valid = rows == kPanelWidth ? __mmask16(0xFFFF) : __mmask16((1u << rows) - 1);
+    const auto* base = reinterpret_cast<const char*>(w + first * ldw);
+    uint32_t* panel = lanes + first * pairs;
+    for (int64_t q = 0; q < whole_pairs; ++q) {
+      _mm512_storeu_si512(panel + q * kPanelWidth, _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), valid,
+                                                                               row_offsets, base + 4 * q, 1));
+    }
+    if (pairs > whole_pairs) {  // odd k: the last pair is (W(r, k - 1), 0)
+      for (int64_t c = 0; c < kPanelWidth; ++c) {
+        const c10::BFloat16 pair[2] = {c < rows ? w[(first + c) * ldw + k - 1] : c10::BFloat16(0.0f),
+                                       c10::BFloat16(0.0f)};
+        std::memcpy(panel + whole_pairs * kPanelWidth + c, pair, sizeof(pair));
+      }
+    }
+  }
+}
 }  // namespace avx512_bf16
 #pragma GCC pop_options
 #endif
@@ -74,6 +100,21 @@ T* thread_buffer(size_t count) {
     buffer.resize(count);
   }
   return buffer.data();
+}
+
+// Panels of W(r, kk) = w[kk * ldw + r] (columns are outputs, w_hh read column-wise in the backward), as
+// gather_row_pairs lays them out; zeros past m and k.
+void column_pairs(const c10::BFloat16* w, int64_t m, int64_t k, int64_t ldw, uint32_t* lanes) {
+  const int64_t pairs = (k + 1) / 2;
+  std::fill(lanes, lanes + (m + kPanelWidth - 1) / kPanelWidth * pairs * kPanelWidth, 0u);
+  for (int64_t row = 0; row < m; ++row) {
+    uint32_t* lane = lanes + (row / kPanelWidth) * pairs * kPanelWidth + row % kPanelWidth;
+    for (int64_t q = 0; q < pairs; ++q) {
+      const c10::BFloat16 pair[2] = {w[2 * q * ldw + row], 2 * q + 1 < k ? w[(2 * q + 1) * ldw + row]
+                                                                          : c10::BFloat16(0.0f)};
+      std::memcpy(lane + q * kPanelWidth, pair, sizeof(pair));
+    }
+  }
 }
 
 int64_t round_up(int64_t value, int64_t multiple) { return (value + multiple - 1) / multiple * multiple; }
@@ -111,14 +152,11 @@ Bf16StepWeights::Bf16StepWeights(const c10::BFloat16* w, int64_t m, int64_t k, i
                                  int slot)
     : m_(m), k_(k), kernel_(bf16_kernel()) {
   TORCH_CHECK(kernel_ != Bf16Kernel::kNone, "bf16 products need AVX512-BF16 (or RNN_FAST_CPU_BF16=emulated)");
-  const auto weight = [&](int64_t row, int64_t kk) {
-    return rows_are_outputs ? w[row * ldw + kk] : w[kk * ldw + row];
-  };
   if (kernel_ == Bf16Kernel::kEmulated) {
     widened_.resize(static_cast<size_t>(m * k));
     for (int64_t row = 0; row < m; ++row) {
       for (int64_t kk = 0; kk < k; ++kk) {
-        widened_[row * k + kk] = static_cast<float>(weight(row, kk));
+        widened_[row * k + kk] = static_cast<float>(rows_are_outputs ? w[row * ldw + kk] : w[kk * ldw + row]);
       }
     }
     emulated_.emplace(widened_.data(), m, k, k, true, slot, emulation_kernel());
@@ -126,19 +164,17 @@ Bf16StepWeights::Bf16StepWeights(const c10::BFloat16* w, int64_t m, int64_t k, i
   }
   // Panel p, pair q: 16 lanes of (W(16p + c, 2q), W(16p + c, 2q + 1)), zeros past M and K.
   const int64_t count = (m + kPanelWidth - 1) / kPanelWidth, pairs = (k + 1) / 2;
-  auto* lanes = reinterpret_cast<c10::BFloat16*>(
+  auto* lanes = reinterpret_cast<uint32_t*>(
       PackedWeightBuffer::get(static_cast<size_t>(count * pairs * kPanelWidth) * sizeof(float), slot));
+#if RNN_FAST_BF16_KERNELS
+  if (rows_are_outputs) {
+    avx512_bf16::gather_row_pairs(w, m, k, ldw, lanes);
+  } else {
+    column_pairs(w, m, k, ldw, lanes);
+  }
+#endif
   for (int64_t p = 0; p < count; ++p) {
-    c10::BFloat16* panel = lanes + p * pairs * kPanelWidth * 2;
-    for (int64_t q = 0; q < pairs; ++q) {
-      for (int64_t c = 0; c < kPanelWidth; ++c) {
-        for (int64_t half = 0; half < 2; ++half) {
-          const int64_t row = p * kPanelWidth + c, kk = 2 * q + half;
-          panel[(q * kPanelWidth + c) * 2 + half] = row < m && kk < k ? weight(row, kk) : c10::BFloat16(0.0f);
-        }
-      }
-    }
-    panels_.push_back({reinterpret_cast<const float*>(panel), kPanelWidth});
+    panels_.push_back({reinterpret_cast<const float*>(lanes + p * pairs * kPanelWidth), kPanelWidth});
   }
 }
 
