@@ -14,7 +14,7 @@ BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 # One LSTM with every CPU backend, and the CNN: each combination costs a fresh process.
 MODELS = ["lstm", "cnn"]
 BACKENDS = [name for name in ("torch", "cpu") if name in rnn_fast.available_backends()]
-RECORD_KEYS = {"model", "backend", "seconds_per_epoch", "seconds_p20", "seconds_p80", "ms_per_iter",
+RECORD_KEYS = {"model", "precision", "backend", "seconds_per_epoch", "seconds_p20", "seconds_p80", "ms_per_iter",
                "speedup_vs_cudnn", "data_seconds_per_epoch", "data_share", "peak_mem_mb", "final_loss"}
 TINY = ["--device", "cpu", "--iters", "2", "--epochs", "2", "--batch-size", "8", "--hidden", "8",
         "--cnn-width", "8"]
@@ -38,6 +38,7 @@ def test_epoch_results_schema(results_file):
     assert results["config"]["iters"] == 2 and results["config"]["hidden"] == 8
     expected = [(model, backend) for model in MODELS for backend in (BACKENDS if model != "cnn" else ["torch"])]
     assert [(r["model"], r["backend"]) for r in results["epoch"]] == expected
+    assert results["config"]["precision"] == "fp32" and {r["precision"] for r in results["epoch"]} == {"fp32"}
     seconds = {(r["model"], r["backend"]): r["seconds_per_epoch"] for r in results["epoch"]}
     for record in results["epoch"]:
         assert set(record) == RECORD_KEYS
