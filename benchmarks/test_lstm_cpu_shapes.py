@@ -158,9 +158,6 @@ def _step(module: nn.Module, x: torch.Tensor, mode: str, weight: torch.Tensor):
     return train
 
 
-@pytest.mark.filterwarnings("error::UserWarning")  # a fallback to nn.LSTM would be timed under the wrong name
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("shape", SHAPES, ids=str)
 def shape_case(shape: Shape):
     """``(nn.LSTM, rnn_fast.LSTM(backend="cpu") with its weights, input x, output weighting)`` for ``shape``."""
     torch.manual_seed(0)
@@ -175,6 +172,9 @@ def shape_case(shape: Shape):
     return reference, fused, x, weight
 
 
+@pytest.mark.filterwarnings("error::UserWarning")  # a fallback to nn.LSTM would be timed under the wrong name
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_shape(benchmark, shape, mode):
     reference, fused, x, weight = shape_case(shape)
     benchmark.group = f"lstm-cpu-shapes-{shape}-{mode}"
