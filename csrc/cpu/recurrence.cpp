@@ -148,10 +148,13 @@ void run_backward(const StepLayout& layout, int64_t H, const BackwardTensors<sca
   for_each_work_item(plan_work(layout, H), [&](const WorkItem& item) {
     const int64_t d = item.direction, j0 = item.unit_begin;
     const int64_t first_weight = d * G * H + j0, gemm_rows = std::min(kRowsPerSubBlock, item.rows());
-    const StepGemm<scalar_t> accumulate_hidden_grad =
-        out.w_hh_bf16 != nullptr
-            ? StepGemm<scalar_t>(out.w_hh_bf16 + first_weight, item.units(), G, H, false, T, gemm_rows, 0, item.gemm)
-            : StepGemm<scalar_t>(out.w_hh + first_weight, item.units(), G, H, false, T, gemm_rows, 0, item.gemm);
+    std::optional<StepGemm<scalar_t>> hidden_grad_gemm;
+    if (out.w_hh_bf16 != nullptr) {
+      hidden_grad_gemm.emplace(out.w_hh_bf16 + first_weight, item.units(), G, H, false, T, gemm_rows, 0, item.gemm);
+    } else {
+      hidden_grad_gemm.emplace(out.w_hh + first_weight, item.units(), G, H, false, T, gemm_rows, 0, item.gemm);
+    }
+    const StepGemm<scalar_t>& accumulate_hidden_grad = *hidden_grad_gemm;
     const GateColumns columns(item, H);
     const int64_t first_step = d == 0 ? 0 : T - 1;
     // Steps in reverse processing order: direction 0 goes t = T-1 .. 0, direction 1 goes t = 0 .. T-1.
@@ -216,7 +219,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_o
   DISPATCH_FLOAT_AND_DOUBLE(xw.scalar_type(), "lstm_recurrence_forward", [&] {
     const scalar_t* w = bf16_products ? nullptr : w_hh.data_ptr<scalar_t>();
     ForwardTensors<scalar_t> out{
-        xw.data_ptr<scalar_t>(), {w, w + (layout.D - 1) * G * H}, y.data_ptr<scalar_t>(),
+        xw.data_ptr<scalar_t>(), {w, bf16_products ? nullptr : w + (layout.D - 1) * G * H}, y.data_ptr<scalar_t>(),
         layout.direction_rows * H, H, h_n.data_ptr<scalar_t>(), c_n.data_ptr<scalar_t>(),
         save ? gates.data_ptr<scalar_t>() : nullptr, save ? cell.data_ptr<scalar_t>() : nullptr};
     out.h_other = h_other.defined() ? h_other.data_ptr<scalar_t>() : nullptr;
