@@ -119,7 +119,7 @@ void run_forward(const StepLayout& layout, int64_t H, const ForwardTensors<scala
                  const std::vector<WorkItem>& items) {
   const int64_t G = 4 * H;
   for_each_work_item(items, [&](const WorkItem& item) {
-    const auto accumulate_gates = recurrent_gemms(out, item, H, layout.T);
+    const auto accumulate_gates = recurrent_gemms(out.w_hh[item.direction], item, H, layout.T);
     scalar_t* scratch = out.gates != nullptr ? nullptr
                                              : thread_scratch<scalar_t>(std::min(kRowsPerSubBlock, item.rows()) * G);
     forward_steps(layout, H, out, item, accumulate_gates, scratch, 0, layout.T);
@@ -130,8 +130,7 @@ void run_forward(const StepLayout& layout, int64_t H, const ForwardTensors<scala
 template <typename scalar_t>
 struct BackwardTensors {
   const scalar_t* grad_y;
-  const scalar_t* w_hh;            // [D, 4H, H], or nullptr for bf16 products:
-  const c10::BFloat16* w_hh_bf16;  // [D, 4H, H] where the op multiplies in bf16, else nullptr
+  Weights<scalar_t> w_hh;  // [D, 4H, H]
   const scalar_t* c0;
   const scalar_t* gates;
   const scalar_t* cell;
@@ -147,14 +146,8 @@ void run_backward(const StepLayout& layout, int64_t H, const BackwardTensors<sca
   const int64_t T = layout.T, B = layout.B, G = 4 * H;
   for_each_work_item(plan_work(layout, H), [&](const WorkItem& item) {
     const int64_t d = item.direction, j0 = item.unit_begin;
-    const int64_t first_weight = d * G * H + j0, gemm_rows = std::min(kRowsPerSubBlock, item.rows());
-    std::optional<StepGemm<scalar_t>> hidden_grad_gemm;
-    if (out.w_hh_bf16 != nullptr) {
-      hidden_grad_gemm.emplace(out.w_hh_bf16 + first_weight, item.units(), G, H, false, T, gemm_rows, 0, item.gemm);
-    } else {
-      hidden_grad_gemm.emplace(out.w_hh + first_weight, item.units(), G, H, false, T, gemm_rows, 0, item.gemm);
-    }
-    const StepGemm<scalar_t>& accumulate_hidden_grad = *hidden_grad_gemm;
+    const StepGemm<scalar_t> accumulate_hidden_grad(out.w_hh + (d * G * H + j0), item.units(), G, H, false, T,
+                                                    std::min(kRowsPerSubBlock, item.rows()), 0, item.gemm);
     const GateColumns columns(item, H);
     const int64_t first_step = d == 0 ? 0 : T - 1;
     // Steps in reverse processing order: direction 0 goes t = T-1 .. 0, direction 1 goes t = 0 .. T-1.
@@ -215,18 +208,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_o
   auto c_n = c0.clone();
   const std::vector<WorkItem> items = plan_work(layout, H);
   const at::Tensor h_other = has_crews(items) ? at::empty_like(h0) : at::Tensor();
-  const bool bf16_products = w_hh.scalar_type() == at::kBFloat16;
   DISPATCH_FLOAT_AND_DOUBLE(xw.scalar_type(), "lstm_recurrence_forward", [&] {
-    const scalar_t* w = bf16_products ? nullptr : w_hh.data_ptr<scalar_t>();
+    const Weights<scalar_t> w = weights_of<scalar_t>(w_hh);
     ForwardTensors<scalar_t> out{
-        xw.data_ptr<scalar_t>(), {w, bf16_products ? nullptr : w + (layout.D - 1) * G * H}, y.data_ptr<scalar_t>(),
+        xw.data_ptr<scalar_t>(), {w, w + (layout.D - 1) * G * H}, y.data_ptr<scalar_t>(),
         layout.direction_rows * H, H, h_n.data_ptr<scalar_t>(), c_n.data_ptr<scalar_t>(),
         save ? gates.data_ptr<scalar_t>() : nullptr, save ? cell.data_ptr<scalar_t>() : nullptr};
     out.h_other = h_other.defined() ? h_other.data_ptr<scalar_t>() : nullptr;
-    if (bf16_products) {
-      const c10::BFloat16* w_bf16 = w_hh.data_ptr<c10::BFloat16>();
-      out.w_hh_bf16 = {w_bf16, w_bf16 + (layout.D - 1) * G * H};
-    }
     run_forward(layout, H, out, items);
   });
   return {y, h_n, c_n, gates, cell};
@@ -241,11 +229,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_outputs(const StepLayout
   // The gradients at the initial state are the running dh/dc, updated in place step after step.
   auto grad_h0 = grad_h_n.clone();
   auto grad_c0 = grad_c_n.clone();
-  const bool bf16_products = w_hh.scalar_type() == at::kBFloat16;
   DISPATCH_FLOAT_AND_DOUBLE(grad_y.scalar_type(), "lstm_recurrence_backward", [&] {
     run_backward(layout, w_hh.size(2), BackwardTensors<scalar_t>{
-        grad_y.data_ptr<scalar_t>(), bf16_products ? nullptr : w_hh.data_ptr<scalar_t>(),
-        bf16_products ? w_hh.data_ptr<c10::BFloat16>() : nullptr, c0.data_ptr<scalar_t>(),
+        grad_y.data_ptr<scalar_t>(), weights_of<scalar_t>(w_hh), c0.data_ptr<scalar_t>(),
         gates.data_ptr<scalar_t>(), cell.data_ptr<scalar_t>(), grad_xw.data_ptr<scalar_t>(),
         grad_h0.data_ptr<scalar_t>(), grad_c0.data_ptr<scalar_t>()});
   });

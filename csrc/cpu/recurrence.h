@@ -51,10 +51,35 @@ void zero_rows(scalar_t* rows, int64_t count, int64_t width) {
   std::fill(rows, rows + count * width, scalar_t(0));
 }
 
+// A weight matrix as the step GEMMs read it: in the steps' own dtype, or in bf16 for bf16 products (float32 steps
+// only, which weights_of enforces; bf16_gemm.h). At most one of the two is set.
+template <typename scalar_t>
+struct Weights {
+  const scalar_t* full = nullptr;
+  const c10::BFloat16* bf16 = nullptr;
+
+  Weights() = default;
+  Weights(const scalar_t* w) : full(w) {}  // NOLINT: a plain pointer is the usual case
+  Weights(const c10::BFloat16* w) : bf16(w) {}  // NOLINT
+
+  // Weights `offset` elements further on.
+  Weights operator+(int64_t offset) const { return bf16 != nullptr ? Weights(bf16 + offset) : Weights(full + offset); }
+};
+
+// A weight tensor's data: bf16 for bf16 products, else of the steps' dtype (the ops' checks have said which).
+template <typename scalar_t>
+Weights<scalar_t> weights_of(const at::Tensor& w) {
+  if (w.scalar_type() == at::kBFloat16) {
+    TORCH_CHECK((std::is_same_v<scalar_t, float>), "bf16 weights multiply float32 steps only");
+    return Weights<scalar_t>(w.data_ptr<c10::BFloat16>());
+  }
+  return Weights<scalar_t>(w.data_ptr<scalar_t>());
+}
+
 template <typename scalar_t>
 struct ForwardTensors {
   const scalar_t* xw;                      // [D, rows, 4H]
-  std::array<const scalar_t*, 2> w_hh;     // [4H, H] of each direction, or nullptr for bf16 products:
+  std::array<Weights<scalar_t>, 2> w_hh;   // [4H, H] of each direction
   scalar_t* y;                             // row r of direction d at y + d * y_direction_stride + r * y_row_stride
   int64_t y_direction_stride, y_row_stride;
   scalar_t* h;      // [D, B, H] running state, h0 in, h_n out
@@ -64,8 +89,6 @@ struct ForwardTensors {
   // [D, B, H], for crews (work_partition.h): a step reads every unit of h while the crew writes the next h, so the
   // state alternates between h (before even steps) and this buffer (before odd ones). nullptr without crews.
   scalar_t* h_other = nullptr;
-  // [4H, H] of each direction in bf16 where the op multiplies in bf16 (float32 xw with bf16 w_hh), else nullptr.
-  std::array<const c10::BFloat16*, 2> w_hh_bf16{};
 
   // The state before processing step s (h_read) and after it (h_write).
   scalar_t* h_read(int64_t s) const { return h_other != nullptr && s % 2 == 1 ? h_other : h; }
@@ -90,31 +113,29 @@ struct XwChunk {
 template <typename scalar_t>
 class StepGemm {
  public:
-  StepGemm(const scalar_t* w, int64_t m, int64_t k, int64_t ldw, bool transposed, int64_t calls, int64_t rows,
+  StepGemm(Weights<scalar_t> w, int64_t m, int64_t k, int64_t ldw, bool transposed, int64_t calls, int64_t rows,
            int slot, const GemmChoice& choice) {
     if constexpr (std::is_same_v<scalar_t, float>) {
+      if (w.bf16 != nullptr) {
+        float_kernels_.bf16.emplace(w.bf16, m, k, ldw, transposed, slot);
+        return;
+      }
       if (const StepKernel kernel = choice.for_rows(rows); kernel != StepKernel::kBlas) {
-        streamed_.emplace(w, m, k, ldw, transposed, slot, kernel);
+        float_kernels_.streamed.emplace(w.full, m, k, ldw, transposed, slot, kernel);
         return;
       }
     }
-    blas_.emplace(w, m, k, ldw, transposed, calls, rows, slot);
-  }
-
-  StepGemm(const c10::BFloat16* w, int64_t m, int64_t k, int64_t ldw, bool transposed, int64_t /*calls*/,
-           int64_t /*rows*/, int slot, const GemmChoice& /*choice*/) {
-    TORCH_CHECK((std::is_same_v<scalar_t, float>), "bf16 weights multiply float32 steps only");
-    bf16_.emplace(w, m, k, ldw, transposed, slot);
+    blas_.emplace(w.full, m, k, ldw, transposed, calls, rows, slot);
   }
 
   void operator()(const scalar_t* in, int64_t in_ld, scalar_t* out, int64_t out_ld, int64_t rows) const {
     if constexpr (std::is_same_v<scalar_t, float>) {
-      if (streamed_.has_value()) {
-        (*streamed_)(in, in_ld, out, out_ld, rows);
+      if (float_kernels_.streamed.has_value()) {
+        (*float_kernels_.streamed)(in, in_ld, out, out_ld, rows);
         return;
       }
-      if (bf16_.has_value()) {
-        (*bf16_)(in, in_ld, out, out_ld, rows);
+      if (float_kernels_.bf16.has_value()) {
+        (*float_kernels_.bf16)(in, in_ld, out, out_ld, rows);
         return;
       }
     }
@@ -122,8 +143,13 @@ class StepGemm {
   }
 
  private:
-  std::optional<StreamedWeights> streamed_;
-  std::optional<Bf16StepWeights> bf16_;
+  // The kernels of float steps only: the streamed one, and bf16 products.
+  struct FloatKernels {
+    std::optional<StreamedWeights> streamed;
+    std::optional<Bf16StepWeights> bf16;
+  };
+  struct NoKernels {};
+  std::conditional_t<std::is_same_v<scalar_t, float>, FloatKernels, NoKernels> float_kernels_;
   std::optional<FixedWeightGemm<scalar_t>> blas_;
 };
 
@@ -133,8 +159,7 @@ class StepGemm {
 template <typename scalar_t>
 class GateGemms {
  public:
-  template <typename weight_t>
-  GateGemms(const weight_t* w, int64_t k, int64_t ldw, const GateColumns& columns, int64_t calls, int64_t rows,
+  GateGemms(Weights<scalar_t> w, int64_t k, int64_t ldw, const GateColumns& columns, int64_t calls, int64_t rows,
             int first_slot, const GemmChoice& choice)
       : columns_(columns) {
     for (int64_t block = 0; block < columns.blocks(); ++block) {
@@ -154,20 +179,11 @@ class GateGemms {
   std::vector<StepGemm<scalar_t>> gemms_;
 };
 
-template <typename scalar_t, typename weight_t>
-GateGemms<scalar_t> recurrent_gemms(const weight_t* w_hh, const WorkItem& item, int64_t H, int64_t steps,
+template <typename scalar_t>
+GateGemms<scalar_t> recurrent_gemms(Weights<scalar_t> w_hh, const WorkItem& item, int64_t H, int64_t steps,
                                     int first_slot = 0) {
   return GateGemms<scalar_t>(w_hh, H, H, GateColumns(item, H), steps, std::min(kRowsPerSubBlock, item.rows()),
                              first_slot, item.gemm);
-}
-
-// The recurrent GEMMs of an item of the forward `out`: in bf16 where it has bf16 weights.
-template <typename scalar_t>
-GateGemms<scalar_t> recurrent_gemms(const ForwardTensors<scalar_t>& out, const WorkItem& item, int64_t H,
-                                    int64_t steps, int first_slot = 0) {
-  const int64_t d = item.direction;
-  return out.w_hh_bf16[d] != nullptr ? recurrent_gemms<scalar_t>(out.w_hh_bf16[d], item, H, steps, first_slot)
-                                     : recurrent_gemms<scalar_t>(out.w_hh[d], item, H, steps, first_slot);
 }
 
 // Steps [first, last) of the direction's processing order, for one work item. Pre-activations come from out.xw

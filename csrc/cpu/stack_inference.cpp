@@ -54,9 +54,7 @@ constexpr int kGateSlots = 4;
 template <typename scalar_t>
 struct StackLayer {
   PartsView<scalar_t> input;
-  std::array<const scalar_t*, 2> w_ih;
-  // w_ih of each direction in bf16 where the op multiplies in bf16 (bf16 weights, float32 input and state).
-  std::array<const c10::BFloat16*, 2> w_ih_bf16{};
+  std::array<Weights<scalar_t>, 2> w_ih;  // bf16 for bf16 products (bf16 weights, float32 input and state)
   std::array<std::vector<scalar_t>, 2> bias;  // b_ih + b_hh of each direction, empty without biases
   ForwardTensors<scalar_t> recurrence;        // xw unused: chunks of it come from project_chunk
 };
@@ -72,14 +70,9 @@ struct ChunkProjection {
                   int slot) {
     const int64_t P = layer.input.P, K = layer.input.K;
     const GateColumns columns(item, H);
-    const int64_t d = item.direction;
     for (int64_t p = 0; p < P; ++p) {
-      const int part_slot = slot + static_cast<int>(p * columns.blocks());
-      if (layer.w_ih_bf16[d] != nullptr) {
-        parts.emplace_back(layer.w_ih_bf16[d] + p * K, K, P * K, columns, calls, rows, part_slot, item.gemm);
-      } else {
-        parts.emplace_back(layer.w_ih[d] + p * K, K, P * K, columns, calls, rows, part_slot, item.gemm);
-      }
+      parts.emplace_back(layer.w_ih[item.direction] + p * K, K, P * K, columns, calls, rows,
+                         slot + static_cast<int>(p * columns.blocks()), item.gemm);
     }
   }
 };
@@ -128,7 +121,7 @@ void run_layer_in_chunks(const StackLayer<scalar_t>& layer, const StepLayout& la
   const int64_t steps = std::max<int64_t>(1, kChunkBytes / (rows * G * static_cast<int64_t>(sizeof(scalar_t))));
   std::vector<scalar_t> crew_buffers(has_crews(items) ? layout.D * steps * rows * G : 0);
   for_each_work_item(items, [&](const WorkItem& item) {
-    const auto gemm = recurrent_gemms(layer.recurrence, item, H, layout.T);
+    const auto gemm = recurrent_gemms(layer.recurrence.w_hh[item.direction], item, H, layout.T);
     // How many GEMMs the chunks' projections make, for deciding whether packing w_ih repays itself.
     const int64_t chunks = (layout.T + steps - 1) / steps;
     PartsView<scalar_t> chunk_view = layer.input;
@@ -166,7 +159,7 @@ void run_layers_at_once(const std::vector<StackLayer<scalar_t>>& layers, const S
     std::vector<ChunkProjection<scalar_t>> projections;
     for (int64_t l = rank; l < L; l += team) {
       const int slot = 2 * static_cast<int>(gemms.size());
-      gemms.push_back(recurrent_gemms(layers[l].recurrence, all_rows, H, layout.T, slot));
+      gemms.push_back(recurrent_gemms(layers[l].recurrence.w_hh[0], all_rows, H, layout.T, slot));
       projections.emplace_back(layers[l], all_rows, H, layout.T, kPipelineSteps * B, slot + 1);
     }
     scalar_t* buffer = thread_scratch<scalar_t>(kPipelineSteps * B * G, 1);
@@ -218,7 +211,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_inference_cpu(const at::Tens
   // bf16 weights with float32 input, state and biases: every product in bf16 (bf16_gemm.h), as the recurrence
   // ops take bf16 w_hh.
   const at::ScalarType weights_dtype = rnn_fast::weight_dtype(dtype, params[0], true);
-  const bool bf16_products = weights_dtype == at::kBFloat16;
   RNN_FAST_CHECK_INPUT(h0, device, dtype, L * D, B, H);
   RNN_FAST_CHECK_INPUT(c0, device, dtype, L * D, B, H);
   for (int64_t l = 0; l < L; ++l) {
@@ -257,17 +249,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_inference_cpu(const at::Tens
     for (int64_t l = 0; l < L; ++l) {
       StackLayer<scalar_t>& layer = layers[l];
       layer.input = parts;
-      std::array<const scalar_t*, 2> w_hh{};
-      std::array<const c10::BFloat16*, 2> w_hh_bf16{};
+      std::array<Weights<scalar_t>, 2> w_hh{};
       for (int64_t d = 0; d < D; ++d) {
         const at::Tensor* p = params.data() + (l * D + d) * per_direction;
-        if (bf16_products) {
-          layer.w_ih_bf16[d] = p[0].data_ptr<c10::BFloat16>();
-          w_hh_bf16[d] = p[1].data_ptr<c10::BFloat16>();
-        } else {
-          layer.w_ih[d] = p[0].data_ptr<scalar_t>();
-          w_hh[d] = p[1].data_ptr<scalar_t>();
-        }
+        layer.w_ih[d] = weights_of<scalar_t>(p[0]);
+        w_hh[d] = weights_of<scalar_t>(p[1]);
         if (has_biases) {
           const scalar_t* b_ih = p[2].data_ptr<scalar_t>();
           const scalar_t* b_hh = p[3].data_ptr<scalar_t>();
@@ -288,7 +274,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_inference_cpu(const at::Tens
       if (h_other.defined()) {
         layer.recurrence.h_other = h_other.data_ptr<scalar_t>() + l * D * B * H;
       }
-      layer.recurrence.w_hh_bf16 = w_hh_bf16;
       // The next layer's parts: this layer's y [D, T, B, H] (padded) or [D, 1, N, H] (packed).
       parts = layout.padded ? PartsView<scalar_t>{y, D, layout.T, B, H, rows * H, B * H, H}
                             : PartsView<scalar_t>{y, D, 1, rows, H, rows * H, 0, H};
